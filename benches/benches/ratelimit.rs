@@ -1,0 +1,261 @@
+//! ha-ratelimit against bare governor, as ratios measured in the same run.
+//!
+//! Run: `cargo bench -p benches --bench ratelimit -- --warm-up-time 1 --measurement-time 3`.
+//! Criterion reports each check; the summary at the end prints the ratios the issue asks for:
+//! existing-key check vs governor's keyed check, 2-thread scaling of both, allocations per
+//! check, and memory with 1,000,000 distinct keys under a cap of 100,000.
+// A bench prints its summary and measures wall time outside any tokio runtime.
+#![allow(
+    clippy::print_stdout,
+    clippy::disallowed_types,
+    clippy::unwrap_used,
+    missing_docs
+)]
+
+use std::alloc::System;
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use governor::clock::QuantaClock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ha_ratelimit::{Key, LimitConfig, Limiter, Rate, RateLimitConfig};
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const KEYS: u64 = 1024;
+const RATE: u32 = 1_000_000_000;
+
+fn ours<C: governor::clock::Clock>(clock: C, max_keys: usize) -> Limiter<C> {
+    let mut cfg = RateLimitConfig::with_limits(vec![
+        LimitConfig::new("per_key", "k", Rate::per_second(u64::from(RATE)))
+            .burst(1000)
+            .nodelay(),
+    ]);
+    cfg.max_keys = max_keys;
+    Limiter::builder(cfg).clock(clock).build().unwrap()
+}
+
+fn bare() -> DefaultKeyedRateLimiter<u64> {
+    RateLimiter::keyed(
+        Quota::per_second(NonZeroU32::new(RATE).unwrap())
+            .allow_burst(NonZeroU32::new(1001).unwrap()),
+    )
+}
+
+fn warm<C: governor::clock::Clock>(
+    l: &Limiter<C>,
+    g: &DefaultKeyedRateLimiter<u64>,
+    range: std::ops::Range<u64>,
+) {
+    for k in range {
+        l.check(Key::u64(k));
+        let _ = g.check_key(&k);
+    }
+}
+
+fn criterion_benches(c: &mut Criterion) {
+    let l = ours(ha_ratelimit::TokioClock::new(), 100_000);
+    let lq = ours(QuantaClock::default(), 100_000);
+    let g = bare();
+    warm(&l, &g, 0..KEYS);
+    warm(&lq, &g, 0..KEYS);
+    let mut grp = c.benchmark_group("ratelimit/existing_key");
+    let mut i = 0u64;
+    grp.bench_function("governor_keyed_dashmap", |b| {
+        b.iter(|| {
+            i = (i + 1) & (KEYS - 1);
+            black_box(g.check_key(&i).is_ok())
+        })
+    });
+    grp.bench_function("ha_ratelimit_tokio_clock", |b| {
+        b.iter(|| {
+            i = (i + 1) & (KEYS - 1);
+            black_box(l.check(Key::u64(i)))
+        })
+    });
+    grp.bench_function("ha_ratelimit_quanta_clock", |b| {
+        b.iter(|| {
+            i = (i + 1) & (KEYS - 1);
+            black_box(lq.check(Key::u64(i)))
+        })
+    });
+    grp.finish();
+}
+
+/// ns per check, best of 7 rounds of `n` checks.
+fn ns_per_op(n: u64, mut f: impl FnMut(u64)) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let t = Instant::now();
+        for i in 0..n {
+            f(i);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+    }
+    best
+}
+
+/// Checks per second with `threads` threads, each on its own keys.
+fn throughput(threads: u64, n: u64, check: Arc<dyn Fn(u64) + Send + Sync>) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for th in 0..threads {
+                let check = check.clone();
+                s.spawn(move || {
+                    let base = th * KEYS;
+                    for i in 0..n {
+                        check(base + (i & (KEYS - 1)));
+                    }
+                });
+            }
+        });
+        best = best.max((threads * n) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Bytes allocated and not freed since `region` started. stats_alloc already adds a
+/// `realloc`'s growth to `bytes_allocated` (and its shrinkage to `bytes_deallocated`);
+/// `bytes_reallocated` is the same growth again, so it must not be added on top.
+fn net_bytes(region: &Region<System>) -> i64 {
+    let c = region.change();
+    c.bytes_allocated as i64 - c.bytes_deallocated as i64
+}
+
+fn summary() {
+    println!(
+        "\n=== ha-ratelimit summary ({}) ===",
+        std::env::var("BENCH_DATE").unwrap_or_default()
+    );
+    let n = 2_000_000;
+
+    // 1. Existing-key check against bare governor.
+    let g = bare();
+    let l = ours(ha_ratelimit::TokioClock::new(), 100_000);
+    let lq = ours(QuantaClock::default(), 100_000);
+    warm(&l, &g, 0..KEYS);
+    warm(&lq, &g, 0..KEYS);
+    let t_g = ns_per_op(n, |i| {
+        let k = i & (KEYS - 1);
+        black_box(g.check_key(&k).is_ok());
+    });
+    let t_l = ns_per_op(n, |i| {
+        black_box(l.check(Key::u64(i & (KEYS - 1))));
+    });
+    let t_lq = ns_per_op(n, |i| {
+        black_box(lq.check(Key::u64(i & (KEYS - 1))));
+    });
+    println!(
+        "existing key: governor {t_g:.1} ns, ha-ratelimit {t_l:.1} ns (tokio clock), {t_lq:.1} ns (quanta clock)"
+    );
+    println!(
+        "ratio ha-ratelimit/governor: {:.2} (tokio clock), {:.2} (same quanta clock)",
+        t_l / t_g,
+        t_lq / t_g
+    );
+
+    // 2. Allocations per existing-key check.
+    let region = Region::new(GLOBAL);
+    for i in 0..100_000u64 {
+        black_box(l.check(Key::u64(i & (KEYS - 1))));
+    }
+    let ch = region.change();
+    println!(
+        "allocations in 100000 existing-key checks: {} (reallocations {})",
+        ch.allocations, ch.reallocations
+    );
+
+    // 3. Two threads on distinct keys.
+    let g = Arc::new(bare());
+    let l = Arc::new(ours(QuantaClock::default(), 100_000));
+    for k in 0..2 * KEYS {
+        l.check(Key::u64(k));
+        let _ = g.check_key(&k);
+    }
+    let n = 3_000_000;
+    let (gg, ll) = (g.clone(), l.clone());
+    let gov: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |k| {
+        black_box(gg.check_key(&k).is_ok());
+    });
+    let our: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |k| {
+        black_box(ll.check(Key::u64(k)));
+    });
+    let (g1, g2) = (throughput(1, n, gov.clone()), throughput(2, n, gov));
+    let (o1, o2) = (throughput(1, n, our.clone()), throughput(2, n, our));
+    println!(
+        "throughput 1 thread: governor {:.1} M/s, ha-ratelimit {:.1} M/s",
+        g1 / 1e6,
+        o1 / 1e6
+    );
+    println!(
+        "throughput 2 threads: governor {:.1} M/s, ha-ratelimit {:.1} M/s",
+        g2 / 1e6,
+        o2 / 1e6
+    );
+    println!(
+        "scaling 2t/1t: governor {:.2}x, ha-ratelimit {:.2}x (cores available: {})",
+        g2 / g1,
+        o2 / o1,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    // 4. Memory: 1,000,000 distinct keys, cap 100,000.
+    let region = Region::new(GLOBAL);
+    let capped = ours(ha_ratelimit::TokioClock::new(), 100_000);
+    for k in 0..100_000u64 {
+        capped.check(Key::u64(k));
+    }
+    let at_cap = net_bytes(&region);
+    let tables_at_cap = capped.state_bytes("per_key").unwrap_or(0);
+    for k in 100_000..1_000_000u64 {
+        capped.check(Key::u64(k));
+    }
+    let after = net_bytes(&region);
+    let tables_after = capped.state_bytes("per_key").unwrap_or(0);
+    for k in 1_000_000..2_000_000u64 {
+        capped.check(Key::u64(k));
+    }
+    let after2 = net_bytes(&region);
+    let tables_after2 = capped.state_bytes("per_key").unwrap_or(0);
+    println!(
+        "memory, cap 100000: {:.1} MB after 100000 keys, {:.1} MB after 1000000, {:.1} MB after 2000000 (tracked {})",
+        at_cap as f64 / 1e6,
+        after as f64 / 1e6,
+        after2 as f64 / 1e6,
+        capped.tracked_keys("per_key").unwrap_or(0)
+    );
+    println!(
+        "  of which key tables (shards + hash tables): {:.1} / {:.1} / {:.1} MB",
+        tables_at_cap as f64 / 1e6,
+        tables_after as f64 / 1e6,
+        tables_after2 as f64 / 1e6,
+    );
+    drop(capped);
+    let region = Region::new(GLOBAL);
+    let g = bare();
+    for k in 0..1_000_000u64 {
+        let _ = g.check_key(&k);
+    }
+    println!(
+        "memory, bare governor (no cap): {:.1} MB after 1000000 keys ({} keys)",
+        net_bytes(&region) as f64 / 1e6,
+        g.len()
+    );
+    let _ = Duration::ZERO;
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    criterion_benches(&mut c);
+    c.final_summary();
+    summary();
+}

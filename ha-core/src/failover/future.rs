@@ -1,0 +1,466 @@
+//! The [`ResponseFuture`] of [`Failover`](super::Failover): a state machine over the tries of
+//! one call.
+//!
+//! The first try costs no allocation, no spawn and no timer when it completes on its first
+//! poll: the clock is read and the `Sleep` is armed only once the inner future has returned
+//! `Pending` (or failed in a way that may be retried).
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::policy::RetryPolicy;
+use super::service::Shared;
+use crate::attempt;
+use crate::error::{BoxError, HaError};
+use crate::metrics_names;
+
+/// What the armed `Sleep` stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// Not armed yet (the fast path never arms it).
+    Unarmed,
+    /// The per-try timeout of the current try, earlier than the deadline.
+    Try,
+    /// The overall deadline of the call.
+    Deadline,
+    /// The end of the pause before the next try, earlier than the deadline.
+    Backoff,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // A try is in flight.
+        Called { #[pin] future: F },
+        // Pausing before the next try.
+        Backoff,
+        // Waiting for the service to be ready for the next try.
+        Ready,
+        // The output was returned.
+        Done,
+    }
+}
+
+/// What a retry needs: a copy of the service and of the request.
+struct Retry<S, P, Req> {
+    service: S,
+    policy: P,
+    /// The copy the remaining tries are made from (taken by the last one).
+    request: Option<Req>,
+    /// The request of the next try, set when a retry has been decided.
+    next: Option<Req>,
+}
+
+/// The endpoints picked by the tries so far; the first is stored inline so the fast path does
+/// not allocate.
+#[derive(Default)]
+struct Picks {
+    first: Option<SocketAddr>,
+    rest: Vec<SocketAddr>,
+}
+
+impl Picks {
+    fn push(&mut self, addr: Option<SocketAddr>) {
+        let Some(addr) = addr else { return };
+        if self.first.is_none() {
+            self.first = Some(addr);
+        } else if self.first != Some(addr) && !self.rest.contains(&addr) {
+            self.rest.push(addr);
+        }
+    }
+
+    fn to_vec(&self) -> Vec<SocketAddr> {
+        self.first.iter().chain(self.rest.iter()).copied().collect()
+    }
+}
+
+impl fmt::Debug for Picks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.first.iter().chain(self.rest.iter()))
+            .finish()
+    }
+}
+
+pin_project! {
+    /// The future of a [`Failover`](super::Failover) call.
+    pub struct ResponseFuture<S, P, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // Boxed, and only once a try returns Pending: an inline `Sleep` would double the size
+        // every call's future has to move around.
+        sleep: Option<Pin<Box<Sleep>>>,
+        timer: Timer,
+        retry: Option<Retry<S, P, Req>>,
+        shared: Arc<Shared>,
+        picks: Picks,
+        attempts: u32,
+        start: Option<Instant>,
+    }
+}
+
+impl<S, P, Req> ResponseFuture<S, P, Req>
+where
+    S: Service<Req>,
+{
+    pub(super) fn new(
+        future: S::Future,
+        picked: Option<SocketAddr>,
+        retry: Option<(S, P, Req)>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            sleep: None,
+            timer: Timer::Unarmed,
+            retry: retry.map(|(service, policy, request)| Retry {
+                service,
+                policy,
+                request: Some(request),
+                next: None,
+            }),
+            shared,
+            picks: Picks {
+                first: picked,
+                rest: Vec::new(),
+            },
+            attempts: 1,
+            start: None,
+        }
+    }
+}
+
+impl<S, P, Req> fmt::Debug for ResponseFuture<S, P, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.attempts)
+            .field("picks", &self.picks)
+            .field("timer", &self.timer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a failed try is not retried (the `outcome` label), or `None` to retry.
+type GiveUp = &'static str;
+
+impl<S, P, Req> Future for ResponseFuture<S, P, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    P: RetryPolicy<Req>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let err: BoxError = match future.poll(cx) {
+                        Poll::Ready(Ok(rsp)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(rsp));
+                        }
+                        Poll::Ready(Err(err)) => err.into(),
+                        Poll::Pending => {
+                            if *this.timer == Timer::Unarmed {
+                                // First Pending of this try: only now read the clock and arm
+                                // the timer (an armed `Sleep` from an earlier try is reset).
+                                let now = Instant::now();
+                                let start = *this.start.get_or_insert(now);
+                                this.shared.budget.observe(now);
+                                let (kind, at) =
+                                    try_timer(this.shared, this.retry, *this.attempts, start, now);
+                                arm(this.sleep, this.timer, kind, at);
+                            }
+                            ready!(poll_sleep(this.sleep, cx));
+                            if *this.timer == Timer::Deadline {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                            }
+                            // The per-try timeout fired: a retryable failure of this try.
+                            match decide(this.shared, this.retry, *this.attempts, this.start, true)
+                            {
+                                Ok(now) => {
+                                    log_retry(
+                                        this.shared,
+                                        *this.attempts,
+                                        &"per-try timeout",
+                                        this.picks,
+                                    );
+                                    this.state.set(State::Ready);
+                                    next_try(
+                                        this.shared,
+                                        this.sleep,
+                                        this.timer,
+                                        this.state.as_mut(),
+                                        *this.attempts,
+                                        this.start,
+                                        now,
+                                    );
+                                }
+                                Err(outcome) => {
+                                    // Nowhere else to go: let this try run to the deadline.
+                                    count_give_up(this.shared, outcome);
+                                    let at = deadline_at(this.shared, this.start);
+                                    arm(this.sleep, this.timer, Timer::Deadline, at);
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    let retryable =
+                        this.retry.is_some() && this.shared.classifier.is_retryable(&*err);
+                    match decide(
+                        this.shared,
+                        this.retry,
+                        *this.attempts,
+                        this.start,
+                        retryable,
+                    ) {
+                        Ok(now) => {
+                            log_retry(this.shared, *this.attempts, &err, this.picks);
+                            this.state.set(State::Ready);
+                            next_try(
+                                this.shared,
+                                this.sleep,
+                                this.timer,
+                                this.state.as_mut(),
+                                *this.attempts,
+                                this.start,
+                                now,
+                            );
+                        }
+                        Err(outcome) => {
+                            count_give_up(this.shared, outcome);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(err));
+                        }
+                    }
+                }
+                StateProj::Backoff => {
+                    ready!(poll_sleep(this.sleep, cx));
+                    if *this.timer == Timer::Deadline {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                    }
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    let Some(retry) = this.retry.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(internal("retry state without a service")));
+                    };
+                    match retry.service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let Some(req) = retry.next.take() else {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(internal("retry state without a request")));
+                            };
+                            let service = &mut retry.service;
+                            let (future, picked) =
+                                attempt::scope(this.picks.to_vec(), || service.call(req));
+                            this.picks.push(picked);
+                            *this.attempts += 1;
+                            this.state.set(State::Called { future });
+                            // As for the first try: the timer is re-armed only if it returns
+                            // Pending.
+                            *this.timer = Timer::Unarmed;
+                        }
+                        Poll::Ready(Err(err)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(err.into()));
+                        }
+                        Poll::Pending => {
+                            if *this.timer != Timer::Deadline {
+                                let at = deadline_at(this.shared, this.start);
+                                arm(this.sleep, this.timer, Timer::Deadline, at);
+                            }
+                            ready!(poll_sleep(this.sleep, cx));
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                        }
+                    }
+                }
+                StateProj::Done => {
+                    return Poll::Ready(Err(internal("failover future polled after completion")));
+                }
+            }
+        }
+    }
+}
+
+/// Decides whether the failed try `attempts` is retried. On `Ok(now)` the budget has paid for
+/// the retry and the next request is ready in `retry.next`.
+fn decide<S, P, Req>(
+    shared: &Shared,
+    retry: &mut Option<Retry<S, P, Req>>,
+    attempts: u32,
+    start: &mut Option<Instant>,
+    retryable: bool,
+) -> Result<Instant, GiveUp>
+where
+    P: RetryPolicy<Req>,
+{
+    let Some(r) = retry.as_mut() else {
+        return Err("not_retryable");
+    };
+    if !retryable {
+        return Err("not_retryable");
+    }
+    if attempts >= shared.max_attempts {
+        return Err("attempts_exhausted");
+    }
+    let now = Instant::now();
+    let start = *start.get_or_insert(now);
+    if now >= start + shared.deadline {
+        return Err("deadline_exceeded");
+    }
+    let last = attempts + 1 >= shared.max_attempts;
+    let next = if last {
+        r.request.take()
+    } else {
+        r.request
+            .as_ref()
+            .and_then(|req| r.policy.clone_request(req))
+    };
+    let Some(next) = next else {
+        return Err("not_retryable");
+    };
+    if !shared.budget.withdraw(now) {
+        if last {
+            r.request = Some(next);
+        }
+        return Err("budget_exhausted");
+    }
+    r.next = Some(next);
+    Ok(now)
+}
+
+/// Moves a call whose retry was decided (state `Ready`) into its backoff pause, if any, and arms
+/// the timer for it.
+fn next_try<F>(
+    shared: &Shared,
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Timer,
+    mut state: Pin<&mut State<F>>,
+    attempts: u32,
+    start: &Option<Instant>,
+    now: Instant,
+) {
+    let deadline = deadline_at(shared, start);
+    let delay = shared
+        .backoff
+        .as_ref()
+        .map_or(Duration::ZERO, |b| b.delay(attempts));
+    if delay.is_zero() {
+        // The service may be ready at once; the deadline timer is armed only if it is not.
+        return;
+    }
+    let until = now + delay;
+    if until < deadline {
+        arm(sleep, timer, Timer::Backoff, until);
+    } else {
+        arm(sleep, timer, Timer::Deadline, deadline);
+    }
+    state.set(State::Backoff);
+}
+
+/// The timer of a try that starts at `now`: the per-try timeout if another try could follow,
+/// else (or if it is later) the deadline.
+fn try_timer<S, P, Req>(
+    shared: &Shared,
+    retry: &Option<Retry<S, P, Req>>,
+    attempts: u32,
+    start: Instant,
+    now: Instant,
+) -> (Timer, Instant) {
+    let deadline = start + shared.deadline;
+    let more =
+        attempts < shared.max_attempts && retry.as_ref().is_some_and(|r| r.request.is_some());
+    let try_end = now + shared.try_timeout;
+    if more && try_end < deadline {
+        (Timer::Try, try_end)
+    } else {
+        (Timer::Deadline, deadline)
+    }
+}
+
+fn deadline_at(shared: &Shared, start: &Option<Instant>) -> Instant {
+    start.unwrap_or_else(Instant::now) + shared.deadline
+}
+
+fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, timer: &mut Timer, kind: Timer, at: Instant) {
+    match sleep.as_mut() {
+        Some(s) => s.as_mut().reset(at),
+        None => *sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+    }
+    *timer = kind;
+}
+
+fn poll_sleep(sleep: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+    match sleep.as_mut() {
+        Some(s) => s.as_mut().poll(cx),
+        // Never reached: every caller arms the timer first.
+        None => Poll::Pending,
+    }
+}
+
+fn exceeded(shared: &Shared, attempts: u32) -> BoxError {
+    metrics::counter!(metrics_names::DEADLINES, "dependency" => shared.dependency.clone())
+        .increment(1);
+    tracing::debug!(
+        dependency = %&*shared.dependency,
+        deadline = ?shared.deadline,
+        attempts,
+        "failover: deadline exceeded"
+    );
+    Box::new(HaError::DeadlineExceeded {
+        deadline: shared.deadline,
+        attempts,
+    })
+}
+
+fn log_retry(shared: &Shared, attempts: u32, err: &dyn fmt::Display, picks: &Picks) {
+    metrics::counter!(
+        metrics_names::RETRIES,
+        "dependency" => shared.dependency.clone(),
+        "outcome" => "retried"
+    )
+    .increment(1);
+    tracing::debug!(
+        dependency = %&*shared.dependency,
+        attempt = attempts + 1,
+        error = %err,
+        avoided = ?picks,
+        "failover: retrying on another endpoint"
+    );
+}
+
+fn count_give_up(shared: &Shared, outcome: GiveUp) {
+    metrics::counter!(
+        metrics_names::RETRIES,
+        "dependency" => shared.dependency.clone(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+fn internal(msg: &'static str) -> BoxError {
+    Box::new(std::io::Error::other(msg))
+}

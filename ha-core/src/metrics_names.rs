@@ -1,0 +1,26 @@
+//! The metric names of ha-core, `ha_core_<thing>_<unit>`. Labels are noted beside each.
+
+/// Counter: topology events published, label `kind`.
+pub const TOPOLOGY_EVENTS: &str = "ha_core_topology_events_total";
+/// Counter: picks, labels `dependency`, `locality`, `idc`.
+pub const PICKS: &str = "ha_core_picks_total";
+/// Counter: calls that found no usable endpoint, label `dependency`.
+pub const NO_ENDPOINT: &str = "ha_core_no_healthy_endpoint_total";
+/// Gauge: share of traffic per tier, labels `dependency`, `locality`.
+pub const TIER_SHARE: &str = "ha_core_tier_share_ratio";
+/// Gauge: 1 while the dependency is in panic mode, label `dependency`.
+pub const PANIC: &str = "ha_core_panic_mode";
+/// Counter: endpoint ejections, labels `dependency`, `idc`, `reason`.
+pub const EJECTIONS: &str = "ha_core_ejections_total";
+/// Counter: DNS lookups, labels `dependency`, `region`, `outcome` (`ok`, `error`, `timeout`).
+pub const DNS_LOOKUPS: &str = "ha_core_dns_lookups_total";
+/// Counter: times stale DNS answers were served, label `dependency`.
+pub const DNS_STALE: &str = "ha_core_dns_stale_served_total";
+/// Counter: addresses refused as outside the allowed CIDRs, labels `dependency`, `region`.
+pub const DNS_POISONED: &str = "ha_core_dns_poisoned_total";
+/// Counter: failover retries, labels `dependency`, `outcome` (`retried`, `budget_exhausted`, `not_retryable`).
+pub const RETRIES: &str = "ha_core_retries_total";
+/// Counter: calls that exceeded their deadline, label `dependency`.
+pub const DEADLINES: &str = "ha_core_deadline_exceeded_total";
+/// Counter: calls refused by an open fail-fast guard.
+pub const FAIL_FAST: &str = "ha_core_fail_fast_rejected_total";

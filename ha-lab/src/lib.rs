@@ -1,0 +1,25 @@
+//! Real servers and faults for tests, drills and demos of the `ha-*` crates.
+//!
+//! Everything here binds only `127.x.y.z` addresses and non-standard ports, so it never collides
+//! with the machine's own services. The modules:
+//!
+//! - [`dns`]: a per-region authoritative DNS server (hickory-server) whose records and failure
+//!   mode change at run time.
+//! - [`proxy`]: a TCP fault proxy (latency, blackhole, reset) switchable at run time.
+//! - [`http`]: a tiny HTTP/1.1 backend answering `GET /who`.
+//! - [`process`]: a supervisor for external server processes (kill, freeze, thaw, restart by pid).
+//! - [`partition`]: nftables partitions between IDC address ranges.
+//! - [`lab`]: the whole default lab ([`Lab`]), its `lab.json` manifest and its control socket.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod dns;
+mod error;
+pub mod http;
+pub mod lab;
+pub mod partition;
+pub mod process;
+pub mod proxy;
+
+pub use error::LabError;
+pub use lab::{Lab, LabOptions};

@@ -1,0 +1,109 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The `ha-lab` binary end to end: up, status, fault, down (ports shifted by 1200).
+
+use std::{path::Path, process::Command, time::Duration};
+
+use ha_lab::{lab::Manifest, process::pid_alive};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ha-lab");
+
+fn ha_lab(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    let (sub, rest) = args.split_first().unwrap();
+    cmd.arg(sub).arg("--dir").arg(dir).args(rest);
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Takes the lab down (and, failing that, kills its daemon) even when an assertion panics.
+struct Down<'a> {
+    dir: &'a Path,
+    pid: Option<u32>,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = ha_lab(self.dir, &["down"]);
+        if let Some(pid) = self.pid
+            && pid_alive(pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    // Bounded by a count of short polls (about 10 s).
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn up_status_fault_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut guard = Down { dir, pid: None };
+
+    let (ok, out, err) = ha_lab(
+        dir,
+        &["up", "--port-offset", "1200", "--timeout-secs", "20"],
+    );
+    assert!(ok, "up failed: {out}\n{err}");
+    assert!(out.contains("proxy-bj-a-1"), "{out}");
+    let m = Manifest::read(dir).unwrap();
+    guard.pid = Some(m.daemon_pid);
+    assert!(pid_alive(m.daemon_pid));
+    assert_eq!(
+        m.server("dns-south").unwrap().address.to_string(),
+        "127.0.3.53:16553"
+    );
+
+    let (ok, out, err) = ha_lab(dir, &["status"]);
+    assert!(ok, "status: {out}\n{err}");
+    assert!(out.contains("running") && !out.contains("DOWN"), "{out}");
+
+    let (ok, out, err) = ha_lab(dir, &["fault", "latency", "100", "proxy-bj-a-1"]);
+    assert!(ok, "latency: {out}\n{err}");
+    let (ok, out, err) = ha_lab(dir, &["fault", "heal", "proxy-bj-a-1"]);
+    assert!(ok, "heal: {out}\n{err}");
+
+    let (ok, _, err) = ha_lab(dir, &["fault", "kill", "no-such-server"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown server") && err.contains("dns-north"),
+        "{err}"
+    );
+
+    let (ok, out, err) = ha_lab(dir, &["fault", "kill", "who-bj-b-2"]);
+    assert!(ok, "kill: {out}\n{err}");
+    let (ok, out, _) = ha_lab(dir, &["status"]);
+    assert!(
+        !ok && out.contains("DOWN"),
+        "status reports the killed server: {out}"
+    );
+    let (ok, out, err) = ha_lab(dir, &["fault", "restart", "who-bj-b-2"]);
+    assert!(ok, "restart: {out}\n{err}");
+
+    let (ok, _, err) = ha_lab(dir, &["up", "--port-offset", "1200"]);
+    assert!(!ok && err.contains("already running"), "{err}");
+
+    let (ok, out, err) = ha_lab(dir, &["down"]);
+    assert!(ok, "down: {out}\n{err}");
+    wait_until("daemon gone", || !pid_alive(m.daemon_pid));
+    assert!(!Manifest::path(dir).exists());
+    let (ok, _, err) = ha_lab(dir, &["status"]);
+    assert!(!ok, "status without a lab fails: {err}");
+    drop(guard);
+}

@@ -1,0 +1,196 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The supervisor with `sleep`, `sh -c` and a real `redis-server`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use ha_lab::{
+    LabError,
+    process::{Readiness, ServerSpec, Supervisor},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0): look at its state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) until `pid` is gone.
+async fn gone(pid: u32) -> bool {
+    timeout(Duration::from_secs(5), async {
+        while alive(pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn sleep_spec(name: &str) -> ServerSpec {
+    let mut spec = ServerSpec::new(name, "sleep", "coreutils", "127.0.1.1:1".parse().unwrap());
+    spec.args = vec!["300".into()];
+    spec.ready = Readiness::Immediate;
+    spec
+}
+
+#[tokio::test]
+async fn start_kill_restart_and_drop_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid;
+    let pid_sh;
+    {
+        let sup = Supervisor::new(dir.path());
+        pid = sup.start(sleep_spec("s1")).await.unwrap();
+        assert!(alive(pid));
+        assert_eq!(sup.pid("s1"), Some(pid));
+        assert!(matches!(
+            sup.start(sleep_spec("s1")).await,
+            Err(LabError::AlreadyRunning { .. })
+        ));
+
+        sup.kill("s1").await.unwrap();
+        assert!(gone(pid).await);
+        assert_eq!(sup.pid("s1"), None);
+
+        let pid2 = sup.restart("s1").await.unwrap();
+        assert_ne!(pid2, pid);
+        assert!(alive(pid2));
+
+        let mut sh = ServerSpec::new("sh1", "sh", "dash", "127.0.1.1:1".parse().unwrap());
+        sh.args = vec!["-c".into(), "echo hello-from-sh; exec sleep 300".into()];
+        sh.ready = Readiness::Immediate;
+        pid_sh = sup.start(sh).await.unwrap();
+        let log = dir.path().join("sh1.log");
+        timeout(Duration::from_secs(5), async {
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("hello-from-sh")
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("child output reaches its log file");
+
+        let err = sup.freeze("nope").unwrap_err();
+        assert!(err.is_unknown_server(), "{err}");
+        assert!(
+            err.to_string().contains("s1"),
+            "names the known ones: {err}"
+        );
+        // Drop kills everything still owned.
+        drop(sup);
+        assert!(gone(pid2).await, "dropped supervisor kills its children");
+    }
+    assert!(gone(pid_sh).await);
+}
+
+#[tokio::test]
+async fn missing_binary_names_the_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = Supervisor::new(dir.path());
+    let mut spec = sleep_spec("ghost");
+    spec.program = "ha-lab-no-such-program".into();
+    spec.package = "ghost-package".into();
+    let err = sup.start(spec).await.unwrap_err();
+    assert!(err.is_missing_binary());
+    assert!(err.to_string().contains("ghost-package"), "{err}");
+}
+
+#[tokio::test]
+async fn exit_during_start_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = Supervisor::new(dir.path());
+    let mut spec = ServerSpec::new(
+        "false",
+        "false",
+        "coreutils",
+        "127.0.1.213:1".parse().unwrap(),
+    );
+    spec.ready = Readiness::TcpConnect("127.0.1.213:1".parse().unwrap());
+    let err = sup.start(spec).await.unwrap_err();
+    assert!(matches!(err, LabError::Exited { .. }), "{err}");
+}
+
+async fn ping(addr: SocketAddr, wait: Duration) -> Result<String, String> {
+    timeout(wait, async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(b"PING\r\n").await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .await
+    .map_err(|_| "timeout".to_string())?
+}
+
+#[tokio::test]
+async fn redis_freeze_thaw_kill_restart() {
+    if ha_lab::process::find_program("redis-server").is_none() {
+        eprintln!("skipped: redis-server not installed (Debian package redis-server)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sup = Supervisor::new(dir.path());
+    let addr: SocketAddr = "127.0.1.10:16379".parse().unwrap();
+    let mut spec = ServerSpec::new("redis-bj-a", "redis-server", "redis-server", addr);
+    spec.args = [
+        "--bind",
+        "127.0.1.10",
+        "--port",
+        "16379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    spec.args
+        .extend(["--dir".into(), dir.path().display().to_string()]);
+    spec.ready = Readiness::TcpConnect(addr);
+    spec.idc = "bj-a".into();
+    let pid = sup.start(spec).await.unwrap();
+    assert_eq!(
+        ping(addr, Duration::from_secs(3)).await.unwrap(),
+        "+PONG\r\n"
+    );
+
+    sup.freeze("redis-bj-a").unwrap();
+    assert_eq!(
+        ping(addr, Duration::from_millis(500)).await.unwrap_err(),
+        "timeout",
+        "a frozen server accepts (kernel backlog) but never answers"
+    );
+    sup.thaw("redis-bj-a").unwrap();
+    assert_eq!(
+        ping(addr, Duration::from_secs(3)).await.unwrap(),
+        "+PONG\r\n"
+    );
+
+    // Kill while frozen still works.
+    sup.freeze("redis-bj-a").unwrap();
+    sup.kill("redis-bj-a").await.unwrap();
+    assert!(gone(pid).await);
+    assert!(ping(addr, Duration::from_secs(1)).await.is_err());
+    assert!(sup.freeze("redis-bj-a").is_err());
+
+    let pid2 = sup.restart("redis-bj-a").await.unwrap();
+    assert_ne!(pid, pid2);
+    assert_eq!(
+        ping(addr, Duration::from_secs(3)).await.unwrap(),
+        "+PONG\r\n"
+    );
+    sup.stop_all().await;
+    assert!(gone(pid2).await);
+}

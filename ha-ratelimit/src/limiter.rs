@@ -1,0 +1,723 @@
+//! The limiter: every line of a request looked up, then all charged with one `now`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::clock::{Clock, Reference};
+use ha_core::Topology;
+use metrics::{Counter, Gauge};
+
+use crate::alert::{Alert, AlertHook, AlertKind, Debounce, LoadWindow};
+use crate::clock::TokioClock;
+use crate::config::{ConfigError, LineSpec, MAX_LINES, RateLimitConfig, RateSource, validate};
+use crate::key::Key;
+use crate::rate::Rate;
+use crate::zone::{Evicted, Look, Params, Zone};
+
+/// What to do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Pass it now.
+    Allow,
+    /// Pass it after holding it this long (nginx's delayed excess request).
+    Delay(Duration),
+    /// Refuse it; the same request would be admitted after `retry_after`.
+    Reject {
+        /// The time until the same request would be admitted.
+        retry_after: Duration,
+    },
+}
+
+impl Decision {
+    /// True for [`Decision::Reject`].
+    pub fn is_reject(&self) -> bool {
+        matches!(self, Decision::Reject { .. })
+    }
+
+    /// True for [`Decision::Allow`] and [`Decision::Delay`].
+    pub fn is_admitted(&self) -> bool {
+        !self.is_reject()
+    }
+}
+
+// === state kept across reloads ===
+
+/// Everything of one limit that survives a reload: its keys, alert debouncers, metrics.
+struct LineState {
+    zone: Zone,
+    rejected_alert: Debounce,
+    near_alert: Debounce,
+    evicted_alert: Debounce,
+    load: LoadWindow,
+    rejected_total: Counter,
+    tracked_keys: Gauge,
+    evicted_idle: Counter,
+    evicted_forced: Counter,
+    alerts_total: [Counter; 3],
+}
+
+impl LineState {
+    fn new(name: &Arc<str>, max_keys: usize) -> LineState {
+        let limit = name.to_string();
+        let alert = |kind: AlertKind| metrics::counter!("ha_ratelimit_alerts_total", "limit" => limit.clone(), "kind" => kind.as_str());
+        LineState {
+            zone: Zone::new(max_keys),
+            rejected_alert: Debounce::default(),
+            near_alert: Debounce::default(),
+            evicted_alert: Debounce::default(),
+            load: LoadWindow::default(),
+            rejected_total: metrics::counter!("ha_ratelimit_rejected_total", "limit" => limit.clone()),
+            tracked_keys: metrics::gauge!("ha_ratelimit_tracked_keys", "limit" => limit.clone()),
+            evicted_idle: metrics::counter!("ha_ratelimit_evicted_keys_total", "limit" => limit.clone(), "reason" => "idle"),
+            evicted_forced: metrics::counter!("ha_ratelimit_evicted_keys_total", "limit" => limit.clone(), "reason" => "forced"),
+            alerts_total: [
+                alert(AlertKind::Rejected),
+                alert(AlertKind::NearCapacity),
+                alert(AlertKind::KeysEvicted),
+            ],
+        }
+    }
+}
+
+// === the plan: what a reload swaps ===
+
+struct ShareInfo {
+    idc: Arc<str>,
+    instances: u32,
+}
+
+struct Line {
+    name: Arc<str>,
+    key: Arc<str>,
+    params: Params,
+    share: Option<ShareInfo>,
+    state: Arc<LineState>,
+}
+
+struct Plan {
+    lines: Vec<Line>,
+    dry_run: bool,
+    alert_interval_ms: u64,
+    near_capacity: f64,
+    window_ms: u64,
+    sweep_every: Duration,
+}
+
+/// The inputs a plan is derived from; changed only on the (cold) reload path.
+struct Inputs {
+    config: RateLimitConfig,
+    topology: Option<Topology>,
+    capacity_overrides: BTreeMap<String, f64>,
+    instances: u32,
+    states: BTreeMap<Arc<str>, Arc<LineState>>,
+}
+
+/// A set of limit lines applied to every request (one nginx `location`'s `limit_req` lines),
+/// with hot reload, IDC capacity shares, alerts and bounded memory.
+///
+/// ```
+/// use ha_ratelimit::{Decision, Key, LimitConfig, Limiter, Rate, RateLimitConfig};
+/// use governor::clock::FakeRelativeClock;
+///
+/// let cfg = RateLimitConfig::with_limits(vec![
+///     LimitConfig::new("per_ip", "client_ip", Rate::per_second(10)).burst(1).nodelay(),
+/// ]);
+/// let limiter = Limiter::builder(cfg).clock(FakeRelativeClock::default()).build().unwrap();
+/// let ip = Key::str("127.0.1.7");
+/// assert_eq!(limiter.check(ip), Decision::Allow);
+/// assert_eq!(limiter.check(ip), Decision::Allow); // the burst
+/// assert!(limiter.check(ip).is_reject());
+/// ```
+pub struct Limiter<C: Clock = TokioClock> {
+    plan: ArcSwap<Plan>,
+    inputs: parking_lot::Mutex<Inputs>,
+    clock: C,
+    start: C::Instant,
+    on_alert: Option<AlertHook>,
+}
+
+impl<C: Clock> std::fmt::Debug for Limiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plan = self.plan.load();
+        f.debug_struct("Limiter")
+            .field(
+                "limits",
+                &plan.lines.iter().map(|l| &*l.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Builds a [`Limiter`].
+#[must_use]
+pub struct LimiterBuilder<C: Clock = TokioClock> {
+    config: RateLimitConfig,
+    topology: Option<Topology>,
+    instances: u32,
+    clock: C,
+    on_alert: Option<AlertHook>,
+}
+
+impl Limiter<TokioClock> {
+    /// Starts building a limiter for `config` (tokio's clock, 1 instance, no topology).
+    pub fn builder(config: RateLimitConfig) -> LimiterBuilder<TokioClock> {
+        LimiterBuilder {
+            config,
+            topology: None,
+            instances: 1,
+            clock: TokioClock::new(),
+            on_alert: None,
+        }
+    }
+}
+
+impl<C: Clock> LimiterBuilder<C> {
+    /// The topology that share limits take IDC capacities from.
+    pub fn topology(mut self, topology: &Topology) -> Self {
+        self.topology = Some(topology.clone());
+        self
+    }
+
+    /// How many instances of this service share each IDC share (default 1).
+    pub fn instances(mut self, instances: u32) -> Self {
+        self.instances = instances;
+        self
+    }
+
+    /// Another clock (governor's `FakeRelativeClock` in tests).
+    pub fn clock<C2: Clock>(self, clock: C2) -> LimiterBuilder<C2> {
+        LimiterBuilder {
+            config: self.config,
+            topology: self.topology,
+            instances: self.instances,
+            clock,
+            on_alert: self.on_alert,
+        }
+    }
+
+    /// Called on every emitted (debounced) alert, besides the log line and the metric.
+    pub fn on_alert(mut self, hook: impl Fn(&Alert) + Send + Sync + 'static) -> Self {
+        self.on_alert = Some(Arc::new(hook));
+        self
+    }
+
+    /// Validates the configuration and derives every rate.
+    ///
+    /// Metrics handles are taken here: install the `metrics` recorder first.
+    pub fn build(self) -> Result<Limiter<C>, ConfigError> {
+        let mut inputs = Inputs {
+            config: self.config,
+            topology: self.topology,
+            capacity_overrides: BTreeMap::new(),
+            instances: self.instances,
+            states: BTreeMap::new(),
+        };
+        let plan = derive(&mut inputs)?;
+        let start = self.clock.now();
+        Ok(Limiter {
+            plan: ArcSwap::from_pointee(plan),
+            inputs: parking_lot::Mutex::new(inputs),
+            clock: self.clock,
+            start,
+            on_alert: self.on_alert,
+        })
+    }
+}
+
+/// Derives the plan from the inputs, reusing the state of every limit that keeps its name.
+fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
+    let specs: Vec<LineSpec> = validate(&inputs.config)?;
+    if inputs.instances == 0 {
+        return Err(ConfigError::new("instances", 0, "must be at least 1"));
+    }
+    let mut lines = Vec::with_capacity(specs.len());
+    let mut states = BTreeMap::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let (rate, share) = match &spec.source {
+            RateSource::Fixed(rate) => (*rate, None),
+            RateSource::Share(share) => {
+                let field = format!("limit[{i}].share.idc");
+                let capacity = match inputs.capacity_overrides.get(&share.idc) {
+                    Some(c) => *c,
+                    None => {
+                        let topo = inputs.topology.as_ref().ok_or_else(|| {
+                            ConfigError::new(&field, &share.idc, "a share limit needs a topology")
+                        })?;
+                        let idc = topo.idc(&share.idc).ok_or_else(|| {
+                            ConfigError::new(&field, &share.idc, "no such IDC in the topology")
+                        })?;
+                        idc.capacity_rps.ok_or_else(|| {
+                            ConfigError::new(&field, &share.idc, "the IDC has no capacity_rps")
+                        })?
+                    }
+                };
+                let rate =
+                    share_rate(capacity, share.fraction, inputs.instances).ok_or_else(|| {
+                        ConfigError::new(
+                            &field,
+                            &share.idc,
+                            format!(
+                                "capacity {capacity} r/s x {} / {} instances is below 0.001 r/s",
+                                share.fraction, inputs.instances
+                            ),
+                        )
+                    })?;
+                (
+                    rate,
+                    Some(ShareInfo {
+                        idc: share.idc.as_str().into(),
+                        instances: inputs.instances,
+                    }),
+                )
+            }
+        };
+        let state = inputs
+            .states
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(LineState::new(&spec.name, inputs.config.max_keys)));
+        state.zone.set_max_keys(inputs.config.max_keys);
+        states.insert(spec.name.clone(), state.clone());
+        lines.push(Line {
+            name: spec.name,
+            key: spec.key,
+            params: Params {
+                rate_m: rate.milli_per_sec(),
+                burst_m: spec.burst_m,
+                delay_m: spec.delay_m,
+            },
+            share,
+            state,
+        });
+    }
+    // Limits that left the configuration drop their keys here.
+    inputs.states = states;
+    let a = &inputs.config.alerts;
+    Ok(Plan {
+        lines,
+        dry_run: inputs.config.dry_run,
+        alert_interval_ms: a.interval.as_millis().try_into().unwrap_or(u64::MAX),
+        near_capacity: a.near_capacity,
+        window_ms: a.window.as_millis().try_into().unwrap_or(u64::MAX),
+        sweep_every: inputs.config.idle_sweep,
+    })
+}
+
+/// `capacity × fraction / instances` as a [`Rate`] in whole milli-requests per second
+/// (truncated, like nginx's rates); `None` when that is below 1 milli-request per second or not
+/// a finite positive number.
+///
+/// ```
+/// use ha_ratelimit::{share_rate, Rate};
+/// // 80% of 2000 r/s over 4 instances: 400 r/s each.
+/// assert_eq!(share_rate(2000.0, 0.8, 4), Some(Rate::per_second(400)));
+/// assert_eq!(share_rate(1000.0, 0.5, 3).unwrap().milli_per_sec(), 166_666);
+/// ```
+pub fn share_rate(capacity_rps: f64, fraction: f64, instances: u32) -> Option<Rate> {
+    if instances == 0 {
+        return None;
+    }
+    let milli = (capacity_rps * fraction * 1000.0 / f64::from(instances)).floor();
+    if !milli.is_finite() || milli < 1.0 {
+        return None;
+    }
+    // Saturating float-to-int conversion is the intent for absurdly large capacities.
+    Rate::from_milli_per_sec(milli as u64)
+}
+
+// === impl Limiter ===
+
+impl<C: Clock> Limiter<C> {
+    /// The whole-ms clock nginx uses (rule 13): ms since the limiter was built.
+    #[inline]
+    fn now_ms(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64() / 1_000_000
+    }
+
+    /// Checks a request whose key is the same for every line.
+    pub fn check(&self, key: Key<'_>) -> Decision {
+        self.check_with(|_| key)
+    }
+
+    /// Checks a request: `key_of` is called with each line's `key` setting (e.g. `"client_ip"`)
+    /// and returns the request's key for that line ([`Key::NONE`] skips the line).
+    ///
+    /// Every line with a key is looked up first, reading only; if all admit, all are charged
+    /// with the same `now`; a rejection charges no line. The hold is the largest of the lines'.
+    /// For a key already tracked this does not allocate.
+    pub fn check_with<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
+        let plan = self.plan.load();
+        if plan.lines.is_empty() {
+            return Decision::Allow;
+        }
+        if let [line] = plan.lines.as_slice() {
+            return self.check_one(line, key_of(&line.key), &plan);
+        }
+        // Fixed-size tables keep the per-request work off the heap (MAX_LINES is validated).
+        let mut keys = [Key::NONE; MAX_LINES];
+        let mut hashes = [0u64; MAX_LINES];
+        let mut active = [0usize; MAX_LINES];
+        let mut m = 0;
+        for (i, line) in plan.lines.iter().enumerate().take(MAX_LINES) {
+            let key = key_of(&line.key);
+            if key.is_skip() {
+                // Rule 10: an empty key skips the line, neither checked nor counted.
+                continue;
+            }
+            hashes[m] = line.state.zone.hash(key.as_bytes());
+            keys[m] = key;
+            active[m] = i;
+            m += 1;
+        }
+        if m == 0 {
+            return Decision::Allow;
+        }
+        let now = self.now_ms();
+        let lines = &plan.lines;
+        let last = m - 1;
+
+        // Look-up: every line but the last is only read.
+        let mut rejected_by: Option<usize> = None;
+        let mut wait = 0u64;
+        for j in 0..last {
+            let line = &lines[active[j]];
+            if let Look::Reject { wait_ms } =
+                line.state
+                    .zone
+                    .peek(hashes[j], keys[j].as_bytes(), now, &line.params)
+            {
+                rejected_by.get_or_insert(active[j]);
+                wait = wait.max(wait_ms);
+            }
+        }
+        let line = &lines[active[last]];
+        let excess = if rejected_by.is_some() {
+            // Read the last line too, only for an exact retry_after over all lines.
+            if let Look::Reject { wait_ms } =
+                line.state
+                    .zone
+                    .peek(hashes[last], keys[last].as_bytes(), now, &line.params)
+            {
+                wait = wait.max(wait_ms);
+            }
+            None
+        } else {
+            // The last line is checked and charged under one lock, as nginx's lookup(account=1).
+            let (look, ev) = line.state.zone.check_commit(
+                hashes[last],
+                keys[last].as_bytes(),
+                now,
+                &line.params,
+            );
+            self.note_evictions(line, ev, now, &plan);
+            match look {
+                Look::Pass { excess } => Some(excess),
+                Look::Reject { wait_ms } => {
+                    rejected_by = Some(active[last]);
+                    wait = wait_ms;
+                    None
+                }
+            }
+        };
+        let Some(excess) = excess else {
+            let by = rejected_by.unwrap_or(active[last]);
+            self.rejected(&lines[by], now, &plan);
+            if plan.dry_run {
+                return Decision::Allow;
+            }
+            return Decision::Reject {
+                retry_after: Duration::from_millis(wait),
+            };
+        };
+
+        // Commit: charge the earlier lines at the same `now`; the largest hold wins (rule 12).
+        let mut hold = line.params.hold_ms(excess);
+        for j in 0..last {
+            let line = &lines[active[j]];
+            let (excess, ev) =
+                line.state
+                    .zone
+                    .commit(hashes[j], keys[j].as_bytes(), now, &line.params);
+            self.note_evictions(line, ev, now, &plan);
+            hold = hold.max(line.params.hold_ms(excess));
+        }
+        for &i in &active[..m] {
+            if lines[i].share.is_some() {
+                self.measure_load(&lines[i], now, &plan);
+            }
+        }
+        if hold == 0 || plan.dry_run {
+            Decision::Allow
+        } else {
+            Decision::Delay(Duration::from_millis(hold))
+        }
+    }
+
+    /// The common case of one line: the same rules without the look-up/commit tables.
+    #[inline]
+    fn check_one(&self, line: &Line, key: Key<'_>, plan: &Plan) -> Decision {
+        if key.is_skip() {
+            return Decision::Allow;
+        }
+        let hash = line.state.zone.hash(key.as_bytes());
+        let now = self.now_ms();
+        let (look, ev) = line
+            .state
+            .zone
+            .check_commit(hash, key.as_bytes(), now, &line.params);
+        self.note_evictions(line, ev, now, plan);
+        match look {
+            Look::Pass { excess } => {
+                if line.share.is_some() {
+                    self.measure_load(line, now, plan);
+                }
+                let hold = line.params.hold_ms(excess);
+                if hold == 0 || plan.dry_run {
+                    Decision::Allow
+                } else {
+                    Decision::Delay(Duration::from_millis(hold))
+                }
+            }
+            Look::Reject { wait_ms } => {
+                self.rejected(line, now, plan);
+                if plan.dry_run {
+                    Decision::Allow
+                } else {
+                    Decision::Reject {
+                        retry_after: Duration::from_millis(wait_ms),
+                    }
+                }
+            }
+        }
+    }
+
+    #[cold]
+    fn rejected(&self, line: &Line, now: u64, plan: &Plan) {
+        line.state.rejected_total.increment(1);
+        if let Some(suppressed) = line.state.rejected_alert.fire(now, plan.alert_interval_ms) {
+            tracing::warn!(
+                limit = &*line.name,
+                kind = "rejected",
+                suppressed,
+                rate = %Rate::from_milli_per_sec(line.params.rate_m).map(|r| r.to_string()).unwrap_or_default(),
+                burst = line.params.burst_m / 1000,
+                dry_run = plan.dry_run,
+                "rate limit rejecting requests"
+            );
+            self.emit(line, AlertKind::Rejected, suppressed, None);
+        }
+    }
+
+    #[inline]
+    fn note_evictions(&self, line: &Line, ev: Evicted, now: u64, plan: &Plan) {
+        if !ev.inserted {
+            return;
+        }
+        line.state.tracked_keys.set(line.state.zone.len() as f64);
+        if ev.idle > 0 {
+            line.state.evicted_idle.increment(ev.idle as u64);
+        }
+        if ev.forced > 0 {
+            line.state.evicted_forced.increment(ev.forced as u64);
+            if let Some(suppressed) = line.state.evicted_alert.fire(now, plan.alert_interval_ms) {
+                tracing::warn!(
+                    limit = &*line.name,
+                    kind = "keys_evicted",
+                    suppressed,
+                    tracked = line.state.zone.len(),
+                    "rate limit key table full: dropping the least recently seen keys"
+                );
+                self.emit(line, AlertKind::KeysEvicted, suppressed, None);
+            }
+        }
+    }
+
+    fn measure_load(&self, line: &Line, now: u64, plan: &Plan) {
+        let Some(share) = &line.share else { return };
+        let Some(measured) = line.state.load.record(now, plan.window_ms) else {
+            return;
+        };
+        let limit = line.params.rate_m as f64 / 1000.0;
+        if measured < plan.near_capacity * limit {
+            return;
+        }
+        if let Some(suppressed) = line.state.near_alert.fire(now, plan.alert_interval_ms) {
+            let instances = f64::from(share.instances);
+            tracing::warn!(
+                limit = &*line.name,
+                kind = "near_capacity",
+                idc = &*share.idc,
+                suppressed,
+                measured_rps = measured,
+                limit_rps = limit,
+                idc_measured_rps = measured * instances,
+                idc_limit_rps = limit * instances,
+                threshold = plan.near_capacity,
+                "rate limit close to the IDC share"
+            );
+            self.emit(
+                line,
+                AlertKind::NearCapacity,
+                suppressed,
+                Some((share.idc.clone(), measured, limit)),
+            );
+        }
+    }
+
+    fn emit(
+        &self,
+        line: &Line,
+        kind: AlertKind,
+        suppressed: u64,
+        load: Option<(Arc<str>, f64, f64)>,
+    ) {
+        let i = match kind {
+            AlertKind::Rejected => 0,
+            AlertKind::NearCapacity => 1,
+            AlertKind::KeysEvicted => 2,
+        };
+        line.state.alerts_total[i].increment(1);
+        if let Some(hook) = &self.on_alert {
+            hook(&Alert {
+                limit: line.name.clone(),
+                kind,
+                suppressed,
+                load,
+            });
+        }
+    }
+
+    // --- reload ---
+
+    fn update(&self, change: impl FnOnce(&mut Inputs)) -> Result<(), ConfigError> {
+        let mut inputs = self.inputs.lock();
+        let saved = (
+            inputs.config.clone(),
+            inputs.topology.clone(),
+            inputs.capacity_overrides.clone(),
+            inputs.instances,
+        );
+        change(&mut inputs);
+        match derive(&mut inputs) {
+            Ok(plan) => {
+                self.plan.store(Arc::new(plan));
+                Ok(())
+            }
+            Err(e) => {
+                (
+                    inputs.config,
+                    inputs.topology,
+                    inputs.capacity_overrides,
+                    inputs.instances,
+                ) = saved;
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the configuration at run time. Limits keep their keys' state by name; a new
+    /// rate applies to the existing state, as after an nginx reload. On error nothing changes.
+    pub fn reload(&self, config: RateLimitConfig) -> Result<(), ConfigError> {
+        self.update(|i| i.config = config)
+    }
+
+    /// A new topology (new IDC capacities): share limits are re-derived, keeping state.
+    pub fn set_topology(&self, topology: &Topology) -> Result<(), ConfigError> {
+        self.update(|i| i.topology = Some(topology.clone()))
+    }
+
+    /// Overrides one IDC's capacity (requests per second) at run time, over the topology's.
+    pub fn set_capacity(&self, idc: &str, capacity_rps: f64) -> Result<(), ConfigError> {
+        if !(capacity_rps.is_finite() && capacity_rps > 0.0) {
+            return Err(ConfigError::new(
+                "capacity_rps",
+                capacity_rps,
+                "must be a positive number",
+            ));
+        }
+        self.update(|i| {
+            i.capacity_overrides.insert(idc.to_string(), capacity_rps);
+        })
+    }
+
+    /// How many instances share each IDC share now; share limits are re-derived, keeping state.
+    pub fn set_instances(&self, instances: u32) -> Result<(), ConfigError> {
+        self.update(|i| i.instances = instances)
+    }
+
+    /// A limit's current rate (derived, for share limits).
+    pub fn rate(&self, limit: &str) -> Option<Rate> {
+        let plan = self.plan.load();
+        plan.lines
+            .iter()
+            .find(|l| &*l.name == limit)
+            .and_then(|l| Rate::from_milli_per_sec(l.params.rate_m))
+    }
+
+    /// How many keys a limit tracks now.
+    pub fn tracked_keys(&self, limit: &str) -> Option<usize> {
+        let plan = self.plan.load();
+        plan.lines
+            .iter()
+            .find(|l| &*l.name == limit)
+            .map(|l| l.state.zone.len())
+    }
+
+    /// Bytes a limit's key state holds now: its shards and their hash tables (keys longer than
+    /// 22 bytes add one allocation each, not counted). Bounded by `max_keys`, however many
+    /// distinct keys have been seen.
+    pub fn state_bytes(&self, limit: &str) -> Option<usize> {
+        let plan = self.plan.load();
+        plan.lines
+            .iter()
+            .find(|l| &*l.name == limit)
+            .map(|l| l.state.zone.table_bytes())
+    }
+
+    /// Drops every drained key of every limit and returns how many. A drained key (one whose
+    /// next request would find an empty bucket) is indistinguishable from a new key, so this
+    /// changes no decision while the rate stays the same.
+    pub fn sweep(&self) -> usize {
+        let plan = self.plan.load();
+        let now = self.now_ms();
+        let mut total = 0;
+        for line in &plan.lines {
+            let n = line.state.zone.sweep(now, line.params.rate_m);
+            if n > 0 {
+                line.state.evicted_idle.increment(n as u64);
+            }
+            line.state.tracked_keys.set(line.state.zone.len() as f64);
+            total += n;
+        }
+        total
+    }
+}
+
+impl<C> Limiter<C>
+where
+    C: Clock + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    /// Runs [`Limiter::sweep`] every `idle_sweep` (from the config) on the tokio runtime until
+    /// the limiter is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let every = match weak.upgrade() {
+                    Some(l) => l.plan.load().sweep_every,
+                    None => return,
+                };
+                tokio::time::sleep(every).await;
+                match weak.upgrade() {
+                    Some(l) => {
+                        l.sweep();
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+}
