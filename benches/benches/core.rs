@@ -4,6 +4,7 @@
 //!   service add at most 150 ns per call;
 //! - `resolve/cached` vs `resolve/hickory`: a cached resolve (`DnsDiscovery::current`) is at least
 //!   100× faster than a hickory lookup to the lab DNS.
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::future::{Ready, ready};
@@ -75,7 +76,12 @@ cidrs = ["127.0.3.0/24"]
 fn balancer(topo: &Topology, n: usize) -> LocalityBalance<Noop> {
     let c = topo.classifier();
     let eps: Vec<Endpoint> = (0..n)
-        .map(|i| c.endpoint(SocketAddr::new(IpAddr::from([127, 0, (i % 3) as u8 + 1, (i / 3) as u8 + 10]), 80)))
+        .map(|i| {
+            c.endpoint(SocketAddr::new(
+                IpAddr::from([127, 0, (i % 3) as u8 + 1, (i / 3) as u8 + 10]),
+                80,
+            ))
+        })
         .collect();
     let (tx, rx) = channel(EndpointSet::new("bench", eps, 1));
     // The sender lives as long as the bench.
@@ -84,7 +90,10 @@ fn balancer(topo: &Topology, n: usize) -> LocalityBalance<Noop> {
 }
 
 fn pick(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let topo = topology("");
     let mut g = c.benchmark_group("pick");
@@ -98,12 +107,17 @@ fn pick(c: &mut Criterion) {
 }
 
 fn stack(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let topo = topology("");
     let mut g = c.benchmark_group("stack");
     let mut bare = Noop;
-    g.bench_function("bare", |b| b.iter(|| black_box(bare.call(()).now_or_never())));
+    g.bench_function("bare", |b| {
+        b.iter(|| black_box(bare.call(()).now_or_never()))
+    });
     let mut full = Failover::builder().service(balancer(&topo, 6));
     g.bench_function("failover+balance", |b| {
         b.iter(|| black_box(full.call(()).now_or_never()))
@@ -112,9 +126,15 @@ fn stack(c: &mut Criterion) {
 }
 
 fn resolve(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let (dns, disc, bare) = rt.block_on(async {
-        let dns = ha_lab::dns::LabDns::start("north", "127.0.1.53:0".parse().unwrap(), "lab.").await.unwrap();
+        let dns = ha_lab::dns::LabDns::start("north", "127.0.1.53:0".parse().unwrap(), "lab.")
+            .await
+            .unwrap();
         let ips: Vec<IpAddr> = (11..17).map(|i| IpAddr::from([127, 0, 1, i])).collect();
         dns.set_records("profile.north.lab.", &ips, 30).unwrap();
         let port = dns.addr().port();
@@ -134,7 +154,9 @@ dns = {{ north = "profile.north.lab." }}
 "#
         );
         let topo = Arc::new(Topology::from_toml_str(&text, "bench.toml").unwrap());
-        let disc = DnsDiscovery::start(topo, "profile", EventBus::default()).await.unwrap();
+        let disc = DnsDiscovery::start(topo, "profile", EventBus::default())
+            .await
+            .unwrap();
         assert_eq!(disc.current().len(), 6, "the lab DNS answered");
         // The bare library: a hickory resolver to the same server, its cache off like ours.
         let mut ns = NameServerConfig::udp_and_tcp(dns.addr().ip());
@@ -154,7 +176,9 @@ dns = {{ north = "profile.north.lab." }}
     let mut g = c.benchmark_group("resolve");
     g.bench_function("cached", |b| b.iter(|| black_box(disc.current())));
     g.bench_function("hickory", |b| {
-        b.iter(|| rt.block_on(async { black_box(bare.lookup_ip("profile.north.lab.").await.unwrap()) }))
+        b.iter(|| {
+            rt.block_on(async { black_box(bare.lookup_ip("profile.north.lab.").await.unwrap()) })
+        })
     });
     g.finish();
     drop(disc);

@@ -715,6 +715,19 @@ impl Topology {
         self.dependencies.get(name)
     }
 
+    /// A dependency by name, or a [`ConfigError`] naming the file and the known dependencies.
+    pub fn require_dependency(&self, name: &str) -> Result<&Dependency, ConfigError> {
+        self.dependencies.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.dependencies.keys().map(|k| &**k).collect();
+            ConfigError::new(
+                &self.file,
+                "dependencies",
+                name,
+                format!("unknown dependency (known: {})", known.join(", ")),
+            )
+        })
+    }
+
     /// DNS tuning.
     pub fn dns(&self) -> &DnsSettings {
         &self.dns

@@ -84,14 +84,7 @@ pub type EndpointWatch = watch::Receiver<Arc<EndpointSet>>;
 /// assert_eq!(rx.borrow().len(), 2);
 /// ```
 pub fn static_endpoints(topology: &Topology, dependency: &str) -> Result<EndpointWatch, HaError> {
-    let dep = topology.dependency(dependency).ok_or_else(|| {
-        HaError::Config(ConfigError::new(
-            topology.file(),
-            "dependencies",
-            dependency,
-            "unknown dependency",
-        ))
-    })?;
+    let dep = topology.require_dependency(dependency)?;
     let Source::Static(addrs) = &dep.source else {
         return Err(HaError::Config(ConfigError::new(
             topology.file(),

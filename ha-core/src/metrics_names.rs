@@ -18,7 +18,8 @@ pub const DNS_LOOKUPS: &str = "ha_core_dns_lookups_total";
 pub const DNS_STALE: &str = "ha_core_dns_stale_served_total";
 /// Counter: addresses refused as outside the allowed CIDRs, labels `dependency`, `region`.
 pub const DNS_POISONED: &str = "ha_core_dns_poisoned_total";
-/// Counter: failover retries, labels `dependency`, `outcome` (`retried`, `budget_exhausted`, `not_retryable`).
+/// Counter: failover retry decisions, labels `dependency`, `outcome` (`retried`,
+/// `budget_exhausted`, `not_retryable`, `attempts_exhausted`, `deadline_exceeded`).
 pub const RETRIES: &str = "ha_core_retries_total";
 /// Counter: calls that exceeded their deadline, label `dependency`.
 pub const DEADLINES: &str = "ha_core_deadline_exceeded_total";

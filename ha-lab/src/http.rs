@@ -21,13 +21,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{
-    net::TcpListener,
-    sync::Mutex,
-    task::{JoinHandle, JoinSet},
-};
+use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::LabError;
+use crate::listener::{self, AcceptTask};
 
 /// The JSON body of `GET /who`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,7 +41,7 @@ pub struct Who {
 pub struct WhoServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    accept: Mutex<Option<JoinHandle<()>>>,
+    accept: AcceptTask,
 }
 
 struct Shared {
@@ -64,12 +61,7 @@ impl WhoServer {
     /// Serves HTTP/1.1 with keep-alive on `bind` (port 0 allowed). `GET /who` answers 200 with
     /// JSON `{"idc": idc, "addr": "<ip:port>", "name": name}`; other paths answer 404.
     pub async fn start(name: &str, idc: &str, bind: SocketAddr) -> Result<WhoServer, LabError> {
-        let listener = TcpListener::bind(bind)
-            .await
-            .map_err(|source| LabError::Bind { addr: bind, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| LabError::Bind { addr: bind, source })?;
+        let (listener, addr) = listener::bind(bind).await?;
         let who = Who {
             idc: idc.to_owned(),
             addr: addr.to_string(),
@@ -83,12 +75,12 @@ impl WhoServer {
             body: Bytes::from(body),
             requests: AtomicU64::new(0),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = AcceptTask::spawn("who server", addr, accept_loop(listener, shared.clone()));
         tracing::info!(name, idc, %addr, "who server started");
         Ok(WhoServer {
             shared,
             addr,
-            accept: Mutex::new(Some(accept)),
+            accept,
         })
     }
 
@@ -104,40 +96,18 @@ impl WhoServer {
 
     /// True while listening.
     pub async fn is_running(&self) -> bool {
-        self.accept.lock().await.is_some()
+        self.accept.is_running().await
     }
 
     /// Closes the listener and every open connection. Idempotent.
     pub async fn stop(&self) {
-        let Some(handle) = self.accept.lock().await.take() else {
-            return;
-        };
-        handle.abort();
-        let _ = handle.await;
-        tracing::info!(addr = %self.addr, "who server stopped");
+        self.accept.stop().await;
     }
 
     /// Listens again on the same address (after a stop; on a running server, stop then start).
     pub async fn restart(&self) -> Result<(), LabError> {
-        self.stop().await;
-        let mut guard = self.accept.lock().await;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .map_err(|source| LabError::Bind {
-                addr: self.addr,
-                source,
-            })?;
-        *guard = Some(tokio::spawn(accept_loop(listener, self.shared.clone())));
-        tracing::info!(addr = %self.addr, "who server restarted");
-        Ok(())
-    }
-}
-
-impl Drop for WhoServer {
-    fn drop(&mut self) {
-        if let Some(handle) = self.accept.get_mut().take() {
-            handle.abort();
-        }
+        let shared = self.shared.clone();
+        self.accept.restart(|l| accept_loop(l, shared)).await
     }
 }
 

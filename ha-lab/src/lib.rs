@@ -17,6 +17,7 @@ pub mod dns;
 mod error;
 pub mod http;
 pub mod lab;
+mod listener;
 pub mod partition;
 pub mod process;
 pub mod proxy;

@@ -26,11 +26,12 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::{Mutex, watch},
-    task::{JoinHandle, JoinSet},
+    sync::watch,
+    task::JoinSet,
 };
 
 use crate::LabError;
+use crate::listener::{self, AcceptTask};
 
 /// The fault a [`FaultProxy`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -53,7 +54,7 @@ const BUF: usize = 16 * 1024;
 pub struct FaultProxy {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    accept: Mutex<Option<JoinHandle<()>>>,
+    accept: AcceptTask,
 }
 
 struct Shared {
@@ -76,28 +77,19 @@ impl FaultProxy {
     /// Listens on `listen` (port 0 allowed) and forwards each connection to `upstream`, connecting
     /// from the listen IP where possible so the upstream sees an address of the proxy's IDC.
     pub async fn start(listen: SocketAddr, upstream: SocketAddr) -> Result<FaultProxy, LabError> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| LabError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| LabError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let (listener, addr) = listener::bind(listen).await?;
         let (fault, _) = watch::channel(Fault::Pass);
         let shared = Arc::new(Shared {
             upstream,
             fault,
             connections: AtomicU64::new(0),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = AcceptTask::spawn("fault proxy", addr, accept_loop(listener, shared.clone()));
         tracing::info!(%addr, %upstream, "fault proxy started");
         Ok(FaultProxy {
             shared,
             addr,
-            accept: Mutex::new(Some(accept)),
+            accept,
         })
     }
 
@@ -129,43 +121,20 @@ impl FaultProxy {
 
     /// True while listening.
     pub async fn is_running(&self) -> bool {
-        self.accept.lock().await.is_some()
+        self.accept.is_running().await
     }
 
     /// Closes the listener and every connection (a dead server: connects are refused).
     /// Idempotent.
     pub async fn stop(&self) {
-        let Some(handle) = self.accept.lock().await.take() else {
-            return;
-        };
-        // The accept task owns the listener and the JoinSet of relays: aborting it drops all.
-        handle.abort();
-        let _ = handle.await;
-        tracing::info!(addr = %self.addr, "fault proxy stopped");
+        self.accept.stop().await;
     }
 
     /// Listens again on the same address (after a stop; on a running proxy, stop then start).
     /// The fault setting is kept.
     pub async fn restart(&self) -> Result<(), LabError> {
-        self.stop().await;
-        let mut guard = self.accept.lock().await;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .map_err(|source| LabError::Bind {
-                addr: self.addr,
-                source,
-            })?;
-        *guard = Some(tokio::spawn(accept_loop(listener, self.shared.clone())));
-        tracing::info!(addr = %self.addr, "fault proxy restarted");
-        Ok(())
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(handle) = self.accept.get_mut().take() {
-            handle.abort();
-        }
+        let shared = self.shared.clone();
+        self.accept.restart(|l| accept_loop(l, shared)).await
     }
 }
 

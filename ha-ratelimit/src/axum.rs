@@ -67,6 +67,9 @@ mod tests {
         let resp = too_many_requests(Duration::from_millis(3));
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
         let other: BoxError = "boom".into();
-        assert_eq!(error_response(&*other).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            error_response(&*other).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -431,23 +431,11 @@ fn default_window() -> Duration {
     Duration::from_secs(1)
 }
 
-/// Parses `"250ms"`, `"10s"`, `"2m"`, `"1h"`.
+/// The same duration syntax as the topology file (`"250ms"`, `"10s"`, `"1.5s"`, `"2m"`, `"1h"`;
+/// zero and negative durations refused), so one operator vocabulary covers both.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"250ms\" or \"10s\""))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!(
-            "invalid duration {text:?}: the unit must be ms, s, m or h"
-        )),
-    }
+    ha_core::config::parse_duration(text)
+        .map_err(|reason| format!("invalid duration {text:?}: {reason}"))
 }
 
 mod duration_str {

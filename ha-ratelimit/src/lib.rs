@@ -49,7 +49,7 @@ mod zone;
 pub mod axum;
 
 pub use alert::{Alert, AlertHook, AlertKind};
-pub use clock::TokioClock;
+pub use clock::{DefaultClock, TokioClock};
 pub use config::{AlertConfig, ConfigError, LimitConfig, RateLimitConfig, Share};
 pub use key::{Key, MAX_KEY_LEN};
 pub use layer::{KeyFn, RateLimit, RateLimitLayer};

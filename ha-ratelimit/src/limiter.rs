@@ -10,7 +10,7 @@ use ha_core::Topology;
 use metrics::{Counter, Gauge};
 
 use crate::alert::{Alert, AlertHook, AlertKind, Debounce, LoadWindow};
-use crate::clock::TokioClock;
+use crate::clock::DefaultClock;
 use crate::config::{ConfigError, LineSpec, MAX_LINES, RateLimitConfig, RateSource, validate};
 use crate::key::Key;
 use crate::rate::Rate;
@@ -130,7 +130,7 @@ struct Inputs {
 /// assert_eq!(limiter.check(ip), Decision::Allow); // the burst
 /// assert!(limiter.check(ip).is_reject());
 /// ```
-pub struct Limiter<C: Clock = TokioClock> {
+pub struct Limiter<C: Clock = DefaultClock> {
     plan: ArcSwap<Plan>,
     inputs: parking_lot::Mutex<Inputs>,
     clock: C,
@@ -152,7 +152,7 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
 
 /// Builds a [`Limiter`].
 #[must_use]
-pub struct LimiterBuilder<C: Clock = TokioClock> {
+pub struct LimiterBuilder<C: Clock = DefaultClock> {
     config: RateLimitConfig,
     topology: Option<Topology>,
     instances: u32,
@@ -160,14 +160,16 @@ pub struct LimiterBuilder<C: Clock = TokioClock> {
     on_alert: Option<AlertHook>,
 }
 
-impl Limiter<TokioClock> {
-    /// Starts building a limiter for `config` (tokio's clock, 1 instance, no topology).
-    pub fn builder(config: RateLimitConfig) -> LimiterBuilder<TokioClock> {
+impl Limiter<DefaultClock> {
+    /// Starts building a limiter for `config` ([`DefaultClock`], 1 instance, no topology).
+    ///
+    /// On paused tokio time, pass [`crate::TokioClock`] to [`LimiterBuilder::clock`].
+    pub fn builder(config: RateLimitConfig) -> LimiterBuilder<DefaultClock> {
         LimiterBuilder {
             config,
             topology: None,
             instances: 1,
-            clock: TokioClock::new(),
+            clock: DefaultClock::default(),
             on_alert: None,
         }
     }
@@ -186,7 +188,8 @@ impl<C: Clock> LimiterBuilder<C> {
         self
     }
 
-    /// Another clock (governor's `FakeRelativeClock` in tests).
+    /// Another clock: [`crate::TokioClock`] on paused tokio time, governor's
+    /// `FakeRelativeClock` to step time by hand.
     pub fn clock<C2: Clock>(self, clock: C2) -> LimiterBuilder<C2> {
         LimiterBuilder {
             config: self.config,
@@ -467,7 +470,9 @@ impl<C: Clock> Limiter<C> {
             .state
             .zone
             .check_commit(hash, key.as_bytes(), now, &line.params);
-        self.note_evictions(line, ev, now, plan);
+        if ev.inserted {
+            self.note_evictions(line, ev, now, plan);
+        }
         match look {
             Look::Pass { excess } => {
                 if line.share.is_some() {
@@ -510,7 +515,7 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    #[inline]
+    #[cold]
     fn note_evictions(&self, line: &Line, ev: Evicted, now: u64, plan: &Plan) {
         if !ev.inserted {
             return;

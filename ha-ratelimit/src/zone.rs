@@ -22,11 +22,13 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::Mutex;
 
 /// The most shards a zone has. Two threads on distinct keys only meet on a lock (and bounce its
-/// cache line between cores) when their keys share a shard, so shards are many and small:
-/// about [`KEYS_PER_SHARD`] keys each at the cap, 64 bytes of lock and table header each.
-const MAX_SHARDS: usize = 16384;
+/// cache line between cores) when their keys share a shard, so there are many; but each shard
+/// is a lock line and a table of its own, so too many spread a busy zone over more cache than
+/// it needs: about [`KEYS_PER_SHARD`] keys each at the cap, 64 bytes of lock and table header
+/// each, at most this many (64 KB).
+const MAX_SHARDS: usize = 1024;
 /// Keys per shard the shard count is sized for at the cap.
-const KEYS_PER_SHARD: usize = 8;
+const KEYS_PER_SHARD: usize = 64;
 
 /// Shards for a zone capped at `max_keys`: a power of two, 1 for tiny caps (then the forced
 /// eviction picks the zone-wide least recently seen key, exactly like nginx).
@@ -37,12 +39,19 @@ fn shard_count(max_keys: usize) -> usize {
         .min(MAX_SHARDS)
 }
 
+/// The most bytes a shard's table may keep allocated: what a fresh table for `cap` keys takes.
+/// Forced removals leave tombstones, and hashbrown answers a table full of tombstones by
+/// doubling it; a shard that grew past this is rehashed back to its size (at most `cap` keys).
+fn table_bound(cap: usize) -> usize {
+    HashTable::<Entry>::with_capacity(cap).allocation_size()
+}
+
 /// The most keys one shard holds: its even share of the cap with headroom (a random hash does
 /// not spread keys perfectly evenly), never more than the cap. This is what bounds each hash
 /// table's allocation, and so the zone's memory, by the cap however many keys pass through.
 fn shard_cap(max_keys: usize, shards: usize) -> usize {
     let even = max_keys.div_ceil(shards);
-    (even + even / 2 + 8).min(max_keys).max(1)
+    (2 * even).max(8).min(max_keys).max(1)
 }
 
 /// A line's parameters in nginx's integer units.
@@ -138,6 +147,39 @@ impl StoredKey {
             StoredKey::Heap(b) => b,
         }
     }
+
+    /// Equality with a probe: short keys compare as two fixed-size arrays (a few loads, no
+    /// `memcmp` call).
+    #[inline]
+    fn matches(&self, probe: &Probe<'_>) -> bool {
+        match (self, probe) {
+            (StoredKey::Inline { len, buf }, Probe::Inline { len: l, buf: b }) => {
+                len == l && buf == b
+            }
+            (StoredKey::Heap(h), Probe::Long(k)) => **h == **k,
+            _ => false,
+        }
+    }
+}
+
+/// A looked-up key, padded like a stored one so that short keys compare as fixed arrays.
+pub(crate) enum Probe<'a> {
+    Inline { len: u8, buf: [u8; INLINE_KEY] },
+    Long(&'a [u8]),
+}
+
+impl<'a> Probe<'a> {
+    #[inline]
+    pub fn new(key: &'a [u8]) -> Probe<'a> {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut buf = [0u8; INLINE_KEY];
+                buf[..key.len()].copy_from_slice(key);
+                Probe::Inline { len, buf }
+            }
+            _ => Probe::Long(key),
+        }
+    }
 }
 
 struct Entry {
@@ -161,11 +203,14 @@ pub(crate) struct Zone {
     count: AtomicUsize,
     max_keys: AtomicUsize,
     shard_cap: AtomicUsize,
+    /// `table_bound(shard_cap)`.
+    table_bound: AtomicUsize,
 }
 
 impl Zone {
     pub fn new(max_keys: usize) -> Zone {
         let n = shard_count(max_keys);
+        let cap = shard_cap(max_keys, n);
         Zone {
             shards: (0..n)
                 .map(|_| Shard {
@@ -179,14 +224,16 @@ impl Zone {
             hasher: DefaultHashBuilder::default(),
             count: AtomicUsize::new(0),
             max_keys: AtomicUsize::new(max_keys),
-            shard_cap: AtomicUsize::new(shard_cap(max_keys, n)),
+            shard_cap: AtomicUsize::new(cap),
+            table_bound: AtomicUsize::new(table_bound(cap)),
         }
     }
 
     pub fn set_max_keys(&self, max_keys: usize) {
         self.max_keys.store(max_keys, Ordering::Relaxed);
-        self.shard_cap
-            .store(shard_cap(max_keys, self.shards.len()), Ordering::Relaxed);
+        let cap = shard_cap(max_keys, self.shards.len());
+        self.shard_cap.store(cap, Ordering::Relaxed);
+        self.table_bound.store(table_bound(cap), Ordering::Relaxed);
     }
 
     /// Keys tracked now.
@@ -212,9 +259,10 @@ impl Zone {
 
     /// Reads a line without writing (the look-up of rule 11).
     pub fn peek(&self, hash: u64, key: &[u8], now: u64, p: &Params) -> Look {
+        let probe = Probe::new(key);
         let table = self.shard(hash).table.lock();
         let state = table
-            .find(hash, |e| e.key.as_bytes() == key)
+            .find(hash, |e| e.key.matches(&probe))
             .map(|e| (e.excess, e.last));
         drop(table);
         judge(state, now, p)
@@ -223,8 +271,9 @@ impl Zone {
     /// Checks a line and, when it admits, charges it, under one lock.
     #[inline]
     pub fn check_commit(&self, hash: u64, key: &[u8], now: u64, p: &Params) -> (Look, Evicted) {
+        let probe = Probe::new(key);
         let mut table = self.shard(hash).table.lock();
-        if let Some(e) = table.find_mut(hash, |e| e.key.as_bytes() == key) {
+        if let Some(e) = table.find_mut(hash, |e| e.key.matches(&probe)) {
             let look = judge(Some((e.excess, e.last)), now, p);
             if let Look::Pass { excess } = look {
                 write(e, excess, now);
@@ -239,8 +288,9 @@ impl Zone {
     /// Charges a line without checking it (nginx's `ngx_http_limit_req_account`: the line
     /// admitted at look-up; it is recomputed at the same `now` and written).
     pub fn commit(&self, hash: u64, key: &[u8], now: u64, p: &Params) -> (u64, Evicted) {
+        let probe = Probe::new(key);
         let mut table = self.shard(hash).table.lock();
-        if let Some(e) = table.find_mut(hash, |e| e.key.as_bytes() == key) {
+        if let Some(e) = table.find_mut(hash, |e| e.key.matches(&probe)) {
             let excess = next_excess(Some((e.excess, e.last)), now, p.rate_m);
             write(e, excess, now);
             return (excess, Evicted::default());
@@ -319,6 +369,11 @@ impl Zone {
             |e| hasher.hash_one(e.key.as_bytes()),
         );
         self.count.fetch_add(1, Ordering::Relaxed);
+        if table.allocation_size() > self.table_bound.load(Ordering::Relaxed) {
+            // Grown past what `cap` keys need (tombstones of removals, or a lowered cap):
+            // rehash into a table sized for the keys it holds.
+            table.shrink_to(table.len(), |e| hasher.hash_one(e.key.as_bytes()));
+        }
         ev
     }
 
@@ -338,7 +393,9 @@ impl Zone {
         for shard in self.shards.iter() {
             let mut t = shard.table.lock();
             dropped += self.drop_drained(&mut t, now, rate_m);
-            if t.capacity() > 16 && t.len() < t.capacity() / 4 {
+            if t.len() < t.capacity() / 4
+                || t.allocation_size() > self.table_bound.load(Ordering::Relaxed)
+            {
                 let target = t.len() * 2;
                 t.shrink_to(target, |e| hasher.hash_one(e.key.as_bytes()));
             }

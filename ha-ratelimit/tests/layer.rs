@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ha_core::HaError;
-use ha_ratelimit::{Key, LimitConfig, Limiter, Rate, RateLimitConfig, RateLimitLayer};
+use ha_ratelimit::{Key, LimitConfig, Limiter, Rate, RateLimitConfig, RateLimitLayer, TokioClock};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -27,7 +27,12 @@ async fn concurrent_calls_pass_wait_and_fail_like_nginx() {
     let cfg = RateLimitConfig::with_limits(vec![
         LimitConfig::new("per_member", "member_id", Rate::per_second(10)).burst(5),
     ]);
-    let limiter = Arc::new(Limiter::builder(cfg).build().unwrap());
+    let limiter = Arc::new(
+        Limiter::builder(cfg)
+            .clock(TokioClock::new())
+            .build()
+            .unwrap(),
+    );
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let svc = ServiceBuilder::new()
@@ -75,7 +80,12 @@ async fn poll_ready_delegates_and_clones_share_state() {
     let cfg = RateLimitConfig::with_limits(vec![
         LimitConfig::new("per_member", "member_id", Rate::per_second(1)).nodelay(),
     ]);
-    let limiter = Arc::new(Limiter::builder(cfg).build().unwrap());
+    let limiter = Arc::new(
+        Limiter::builder(cfg)
+            .clock(TokioClock::new())
+            .build()
+            .unwrap(),
+    );
     let (mock, mut handle) = tower_test::mock::pair::<Req, &'static str>();
     let mut a = ServiceBuilder::new()
         .layer(RateLimitLayer::new(limiter, key))

@@ -169,6 +169,11 @@ impl EntryCore {
     fn observe_latency(&self, latency: Duration, now_ms: u64, decay: Duration) {
         let rtt = latency.as_secs_f64() * 1e9;
         let prev = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        if rtt == 0.0 && prev == 0.0 {
+            // An answer on the first poll to an endpoint estimated at 0: nothing to record (a
+            // zero estimate does not decay), and no write to the endpoint's cache line.
+            return;
+        }
         let last = self.ewma_at_ms.load(Ordering::Relaxed);
         if rtt <= prev && now_ms == last {
             // Within the same millisecond a lower sample has no weight yet (w = 1).
@@ -527,7 +532,7 @@ where
             // The first attempt of a call. One 64-bit draw: 8 bits decide exploration, 24 the
             // tier, 32 the two candidates.
             let r = rng.next_u64();
-            let tier_draw = (r & 0xFFFF_FF00) as u64;
+            let tier_draw = r & 0xFFFF_FF00;
             let tier = p.cum.iter().position(|c| tier_draw < *c).unwrap_or(2);
             let pool = &p.tiers[tier];
             if ((r & 0xFF) as u32) < p.explore {

@@ -134,14 +134,7 @@ impl DnsDiscovery {
 }
 
 fn dns_dependency(topology: &Topology, dependency: &str) -> Result<Dependency, HaError> {
-    let dep = topology.dependency(dependency).ok_or_else(|| {
-        HaError::Config(ConfigError::new(
-            topology.file(),
-            "dependencies",
-            dependency,
-            "unknown dependency",
-        ))
-    })?;
+    let dep = topology.require_dependency(dependency)?;
     match dep.source {
         Source::Dns { .. } => Ok(dep.clone()),
         Source::Static(_) => Err(not_dns(topology, dependency)),

@@ -4,7 +4,7 @@ use governor::clock::Clock;
 use tower_layer::Layer;
 
 use super::service::RateLimit;
-use crate::clock::TokioClock;
+use crate::clock::DefaultClock;
 use crate::limiter::Limiter;
 
 /// Applies a [`Limiter`] to a service; `keys` maps each line's `key` setting to the request's key.
@@ -30,7 +30,7 @@ use crate::limiter::Limiter;
 ///     .service_fn(|_req: Req| async { Ok::<_, std::convert::Infallible>("ok") });
 /// # let _ = svc;
 /// ```
-pub struct RateLimitLayer<K, C: Clock = TokioClock> {
+pub struct RateLimitLayer<K, C: Clock = DefaultClock> {
     limiter: Arc<Limiter<C>>,
     keys: Arc<K>,
 }

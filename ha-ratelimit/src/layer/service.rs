@@ -6,7 +6,7 @@ use ha_core::{BoxError, HaError};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use crate::clock::TokioClock;
+use crate::clock::DefaultClock;
 use crate::key::Key;
 use crate::limiter::{Decision, Limiter};
 
@@ -29,7 +29,7 @@ where
 }
 
 /// A service behind a [`Limiter`]. `Clone` and cheap to clone.
-pub struct RateLimit<S, K, C: Clock = TokioClock> {
+pub struct RateLimit<S, K, C: Clock = DefaultClock> {
     inner: S,
     limiter: Arc<Limiter<C>>,
     keys: Arc<K>,
