@@ -887,7 +887,12 @@ fn validate_balance(raw: &RawBalance, file: &Path) -> Result<BalanceSettings, Co
     }
     if let Some(e) = raw.explore {
         if !(0.0..=0.5).contains(&e) {
-            return Err(ConfigError::new(file, "balance.explore", e, "must be in [0, 0.5]"));
+            return Err(ConfigError::new(
+                file,
+                "balance.explore",
+                e,
+                "must be in [0, 0.5]",
+            ));
         }
         s.explore = e;
     }

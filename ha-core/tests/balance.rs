@@ -447,25 +447,34 @@ async fn exploration_finds_a_dead_endpoint_that_cost_alone_would_never_pick() {
     let mut rx = events.subscribe();
     let c = topo.classifier().clone();
     let a: Vec<SocketAddr> = addrs()[..4].to_vec();
-    let (_tx, wrx) = channel(EndpointSet::new("profile", a.iter().map(|x| c.endpoint(*x)).collect(), 1));
+    let (_tx, wrx) = channel(EndpointSet::new(
+        "profile",
+        a.iter().map(|x| c.endpoint(*x)).collect(),
+        1,
+    ));
     let slow = a[0];
     let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = dead.clone();
-    let mut svc = LocalityBalance::builder(&topo, wrx).events(events.clone()).seed(9).build(move |ep: &Endpoint| {
-        let addr = ep.addr;
-        let dead = d.clone();
-        tower::service_fn(move |()| {
-            let is_dead = addr == slow && dead.load(std::sync::atomic::Ordering::SeqCst);
-            let ms = if addr == slow { 50 } else { 1 };
-            async move {
-                if is_dead {
-                    return Err::<SocketAddr, BoxError>(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+    let mut svc = LocalityBalance::builder(&topo, wrx)
+        .events(events.clone())
+        .seed(9)
+        .build(move |ep: &Endpoint| {
+            let addr = ep.addr;
+            let dead = d.clone();
+            tower::service_fn(move |()| {
+                let is_dead = addr == slow && dead.load(std::sync::atomic::Ordering::SeqCst);
+                let ms = if addr == slow { 50 } else { 1 };
+                async move {
+                    if is_dead {
+                        return Err::<SocketAddr, BoxError>(Box::new(std::io::Error::from(
+                            std::io::ErrorKind::ConnectionRefused,
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(addr)
                 }
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok(addr)
-            }
-        })
-    });
+            })
+        });
     // Both endpoints get a sample; the slow one then loses every cost comparison.
     for _ in 0..50 {
         let _ = svc.ready().await.unwrap().call(()).await;
@@ -483,5 +492,8 @@ async fn exploration_finds_a_dead_endpoint_that_cost_alone_would_never_pick() {
             break;
         }
     }
-    assert!(ejected, "the dead endpoint was never tried, so never ejected");
+    assert!(
+        ejected,
+        "the dead endpoint was never tried, so never ejected"
+    );
 }
