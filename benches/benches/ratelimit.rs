@@ -6,6 +6,7 @@
 //! existing-key check vs governor's keyed check, 2-thread scaling of both, allocations per
 //! check, and memory with 1,000,000 distinct keys under a cap of 100,000.
 // A bench prints its summary and measures wall time outside any tokio runtime.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
     clippy::disallowed_types,
