@@ -51,8 +51,11 @@ pub(crate) struct Ctx {
     base: Instant,
     /// When the picture must be recomputed next (ms since `base`); 0 forces it.
     pub(crate) next_due_ms: AtomicU64,
-    /// The last clock reading (ms since `base`), shared by every call. See `LocalityBalance::clock`.
+    /// The last clock reading (ms since `base`), shared by every call. See `CLOCK_EVERY`.
     clock_ms: AtomicU64,
+    /// Bumped by every health verdict that changes the picture, so a recompute that raced with
+    /// one does not overwrite its forced `next_due_ms = 0`.
+    verdicts: AtomicU64,
     ejected: AtomicUsize,
     total: AtomicUsize,
 }
@@ -109,6 +112,7 @@ impl Ctx {
         match verdict {
             Verdict::Unchanged => {}
             Verdict::Ejected { for_, reason } => {
+                self.verdicts.fetch_add(1, Ordering::AcqRel);
                 self.next_due_ms.store(0, Ordering::Release);
                 metrics::counter!(metrics_names::EJECTIONS, "dependency" => self.dependency.to_string(), "idc" => entry.endpoint.idc_name().to_string(), "reason" => reason).increment(1);
                 self.events.publish(TopologyEvent::EndpointEjected {
@@ -121,6 +125,7 @@ impl Ctx {
             }
             Verdict::Restored => {
                 self.ejected.fetch_sub(1, Ordering::AcqRel);
+                self.verdicts.fetch_add(1, Ordering::AcqRel);
                 self.next_due_ms.store(0, Ordering::Release);
                 self.events.publish(TopologyEvent::EndpointRestored {
                     dependency: self.dependency.clone(),
@@ -346,6 +351,7 @@ impl Builder {
             base: Instant::now(),
             next_due_ms: AtomicU64::new(0),
             clock_ms: AtomicU64::new(0),
+            verdicts: AtomicU64::new(0),
             ejected: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
         });
@@ -677,6 +683,7 @@ impl<S: Clone> Shared<S> {
             return;
         };
         let ctx = &*self.ctx;
+        let verdicts = ctx.verdicts.load(Ordering::Acquire);
         let hold_ms = ctx.balance.failback_hold.as_millis() as u64;
         let old = self.picture.load_full();
         let mut watch = old.watch.clone();
@@ -798,8 +805,12 @@ impl<S: Clone> Shared<S> {
             panic_pool,
             probes,
         };
-        ctx.next_due_ms.store(next_due, Ordering::Release);
         self.picture.store(Arc::new(picture));
+        // A verdict that landed while this picture was computed may be missing from it: leave
+        // the next pick to recompute again.
+        let raced = ctx.verdicts.load(Ordering::Acquire) != verdicts;
+        ctx.next_due_ms
+            .store(if raced { 0 } else { next_due }, Ordering::Release);
     }
 }
 
