@@ -457,3 +457,48 @@ fn dry_run_counts_but_never_limits() {
     }
     assert_eq!(alerts.lock().len(), 1);
 }
+
+/// A hot reload is seen by checks on every thread, and an alert hook may check a limiter from
+/// inside a check (re-entrancy).
+#[test]
+fn reloads_reach_every_thread_and_alert_hooks_may_check() {
+    let (l, _clock) = limiter(vec![line("1r/s", 0).nodelay()]);
+    let l = Arc::new(l);
+    // Warm this thread's cache and another thread's.
+    assert_eq!(l.check(Key::str("a")), Decision::Allow);
+    let l2 = l.clone();
+    std::thread::spawn(move || assert_eq!(l2.check(Key::str("b")), Decision::Allow))
+        .join()
+        .unwrap();
+    assert!(l.check(Key::str("a")).is_reject());
+    // Reload with a larger burst: both threads see it on their next check.
+    l.reload(RateLimitConfig::with_limits(vec![
+        line("1r/s", 5).nodelay(),
+    ]))
+    .unwrap();
+    assert_eq!(l.check(Key::str("a")), Decision::Allow);
+    let l2 = l.clone();
+    std::thread::spawn(move || assert_eq!(l2.check(Key::str("b")), Decision::Allow))
+        .join()
+        .unwrap();
+
+    // An alert hook that checks another limiter while the first one's check is running.
+    let inner = Arc::new(limiter(vec![line("1r/s", 0).nodelay()]).0);
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (inner2, seen2) = (inner.clone(), seen.clone());
+    let cfg = RateLimitConfig::with_limits(vec![line("1r/s", 0).nodelay()]);
+    let outer = Limiter::builder(cfg)
+        .clock(FakeRelativeClock::default())
+        .on_alert(move |_| seen2.lock().push(inner2.check(Key::str("x"))))
+        .build()
+        .unwrap();
+    assert_eq!(outer.check(Key::str("k")), Decision::Allow);
+    assert!(outer.check(Key::str("k")).is_reject());
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 1, "one debounced rejection alert");
+    assert_eq!(
+        seen[0],
+        Decision::Allow,
+        "the re-entrant check ran on the inner limiter"
+    );
+}
