@@ -83,6 +83,13 @@ impl Ctx {
         self.clock_ms.load(Ordering::Relaxed)
     }
 
+    /// A health verdict changed the picture: the next pick recomputes it, and a recompute
+    /// already under way will not overwrite that (see `verdicts`).
+    fn picture_changed(&self) {
+        self.verdicts.fetch_add(1, Ordering::AcqRel);
+        self.next_due_ms.store(0, Ordering::Release);
+    }
+
     /// Reserves an ejection slot when the cap allows (at least one, `max_ejected_percent` of the set).
     fn may_eject(&self) -> bool {
         let total = self.total.load(Ordering::Acquire);
@@ -112,8 +119,7 @@ impl Ctx {
         match verdict {
             Verdict::Unchanged => {}
             Verdict::Ejected { for_, reason } => {
-                self.verdicts.fetch_add(1, Ordering::AcqRel);
-                self.next_due_ms.store(0, Ordering::Release);
+                self.picture_changed();
                 metrics::counter!(metrics_names::EJECTIONS, "dependency" => self.dependency.to_string(), "idc" => entry.endpoint.idc_name().to_string(), "reason" => reason).increment(1);
                 self.events.publish(TopologyEvent::EndpointEjected {
                     dependency: self.dependency.clone(),
@@ -125,8 +131,7 @@ impl Ctx {
             }
             Verdict::Restored => {
                 self.ejected.fetch_sub(1, Ordering::AcqRel);
-                self.verdicts.fetch_add(1, Ordering::AcqRel);
-                self.next_due_ms.store(0, Ordering::Release);
+                self.picture_changed();
                 self.events.publish(TopologyEvent::EndpointRestored {
                     dependency: self.dependency.clone(),
                     addr: entry.endpoint.addr,
