@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-const INLINE: usize = 32;
+use crate::zone::Probe;
+
+const INLINE: usize = crate::zone::SHORT_KEY;
 
 /// The longest key a line accepts, in bytes; longer keys skip the line, as in nginx.
 pub const MAX_KEY_LEN: usize = 65535;
@@ -40,6 +42,7 @@ impl<'a> Key<'a> {
     };
 
     /// A key from bytes (a member id, a route, a header value).
+    #[inline]
     pub const fn bytes(bytes: &'a [u8]) -> Key<'a> {
         Key {
             repr: Repr::Borrowed(bytes),
@@ -47,11 +50,13 @@ impl<'a> Key<'a> {
     }
 
     /// A key from a string.
+    #[inline]
     pub const fn str(s: &'a str) -> Key<'a> {
         Key::bytes(s.as_bytes())
     }
 
     /// A key from an IP address (4 or 16 bytes, like nginx's `$binary_remote_addr`).
+    #[inline]
     pub fn ip(ip: IpAddr) -> Key<'static> {
         let mut buf = [0u8; INLINE];
         let len = match ip {
@@ -70,6 +75,7 @@ impl<'a> Key<'a> {
     }
 
     /// A key from a number (a member id), 8 bytes big-endian.
+    #[inline]
     pub fn u64(n: u64) -> Key<'static> {
         let mut buf = [0u8; INLINE];
         buf[..8].copy_from_slice(&n.to_be_bytes());
@@ -79,11 +85,13 @@ impl<'a> Key<'a> {
     }
 
     /// One key for every request (a server-wide line, nginx's `$server_name` on one server).
+    #[inline]
     pub const fn global() -> Key<'static> {
         Key::bytes(b"*")
     }
 
     /// The key's bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         match &self.repr {
             Repr::Borrowed(b) => b,
@@ -91,7 +99,17 @@ impl<'a> Key<'a> {
         }
     }
 
+    /// The key as the zone looks it up (inline keys are already padded).
+    #[inline]
+    pub(crate) fn probe(&self) -> Probe<'_> {
+        match &self.repr {
+            Repr::Borrowed(b) => Probe::new(b),
+            Repr::Inline { buf, len } => Probe::padded(&buf[..usize::from(*len)], *buf),
+        }
+    }
+
     /// True when this key skips the line (empty, or longer than [`MAX_KEY_LEN`]).
+    #[inline]
     pub fn is_skip(&self) -> bool {
         let n = self.as_bytes().len();
         n == 0 || n > MAX_KEY_LEN

@@ -14,7 +14,7 @@ use crate::clock::DefaultClock;
 use crate::config::{ConfigError, LineSpec, MAX_LINES, RateLimitConfig, RateSource, validate};
 use crate::key::Key;
 use crate::rate::Rate;
-use crate::zone::{Evicted, Look, Params, Zone};
+use crate::zone::{Evicted, Look, Params, Probe, Zone};
 
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,6 +377,10 @@ impl<C: Clock> Limiter<C> {
         if m == 0 {
             return Decision::Allow;
         }
+        let mut probes = [Probe::new(&[]); MAX_LINES];
+        for (probe, key) in probes.iter_mut().zip(&keys[..m]) {
+            *probe = key.probe();
+        }
         let now = self.now_ms();
         let lines = &plan.lines;
         let last = m - 1;
@@ -389,7 +393,7 @@ impl<C: Clock> Limiter<C> {
             if let Look::Reject { wait_ms } =
                 line.state
                     .zone
-                    .peek(hashes[j], keys[j].as_bytes(), now, &line.params)
+                    .peek(hashes[j], &probes[j], now, &line.params)
             {
                 rejected_by.get_or_insert(active[j]);
                 wait = wait.max(wait_ms);
@@ -401,19 +405,17 @@ impl<C: Clock> Limiter<C> {
             if let Look::Reject { wait_ms } =
                 line.state
                     .zone
-                    .peek(hashes[last], keys[last].as_bytes(), now, &line.params)
+                    .peek(hashes[last], &probes[last], now, &line.params)
             {
                 wait = wait.max(wait_ms);
             }
             None
         } else {
             // The last line is checked and charged under one lock, as nginx's lookup(account=1).
-            let (look, ev) = line.state.zone.check_commit(
-                hashes[last],
-                keys[last].as_bytes(),
-                now,
-                &line.params,
-            );
+            let (look, ev) =
+                line.state
+                    .zone
+                    .check_commit(hashes[last], &probes[last], now, &line.params);
             self.note_evictions(line, ev, now, &plan);
             match look {
                 Look::Pass { excess } => Some(excess),
@@ -439,10 +441,10 @@ impl<C: Clock> Limiter<C> {
         let mut hold = line.params.hold_ms(excess);
         for j in 0..last {
             let line = &lines[active[j]];
-            let (excess, ev) =
-                line.state
-                    .zone
-                    .commit(hashes[j], keys[j].as_bytes(), now, &line.params);
+            let (excess, ev) = line
+                .state
+                .zone
+                .commit(hashes[j], &probes[j], now, &line.params);
             self.note_evictions(line, ev, now, &plan);
             hold = hold.max(line.params.hold_ms(excess));
         }
@@ -464,12 +466,13 @@ impl<C: Clock> Limiter<C> {
         if key.is_skip() {
             return Decision::Allow;
         }
-        let hash = line.state.zone.hash(key.as_bytes());
+        let probe = key.probe();
+        let hash = line.state.zone.hash(probe.bytes());
         let now = self.now_ms();
         let (look, ev) = line
             .state
             .zone
-            .check_commit(hash, key.as_bytes(), now, &line.params);
+            .check_commit(hash, &probe, now, &line.params);
         if ev.inserted {
             self.note_evictions(line, ev, now, plan);
         }

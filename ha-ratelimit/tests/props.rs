@@ -11,10 +11,11 @@ use proptest::prelude::*;
 
 fn build(lines: Vec<LimitConfig>) -> (Limiter<FakeRelativeClock>, FakeRelativeClock) {
     let clock = FakeRelativeClock::default();
-    let l = Limiter::builder(RateLimitConfig::with_limits(lines))
-        .clock(clock.clone())
-        .build()
-        .unwrap();
+    let mut cfg = RateLimitConfig::with_limits(lines);
+    // Three keys: a small zone (1 024 shards rather than the default's 131 072) keeps
+    // `sweep_each`, which walks every shard after every request, fast in a debug build.
+    cfg.max_keys = 1000;
+    let l = Limiter::builder(cfg).clock(clock.clone()).build().unwrap();
     (l, clock)
 }
 
