@@ -13,6 +13,9 @@ pub enum AlertKind {
     NearCapacity,
     /// The limit's key table was full and keys with live state were dropped by force.
     KeysEvicted,
+    /// The cluster-wide limit's Redis did not answer (an error or the timeout): requests are
+    /// decided by the local fallback limiter until it answers again.
+    ClusterUnavailable,
 }
 
 impl AlertKind {
@@ -22,6 +25,7 @@ impl AlertKind {
             AlertKind::Rejected => "rejected",
             AlertKind::NearCapacity => "near_capacity",
             AlertKind::KeysEvicted => "keys_evicted",
+            AlertKind::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }

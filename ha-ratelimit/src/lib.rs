@@ -47,6 +47,8 @@ mod zone;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "redis")]
+pub mod cluster;
 
 pub use alert::{Alert, AlertHook, AlertKind};
 pub use clock::{DefaultClock, TokioClock};

@@ -88,17 +88,17 @@ struct ShareInfo {
     instances: u32,
 }
 
-struct Line {
-    name: Arc<str>,
-    key: Arc<str>,
-    params: Params,
+pub(crate) struct Line {
+    pub(crate) name: Arc<str>,
+    pub(crate) key: Arc<str>,
+    pub(crate) params: Params,
     share: Option<ShareInfo>,
     state: Arc<LineState>,
 }
 
-struct Plan {
-    lines: Vec<Line>,
-    dry_run: bool,
+pub(crate) struct Plan {
+    pub(crate) lines: Vec<Line>,
+    pub(crate) dry_run: bool,
     alert_interval_ms: u64,
     near_capacity: f64,
     window_ms: u64,
@@ -582,11 +582,15 @@ impl<C: Clock> Limiter<C> {
         load: Option<(Arc<str>, f64, f64)>,
     ) {
         let i = match kind {
-            AlertKind::Rejected => 0,
-            AlertKind::NearCapacity => 1,
-            AlertKind::KeysEvicted => 2,
+            AlertKind::Rejected => Some(0),
+            AlertKind::NearCapacity => Some(1),
+            AlertKind::KeysEvicted => Some(2),
+            // Not a line's alert: the cluster limiter counts it itself.
+            AlertKind::ClusterUnavailable => None,
         };
-        line.state.alerts_total[i].increment(1);
+        if let Some(i) = i {
+            line.state.alerts_total[i].increment(1);
+        }
         if let Some(hook) = &self.on_alert {
             hook(&Alert {
                 limit: line.name.clone(),
@@ -595,6 +599,25 @@ impl<C: Clock> Limiter<C> {
                 load,
             });
         }
+    }
+
+    /// The current plan (for the cluster limiter, which keeps its lines in a limiter of its
+    /// own and only uses their parameters, metrics and alerts).
+    #[cfg(feature = "redis")]
+    pub(crate) fn plan(&self) -> Arc<Plan> {
+        self.plan.load_full()
+    }
+
+    /// The alert debounce interval, ms.
+    #[cfg(feature = "redis")]
+    pub(crate) fn alert_interval_ms(&self) -> u64 {
+        self.plan.load().alert_interval_ms
+    }
+
+    /// Counts and (debounced) alerts a rejection by `line` decided elsewhere.
+    #[cfg(feature = "redis")]
+    pub(crate) fn note_rejected(&self, line: &Line, plan: &Plan) {
+        self.rejected(line, self.now_ms(), plan);
     }
 
     // --- reload ---
