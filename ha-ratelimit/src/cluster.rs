@@ -71,8 +71,9 @@ use crate::layer::KeyFn;
 use crate::limiter::{Decision, Limiter, Plan};
 use crate::rate::Rate;
 
-/// The script: nginx's arithmetic over every line of a request, in one atomic step.
-const SCRIPT: &str = include_str!("cluster.lua");
+/// The Lua script: nginx's arithmetic over every line of a request, in one atomic step (published
+/// so that it can be audited, or run by hand with `EVAL`).
+pub const SCRIPT: &str = include_str!("cluster.lua");
 
 /// Where a decision came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

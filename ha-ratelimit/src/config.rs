@@ -37,6 +37,9 @@ use crate::rate::Rate;
 /// the per-request key table on the stack).
 pub const MAX_LINES: usize = 16;
 
+/// The largest `max_keys` accepted (about 1 GB of key state per limit at the cap).
+pub const MAX_KEYS: usize = 16 * 1024 * 1024;
+
 /// The largest `burst` (and `delay`) accepted, in requests.
 pub const MAX_BURST: u64 = 1_000_000_000;
 
@@ -45,7 +48,10 @@ pub const MAX_BURST: u64 = 1_000_000_000;
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RateLimitConfig {
-    /// The most keys each limit tracks (an nginx zone's size, counted in keys). Default 100000.
+    /// The most keys each limit tracks (an nginx zone's size, counted in keys). Default 100000,
+    /// at most [`MAX_KEYS`]. Like an nginx zone, each limit's table is allocated when the limit
+    /// is built: 64 bytes per key of the cap (the shard count rounded up to a power of two: 8 MB
+    /// at the default), plus 40 bytes for each key that does not get a shard of its own.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
     /// Count and alert as usual, but never reject or delay (nginx `limit_req_dry_run on`).
@@ -303,6 +309,13 @@ pub(crate) struct LineSpec {
 pub(crate) fn validate(cfg: &RateLimitConfig) -> Result<Vec<LineSpec>, ConfigError> {
     if cfg.max_keys == 0 {
         return Err(ConfigError::new("max_keys", 0, "must be at least 1"));
+    }
+    if cfg.max_keys > MAX_KEYS {
+        return Err(ConfigError::new(
+            "max_keys",
+            cfg.max_keys,
+            format!("must be at most {MAX_KEYS} (64 bytes per key are allocated up front)"),
+        ));
     }
     if cfg.idle_sweep.is_zero() {
         return Err(ConfigError::new("idle_sweep", "0s", "must be positive"));

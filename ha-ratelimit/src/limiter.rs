@@ -59,11 +59,11 @@ struct LineState {
 }
 
 impl LineState {
-    fn new(name: &Arc<str>, max_keys: usize) -> LineState {
+    fn new(name: &Arc<str>, zone: Zone) -> LineState {
         let limit = name.to_string();
         let alert = |kind: AlertKind| metrics::counter!("ha_ratelimit_alerts_total", "limit" => limit.clone(), "kind" => kind.as_str());
         LineState {
-            zone: Zone::new(max_keys),
+            zone,
             rejected_alert: Debounce::default(),
             near_alert: Debounce::default(),
             evicted_alert: Debounce::default(),
@@ -276,12 +276,19 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
                 )
             }
         };
-        let state = inputs
-            .states
-            .get(&spec.name)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(LineState::new(&spec.name, inputs.config.max_keys)));
-        state.zone.set_max_keys(inputs.config.max_keys);
+        let max_keys = inputs.config.max_keys;
+        let state = match inputs.states.get(&spec.name) {
+            // The same table layout: keep the keys' state in place.
+            Some(state) if state.zone.fits(max_keys) => {
+                state.zone.set_max_keys(max_keys);
+                state.clone()
+            }
+            // A cap that needs another number of shards: a new table with the old keys (the
+            // most recently seen ones, up to the new cap). A request checked while the reload
+            // runs may be charged to the old table only.
+            Some(state) => Arc::new(LineState::new(&spec.name, state.zone.rebuilt(max_keys))),
+            None => Arc::new(LineState::new(&spec.name, Zone::new(max_keys))),
+        };
         states.insert(spec.name.clone(), state.clone());
         lines.push(Line {
             name: spec.name,
@@ -352,12 +359,17 @@ impl<C: Clock> Limiter<C> {
     /// For a key already tracked this does not allocate.
     pub fn check_with<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
         let plan = self.plan.load();
-        if plan.lines.is_empty() {
-            return Decision::Allow;
+        match plan.lines.as_slice() {
+            [] => Decision::Allow,
+            // The common case, small enough to inline into the caller.
+            [line] => self.check_one(line, key_of(&line.key), &plan),
+            _ => self.check_lines(&plan, key_of),
         }
-        if let [line] = plan.lines.as_slice() {
-            return self.check_one(line, key_of(&line.key), &plan);
-        }
+    }
+
+    /// Several lines: look every one up, then charge them all (rule 11).
+    #[inline(never)]
+    fn check_lines<'k>(&self, plan: &Plan, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
         // Fixed-size tables keep the per-request work off the heap (MAX_LINES is validated).
         let mut keys = [Key::NONE; MAX_LINES];
         let mut hashes = [0u64; MAX_LINES];
@@ -416,7 +428,7 @@ impl<C: Clock> Limiter<C> {
                 line.state
                     .zone
                     .check_commit(hashes[last], &probes[last], now, &line.params);
-            self.note_evictions(line, ev, now, &plan);
+            self.note_evictions(line, ev, now, plan);
             match look {
                 Look::Pass { excess } => Some(excess),
                 Look::Reject { wait_ms } => {
@@ -428,7 +440,7 @@ impl<C: Clock> Limiter<C> {
         };
         let Some(excess) = excess else {
             let by = rejected_by.unwrap_or(active[last]);
-            self.rejected(&lines[by], now, &plan);
+            self.rejected(&lines[by], now, plan);
             if plan.dry_run {
                 return Decision::Allow;
             }
@@ -445,12 +457,12 @@ impl<C: Clock> Limiter<C> {
                 .state
                 .zone
                 .commit(hashes[j], &probes[j], now, &line.params);
-            self.note_evictions(line, ev, now, &plan);
+            self.note_evictions(line, ev, now, plan);
             hold = hold.max(line.params.hold_ms(excess));
         }
         for &i in &active[..m] {
             if lines[i].share.is_some() {
-                self.measure_load(&lines[i], now, &plan);
+                self.measure_load(&lines[i], now, plan);
             }
         }
         if hold == 0 || plan.dry_run {
@@ -696,8 +708,8 @@ impl<C: Clock> Limiter<C> {
             .map(|l| l.state.zone.len())
     }
 
-    /// Bytes a limit's key state holds now: its shards and their hash tables (keys longer than
-    /// 22 bytes add one allocation each, not counted). Bounded by `max_keys`, however many
+    /// Bytes a limit's key state holds now: its shards and the arrays of keys that are not a
+    /// shard's first (keys longer than 16 bytes add one allocation each, not counted). Bounded by `max_keys`, however many
     /// distinct keys have been seen.
     pub fn state_bytes(&self, limit: &str) -> Option<usize> {
         let plan = self.plan.load();

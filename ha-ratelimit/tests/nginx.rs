@@ -234,6 +234,27 @@ fn hot_reload_keeps_state() {
 }
 
 #[test]
+fn a_reload_that_changes_max_keys_keeps_state() {
+    let (l, _) = limiter(vec![line("1r/s", 2).nodelay()]);
+    let k = Key::str("a");
+    for _ in 0..3 {
+        assert_eq!(l.check(k), A);
+    }
+    for max_keys in [1_000_000, 100, 100_000] {
+        let mut cfg = RateLimitConfig::with_limits(vec![line("1r/s", 2).nodelay()]);
+        cfg.max_keys = max_keys;
+        l.reload(cfg).unwrap();
+        // The bucket is still full after each rebuild of the key table.
+        assert!(l.check(k).is_reject(), "max_keys {max_keys}");
+        assert_eq!(l.tracked_keys("one"), Some(1));
+    }
+    let mut cfg = RateLimitConfig::with_limits(vec![line("1r/s", 2)]);
+    cfg.max_keys = ha_ratelimit::config::MAX_KEYS + 1;
+    let err = l.reload(cfg).unwrap_err();
+    assert!(err.to_string().contains("max_keys"), "{err}");
+}
+
+#[test]
 fn sweep_drops_drained_keys_only() {
     let (l, clock) = limiter(vec![line("10r/s", 5).nodelay()]);
     for i in 0..100u64 {
