@@ -361,7 +361,7 @@ impl<C: Clock> Limiter<C> {
         let plan = self.plan.load();
         match plan.lines.as_slice() {
             [] => Decision::Allow,
-            // The common case, small enough to inline into the caller.
+            // The common case, on a path of its own.
             [line] => self.check_one(line, key_of(&line.key), &plan),
             _ => self.check_lines(&plan, key_of),
         }
@@ -709,8 +709,8 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Bytes a limit's key state holds now: its shards and the arrays of keys that are not a
-    /// shard's first (keys longer than 16 bytes add one allocation each, not counted). Bounded by `max_keys`, however many
-    /// distinct keys have been seen.
+    /// shard's first (keys longer than 16 bytes add one allocation each, not counted). Bounded
+    /// by `max_keys`, however many distinct keys have been seen.
     pub fn state_bytes(&self, limit: &str) -> Option<usize> {
         let plan = self.plan.load();
         plan.lines

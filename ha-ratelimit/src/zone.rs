@@ -50,7 +50,7 @@ const SMALL_ZONE: usize = 128;
 const EVICTION_SAMPLE: usize = 8;
 
 /// The longest key kept in its shard's own cache line, in bytes: IPv4 and IPv6 addresses, u64
-/// ids and short strings. Longer keys are kept whole in the shard's table.
+/// ids and short strings. Longer keys are kept whole in the shard's rest array.
 pub(crate) const SHORT_KEY: usize = 16;
 
 /// Shards for a zone capped at `max_keys`: a power of two, 1 for small caps.
