@@ -318,7 +318,7 @@ fn summary() {
 }
 
 fn cluster_vs_bare_redis() {
-    use ha_lab::process::{Readiness, ServerSpec, Supervisor};
+    use ha_lab::process::{ServerSpec, Supervisor};
     use ha_ratelimit::cluster::{ClusterLimiter, SCRIPT, Source};
     if ha_lab::process::find_program("redis-server").is_none() {
         println!("cluster: skipped, redis-server not installed (scripts/setup installs it)");
@@ -328,22 +328,7 @@ fn cluster_vs_bare_redis() {
     let dir = tempfile::tempdir().unwrap();
     let sup = Supervisor::new(dir.path());
     let addr: std::net::SocketAddr = "127.0.1.40:16410".parse().unwrap();
-    let mut spec = ServerSpec::new("redis", "redis-server", "redis-server", addr);
-    spec.args = [
-        "--bind",
-        "127.0.1.40",
-        "--port",
-        "16410",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(["--dir".to_string(), dir.path().display().to_string()])
-    .collect();
-    spec.ready = Readiness::TcpConnect(addr);
+    let spec = ServerSpec::redis("redis", addr, dir.path());
     rt.block_on(async {
         sup.start(spec).await.unwrap();
         let conn = redis::Client::open(format!("redis://{addr}/"))

@@ -93,6 +93,32 @@ impl ServerSpec {
             role: String::new(),
         }
     }
+
+    /// A standalone `redis-server` on `address` (its own IP, so that it can be told apart from
+    /// others by address, and its port), keeping nothing on disk (`save ""`, `appendonly no`),
+    /// with `dir` as its working directory; ready once it accepts a connection. Set `idc`,
+    /// `region` and `role` as needed.
+    ///
+    /// ```
+    /// let spec = ha_lab::process::ServerSpec::redis("redis-bj-a", "127.0.1.10:16379".parse().unwrap(), "/tmp/lab".as_ref());
+    /// assert_eq!(spec.args[..4], ["--bind", "127.0.1.10", "--port", "16379"]);
+    /// ```
+    pub fn redis(name: &str, address: SocketAddr, dir: &Path) -> ServerSpec {
+        let mut spec = ServerSpec::new(name, "redis-server", "redis-server", address);
+        spec.args = vec![
+            "--bind".into(),
+            address.ip().to_string(),
+            "--port".into(),
+            address.port().to_string(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        spec
+    }
 }
 
 struct Entry {

@@ -142,23 +142,8 @@ async fn redis_freeze_thaw_kill_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sup = Supervisor::new(dir.path());
     let addr: SocketAddr = "127.0.1.10:16379".parse().unwrap();
-    let mut spec = ServerSpec::new("redis-bj-a", "redis-server", "redis-server", addr);
-    spec.args = [
-        "--bind",
-        "127.0.1.10",
-        "--port",
-        "16379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    spec.args
-        .extend(["--dir".into(), dir.path().display().to_string()]);
-    spec.ready = Readiness::TcpConnect(addr);
+    let mut spec = ServerSpec::redis("redis-bj-a", addr, dir.path());
+    assert_eq!(spec.ready, Readiness::TcpConnect(addr));
     spec.idc = "bj-a".into();
     let pid = sup.start(spec).await.unwrap();
     assert_eq!(

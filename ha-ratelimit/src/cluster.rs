@@ -726,7 +726,7 @@ mod tests {
     use super::*;
     use crate::LimitConfig;
     use governor::clock::FakeRelativeClock;
-    use ha_lab::process::{Readiness, ServerSpec, Supervisor};
+    use ha_lab::process::{ServerSpec, Supervisor};
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
 
@@ -770,22 +770,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sup = Supervisor::new(dir.path());
         let addr: std::net::SocketAddr = "127.0.1.39:16409".parse().unwrap();
-        let mut spec = ServerSpec::new("redis", "redis-server", "redis-server", addr);
-        spec.args = [
-            "--bind",
-            "127.0.1.39",
-            "--port",
-            "16409",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--dir".to_string(), dir.path().display().to_string()])
-        .collect();
-        spec.ready = Readiness::TcpConnect(addr);
+        let spec = ServerSpec::redis("redis", addr, dir.path());
         let conn = rt.block_on(async {
             sup.start(spec).await.unwrap();
             redis::Client::open(format!("redis://{addr}/"))

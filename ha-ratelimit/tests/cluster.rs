@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::HaError;
-use ha_lab::process::{Readiness, ServerSpec, Supervisor};
+use ha_lab::process::{ServerSpec, Supervisor};
 use ha_ratelimit::cluster::{ClusterLimiter, ClusterRateLimitLayer, Source};
 use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig};
 use tokio::time::{Instant, timeout};
@@ -30,22 +30,8 @@ impl Redis {
         );
         let dir = tempfile::tempdir().unwrap();
         let sup = Supervisor::new(dir.path());
-        let ip = format!("127.0.1.{host}");
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let mut spec = ServerSpec::new("redis", "redis-server", "redis-server", addr);
-        spec.args = vec![
-            "--bind".into(),
-            ip,
-            "--port".into(),
-            port.to_string(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            dir.path().display().to_string(),
-        ];
-        spec.ready = Readiness::TcpConnect(addr);
+        let addr: SocketAddr = format!("127.0.1.{host}:{port}").parse().unwrap();
+        let mut spec = ServerSpec::redis("redis", addr, dir.path());
         spec.idc = "bj-a".into();
         sup.start(spec).await.unwrap();
         Redis {
