@@ -93,9 +93,9 @@ pub struct ClusterLimiter<R = ConnectionManager, C: Clock = DefaultClock> {
     /// metrics and alerts); its key tables stay empty, so it is built with a cap of one key.
     spec: Limiter,
     fallback: Arc<Limiter<C>>,
-    /// `Some(instances)` when the fallback was derived from the configuration (and is
-    /// re-derived on reload).
-    derived: Option<u32>,
+    /// `Some(the configuration and the instances it was derived for)` when the fallback was
+    /// derived (and is re-derived on reload and on a new instance count).
+    derived: Option<parking_lot::Mutex<(RateLimitConfig, u32)>>,
     prefix: Arc<str>,
     timeout: Duration,
     retry_ms: u64,
@@ -287,7 +287,13 @@ where
                     self.instances,
                     self.on_alert.clone(),
                 )?;
-                (Arc::new(f), Some(self.instances))
+                (
+                    Arc::new(f),
+                    Some(parking_lot::Mutex::new((
+                        self.config.clone(),
+                        self.instances,
+                    ))),
+                )
             }
         };
         let prefix: Arc<str> = self.prefix.into();
@@ -438,11 +444,46 @@ where
     pub fn reload(&self, config: RateLimitConfig) -> Result<(), ConfigError> {
         let mut spec_cfg = config.clone();
         spec_cfg.max_keys = 1;
-        spec_cfg.validate()?;
-        if let Some(instances) = self.derived {
-            self.fallback.reload(fallback_config(&config, instances))?;
+        let old_spec = self.spec.config();
+        self.spec.reload(spec_cfg)?;
+        if let Some(derived) = &self.derived {
+            let mut derived = derived.lock();
+            if let Err(e) = self.fallback.reload(fallback_config(&config, derived.1)) {
+                // Put the cluster lines back: they were in force a moment ago, so this cannot
+                // fail on the configuration (and if it did, the new lines would stay).
+                let _ = self.spec.reload(old_spec);
+                return Err(e);
+            }
+            derived.0 = config;
         }
-        self.spec.reload(spec_cfg)
+        Ok(())
+    }
+
+    /// A new number of instances sharing the cluster-wide limits: the derived fallback's rates
+    /// are divided by it from now on (keeping its keys' state). A fallback of your own is
+    /// yours to adjust: then this is an error that says so. On error nothing changes.
+    pub fn set_instances(&self, instances: u32) -> Result<(), ConfigError> {
+        let Some(derived) = &self.derived else {
+            return Err(ConfigError::new(
+                "instances",
+                instances,
+                "the fallback was given to the builder, not derived: set its instances on it",
+            ));
+        };
+        if instances == 0 {
+            return Err(ConfigError::new("instances", 0, "must be at least 1"));
+        }
+        let mut derived = derived.lock();
+        let (config, old) = (derived.0.clone(), derived.1);
+        // Shares first (they can refuse an instance count that leaves too small a rate), then
+        // the fixed rates, which cannot fail.
+        self.fallback.set_instances(instances)?;
+        if let Err(e) = self.fallback.reload(fallback_config(&config, instances)) {
+            let _ = self.fallback.set_instances(old);
+            return Err(e);
+        }
+        derived.1 = instances;
+        Ok(())
     }
 
     pub(crate) fn prepare<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Prepared {

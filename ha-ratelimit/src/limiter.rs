@@ -690,6 +690,12 @@ impl<C: Clock> Limiter<C> {
         self.update(|i| i.instances = instances)
     }
 
+    /// The configuration in force (the last one given to the builder or to
+    /// [`reload`](Self::reload)).
+    pub fn config(&self) -> RateLimitConfig {
+        self.inputs.lock().config.clone()
+    }
+
     /// A limit's current rate (derived, for share limits).
     pub fn rate(&self, limit: &str) -> Option<Rate> {
         let plan = self.plan.load();

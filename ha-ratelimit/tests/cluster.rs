@@ -406,3 +406,49 @@ async fn tower_layer_under_concurrency() {
     let e = svc2.ready().await.unwrap().call(9).await.unwrap_err();
     assert!(HaError::find(&*e).is_some_and(|e| e.is_rate_limited()));
 }
+
+#[tokio::test]
+async fn reload_and_instances_rederive_the_fallback() {
+    // Nothing is sent to Redis here: reloads only change the lines.
+    let url = "redis://127.0.1.41:16411/";
+    let l = ClusterLimiter::connect(url, one_line(slow("r", "member").burst(3)))
+        .unwrap()
+        .instances(2)
+        .build()
+        .unwrap();
+    let rates = |l: &ClusterLimiter| {
+        (
+            l.rate("r").unwrap().milli_per_sec(),
+            l.fallback().rate("r").unwrap().milli_per_sec(),
+        )
+    };
+    assert_eq!(rates(&l), (16, 8));
+    l.set_instances(4).unwrap();
+    assert_eq!(rates(&l), (16, 4));
+    l.reload(one_line(
+        LimitConfig::new("r", "member", Rate::per_minute(2)).burst(3),
+    ))
+    .unwrap();
+    assert_eq!(rates(&l), (33, 8));
+    // Bad input changes nothing.
+    let mut bad = LimitConfig::new("r", "member", Rate::per_second(1));
+    bad.delay = Some(1);
+    bad.nodelay = true;
+    assert!(l.reload(one_line(bad)).is_err());
+    assert!(l.set_instances(0).is_err());
+    assert_eq!(rates(&l), (33, 8));
+
+    // A fallback of one's own is not re-derived: setting the instances says so.
+    let own = Arc::new(
+        ha_ratelimit::Limiter::builder(one_line(slow("r", "member")))
+            .build()
+            .unwrap(),
+    );
+    let l = ClusterLimiter::connect(url, one_line(slow("r", "member")))
+        .unwrap()
+        .fallback(own)
+        .build()
+        .unwrap();
+    let err = l.set_instances(3).unwrap_err();
+    assert!(err.to_string().contains("fallback"), "{err}");
+}
