@@ -273,6 +273,14 @@ impl StoredKey {
         }
     }
 
+    /// The key's bytes, copied.
+    fn to_vec(&self) -> Vec<u8> {
+        match self {
+            StoredKey::Short { len, words } => unwords(words)[..usize::from(*len)].to_vec(),
+            StoredKey::Long(b) => b.to_vec(),
+        }
+    }
+
     #[inline]
     fn matches(&self, probe: &Probe<'_>) -> bool {
         match self {
@@ -338,12 +346,21 @@ impl ShardData {
             };
             return;
         }
-        let mut rest = std::mem::take(&mut self.rest).into_vec();
-        rest.push(Entry {
-            key: StoredKey::new(probe),
-            state,
+        self.edit_rest(|rest| {
+            rest.push(Entry {
+                key: StoredKey::new(probe),
+                state,
+            })
         });
+    }
+
+    /// Changes the rest array as a `Vec`, then stores it back exactly as long as it is (the
+    /// rest keeps no spare capacity; this is only ever on the insert and eviction paths).
+    fn edit_rest<R>(&mut self, edit: impl FnOnce(&mut Vec<Entry>) -> R) -> R {
+        let mut rest = std::mem::take(&mut self.rest).into_vec();
+        let out = edit(&mut rest);
         self.rest = rest.into_boxed_slice();
+        out
     }
 
     /// Keeps the rest's entries for which `keep` is true; returns how many went.
@@ -351,12 +368,11 @@ impl ShardData {
         if self.rest.is_empty() {
             return 0;
         }
-        let mut rest = std::mem::take(&mut self.rest).into_vec();
-        let before = rest.len();
-        rest.retain(keep);
-        let dropped = before - rest.len();
-        self.rest = rest.into_boxed_slice();
-        dropped
+        self.edit_rest(|rest| {
+            let before = rest.len();
+            rest.retain(keep);
+            before - rest.len()
+        })
     }
 
     /// Drops every drained key; returns how many.
@@ -400,9 +416,7 @@ impl ShardData {
         let Some(i) = self.rest.iter().position(|e| e.state.last == last) else {
             return false;
         };
-        let mut rest = std::mem::take(&mut self.rest).into_vec();
-        rest.swap_remove(i);
-        self.rest = rest.into_boxed_slice();
+        self.edit_rest(|rest| rest.swap_remove(i));
         true
     }
 
@@ -420,9 +434,7 @@ impl ShardData {
             .max_by_key(|(_, e)| e.state.last)
             .map(|(i, _)| i);
         let Some(i) = newest else { return };
-        let mut rest = std::mem::take(&mut self.rest).into_vec();
-        let entry = rest.swap_remove(i);
-        self.rest = rest.into_boxed_slice();
+        let entry = self.edit_rest(|rest| rest.swap_remove(i));
         if let StoredKey::Short { len, words } = entry.key {
             self.head = Head {
                 key: words,
@@ -501,13 +513,7 @@ impl Zone {
             if data.head.len != 0 {
                 keys.push((data.head.bytes(), data.head.state));
             }
-            for e in data.rest.iter() {
-                let bytes = match &e.key {
-                    StoredKey::Short { len, words } => unwords(words)[..usize::from(*len)].to_vec(),
-                    StoredKey::Long(b) => b.to_vec(),
-                };
-                keys.push((bytes, e.state));
-            }
+            keys.extend(data.rest.iter().map(|e| (e.key.to_vec(), e.state)));
         }
         keys.sort_unstable_by_key(|(_, s)| std::cmp::Reverse(s.last));
         let zone = Zone::new(max_keys);
