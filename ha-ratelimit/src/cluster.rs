@@ -533,14 +533,22 @@ where
         C::Instant: Send + Sync,
     {
         let plan = &prepared.plan;
+        // Rule 10: an empty key skips the line.
+        let active: Vec<usize> = (0..plan.lines.len())
+            .filter(|&i| !prepared.key(&plan.lines[i].key).is_skip())
+            .collect();
+        if active.is_empty() {
+            self.checks_cluster.increment(1);
+            return (Decision::Allow, Source::Cluster);
+        }
+        // While Redis is skipped, nothing is built for it.
+        if !self.may_try() {
+            return self.fall_back(&prepared);
+        }
         let mut invocation = self.script.prepare_invoke();
-        let mut active = Vec::with_capacity(plan.lines.len());
-        for (i, line) in plan.lines.iter().enumerate() {
+        for &i in &active {
+            let line = &plan.lines[i];
             let key = prepared.key(&line.key);
-            if key.is_skip() {
-                // Rule 10: an empty key skips the line.
-                continue;
-            }
             let bytes = key.as_bytes();
             let mut k = Vec::with_capacity(self.prefix.len() + line.name.len() + 1 + bytes.len());
             k.extend_from_slice(self.prefix.as_bytes());
@@ -557,17 +565,9 @@ where
                 .arg(line.params.rate_m)
                 .arg(line.params.burst_m)
                 .arg(delay);
-            active.push(i);
         }
         if let Some(at) = at {
             invocation.arg(at);
-        }
-        if active.is_empty() {
-            self.checks_cluster.increment(1);
-            return (Decision::Allow, Source::Cluster);
-        }
-        if !self.may_try() {
-            return self.fall_back(&prepared);
         }
         let mut conn = self.conn.clone();
         let reply =
