@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ha_core::HaError;
 use ha_lab::process::{ServerSpec, Supervisor};
-use ha_ratelimit::cluster::{ClusterLimiter, ClusterRateLimitLayer, Source};
+use ha_ratelimit::cluster::redis::aio::ConnectionManager;
+use ha_ratelimit::cluster::{ClusterLimiter, ClusterLimiterBuilder, ClusterRateLimitLayer, Source};
 use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig};
 use tokio::time::{Instant, timeout};
 use tower::{Service, ServiceExt};
@@ -45,6 +46,19 @@ impl Redis {
         format!("redis://{}/", self.addr)
     }
 
+    /// A limiter on this server with its own key prefix and a timeout generous enough that a
+    /// loaded machine never makes these tests fall back.
+    fn builder(
+        &self,
+        cfg: RateLimitConfig,
+        prefix: &str,
+    ) -> ClusterLimiterBuilder<ConnectionManager> {
+        ClusterLimiter::connect(&self.url(), cfg)
+            .unwrap()
+            .prefix(prefix)
+            .timeout(Duration::from_secs(2))
+    }
+
     /// A plain connection to inspect what the limiter left in Redis.
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
@@ -72,15 +86,10 @@ async fn check(l: &ClusterLimiter, key: u64) -> (Decision, Source) {
 #[tokio::test]
 async fn burst_then_reject_as_nginx_and_a_rejection_charges_nothing() {
     let redis = Redis::start(31, 16401).await;
-    let l = ClusterLimiter::connect(
-        &redis.url(),
-        one_line(slow("m", "member").burst(5).nodelay()),
-    )
-    .unwrap()
-    .prefix("t1:")
-    .timeout(Duration::from_secs(2))
-    .build()
-    .unwrap();
+    let l = redis
+        .builder(one_line(slow("m", "member").burst(5).nodelay()), "t1:")
+        .build()
+        .unwrap();
     // Rule 3: an empty bucket admits 1 + burst at once.
     for _ in 0..6 {
         assert_eq!(check(&l, 7).await, (Decision::Allow, Source::Cluster));
@@ -129,12 +138,7 @@ async fn delay_holds_like_nginx() {
             .burst(4)
             .delay(2),
     );
-    let l = ClusterLimiter::connect(&redis.url(), cfg)
-        .unwrap()
-        .prefix("t2:")
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let l = redis.builder(cfg, "t2:").build().unwrap();
     let mut got = Vec::new();
     for _ in 0..6 {
         got.push(check(&l, 1).await);
@@ -160,12 +164,7 @@ async fn several_lines_a_rejection_charges_no_line_and_empty_keys_skip() {
         slow("per_member", "member").nodelay(),
         slow("server", "server").burst(10).nodelay(),
     ]);
-    let l = ClusterLimiter::connect(&redis.url(), cfg)
-        .unwrap()
-        .prefix("t3:")
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let l = redis.builder(cfg, "t3:").build().unwrap();
     let req = |member: u64| {
         move |src: &str| match src {
             "member" => Key::u64(member),
@@ -194,11 +193,9 @@ async fn two_instances_share_one_budget() {
     let redis = Redis::start(34, 16404).await;
     let cfg = one_line(slow("shared", "member").burst(5).nodelay());
     let build = || {
-        ClusterLimiter::connect(&redis.url(), cfg.clone())
-            .unwrap()
-            .prefix("t4:")
+        redis
+            .builder(cfg.clone(), "t4:")
             .instances(2)
-            .timeout(Duration::from_secs(2))
             .build()
             .unwrap()
     };
@@ -361,15 +358,10 @@ async fn tower_layer_under_concurrency() {
     // `RateLimited` with a retry_after.
     let redis = Redis::start(38, 16408).await;
     let l = Arc::new(
-        ClusterLimiter::connect(
-            &redis.url(),
-            one_line(slow("api", "member").burst(5).nodelay()),
-        )
-        .unwrap()
-        .prefix("t8:")
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap(),
+        redis
+            .builder(one_line(slow("api", "member").burst(5).nodelay()), "t8:")
+            .build()
+            .unwrap(),
     );
     fn member<'r>(_source: &str, req: &'r u64) -> Key<'r> {
         Key::u64(*req)
