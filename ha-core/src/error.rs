@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::generation::Generation;
+
 /// A boxed error from a backend, the way tower passes errors around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -30,12 +32,28 @@ pub enum HaError {
         dependency: String,
     },
     /// The call's overall deadline passed before it succeeded.
-    #[error("deadline of {deadline:?} exceeded after {attempts} attempt(s)")]
+    ///
+    /// When `maybe_sent` is true a try was in flight when the deadline fired: the request may
+    /// have taken effect ([`HaError::is_outcome_unknown`] is true).
+    #[error("deadline of {deadline:?} exceeded after {attempts} attempt(s){}", if *maybe_sent { " (the last one may have taken effect)" } else { "" })]
     DeadlineExceeded {
         /// The overall deadline the call had.
         deadline: Duration,
         /// How many attempts were started.
         attempts: u32,
+        /// True when a try was still in flight (written, unanswered) at the deadline.
+        maybe_sent: bool,
+    },
+    /// The request was sent (or may have been) and no answer came: it may or may not have taken
+    /// effect. Returned for a *maybe sent* failure ([`ErrorClass::MaybeSent`]) that was not
+    /// retried, e.g. a connection reset after a non-idempotent write. Check before repeating it.
+    #[error("outcome unknown: the request may have taken effect: {source}")]
+    OutcomeUnknown {
+        /// The endpoint the request went to, when known.
+        endpoint: Option<std::net::SocketAddr>,
+        /// The failure that left the outcome unknown.
+        #[source]
+        source: BoxError,
     },
     /// A local rate limit refused the call; it may be tried again after `retry_after`.
     #[error("rate limited, retry after {retry_after:?}")]
@@ -49,9 +67,9 @@ pub enum HaError {
     )]
     Fenced {
         /// The generation the connection was made in.
-        connection: u64,
+        connection: Generation,
         /// The dependency's current generation.
-        current: u64,
+        current: Generation,
     },
     /// The fail-fast guard is open: the inner service has not been ready for too long.
     #[error("service unavailable: not ready for {unready_for:?}")]
@@ -59,7 +77,8 @@ pub enum HaError {
         /// How long the inner service had been unready when the guard opened.
         unready_for: Duration,
     },
-    /// The backend answered with an error.
+    /// The backend (or the service under the layer) failed with this error; its class decides
+    /// whether it was retried (see [`Classify`]).
     #[error("backend error: {0}")]
     Backend(#[source] BoxError),
     /// The configuration is invalid.
@@ -86,6 +105,19 @@ impl HaError {
     /// True for [`HaError::RateLimited`].
     pub fn is_rate_limited(&self) -> bool {
         matches!(self, HaError::RateLimited { .. })
+    }
+
+    /// True when the request may have taken effect although no success came back:
+    /// [`HaError::OutcomeUnknown`], or [`HaError::DeadlineExceeded`] with a try in flight.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            HaError::OutcomeUnknown { .. }
+                | HaError::DeadlineExceeded {
+                    maybe_sent: true,
+                    ..
+                }
+        )
     }
 
     /// True for [`HaError::Fenced`].
@@ -123,9 +155,20 @@ impl HaError {
             HaError::DeadlineExceeded { .. } => "deadline_exceeded",
             HaError::RateLimited { .. } => "rate_limited",
             HaError::Fenced { .. } => "fenced",
+            HaError::OutcomeUnknown { .. } => "outcome_unknown",
             HaError::Unavailable { .. } => "unavailable",
             HaError::Backend(_) => "backend",
             HaError::Config(_) => "config",
+        }
+    }
+
+    /// Turns a boxed error into an `HaError`: the `HaError` itself when the box holds one,
+    /// else [`HaError::Backend`] around it. Layers use it so that what comes out of them is
+    /// always typed.
+    pub fn from_boxed(err: BoxError) -> HaError {
+        match err.downcast::<HaError>() {
+            Ok(ha) => *ha,
+            Err(other) => HaError::Backend(other),
         }
     }
 
@@ -210,58 +253,159 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Decides whether a failed call may be retried on another endpoint.
+/// What a failure says about the request: did it take effect, and is the endpoint to blame?
 ///
-/// The [`Failover`](crate::failover::Failover) layer asks its classifier about every error; the
-/// default, [`DefaultClassifier`], retries connection-level failures and `NoHealthyEndpoint`
-/// races, and never a rate limit, a fence or a configuration error.
-pub trait Classify: Send + Sync + 'static {
-    /// True when the error says the request did not take effect and another endpoint may succeed.
-    fn is_retryable(&self, err: &(dyn std::error::Error + 'static)) -> bool;
+/// One classification drives both [`Failover`](crate::failover::Failover)'s retries and the
+/// balancer's passive health (an application error is an answer, not a sick endpoint):
+///
+/// | class | took effect? | retried by `Failover` | endpoint failure |
+/// |---|---|---|---|
+/// | [`NotSent`](ErrorClass::NotSent) | no | any request | yes |
+/// | [`Refused`](ErrorClass::Refused) | no | any request | no |
+/// | [`MaybeSent`](ErrorClass::MaybeSent) | unknown | idempotent requests only, else [`HaError::OutcomeUnknown`] | yes |
+/// | [`Answered`](ErrorClass::Answered) | the backend decided | never | no |
+/// | [`Final`](ErrorClass::Final) | no, refused locally | never | no |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The request never reached the endpoint: connect refused, host or network unreachable.
+    /// Any request may be retried elsewhere; it counts against the endpoint's health.
+    NotSent,
+    /// The request provably did not take effect, but the endpoint is alive and said no, or
+    /// nothing was picked: [`HaError::Fenced`], Redis `-READONLY` / `-MASTERDOWN`, MySQL 1290
+    /// (read-only), [`HaError::NoHealthyEndpoint`], [`HaError::Unavailable`]. Any request may be
+    /// retried; not an endpoint failure.
+    Refused,
+    /// The request was (or may have been) written and no answer came: a reset or EOF after
+    /// connect, a per-try timeout. Only an idempotent request is retried; it counts against the
+    /// endpoint's health.
+    MaybeSent,
+    /// The backend answered with an application error (`WRONGTYPE`, a duplicate key, a 4xx):
+    /// never retried, and not an endpoint failure.
+    Answered,
+    /// Refused by our own layers for a reason another try cannot fix: a rate limit, a
+    /// configuration error, an expired deadline, an unknown outcome. Never retried, not an
+    /// endpoint failure.
+    Final,
 }
 
-/// The default error classification: I/O errors of connection setup and transport, timeouts of a
-/// single try, and backend errors that wrap those are retryable; everything else is not.
+impl ErrorClass {
+    /// True when the request provably did not take effect (`NotSent`, `Refused`).
+    pub fn is_not_sent(self) -> bool {
+        matches!(self, ErrorClass::NotSent | ErrorClass::Refused)
+    }
+
+    /// True when the failure counts against the endpoint's health (`NotSent`, `MaybeSent`).
+    pub fn is_endpoint_failure(self) -> bool {
+        matches!(self, ErrorClass::NotSent | ErrorClass::MaybeSent)
+    }
+
+    /// True when `Failover` may retry the request (`idempotent`: its policy says so).
+    pub fn is_retryable(self, idempotent: bool) -> bool {
+        match self {
+            ErrorClass::NotSent | ErrorClass::Refused => true,
+            ErrorClass::MaybeSent => idempotent,
+            ErrorClass::Answered | ErrorClass::Final => false,
+        }
+    }
+
+    /// A short stable name for metric labels: `not_sent`, `refused`, `maybe_sent`, `answered`,
+    /// `final`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::NotSent => "not_sent",
+            ErrorClass::Refused => "refused",
+            ErrorClass::MaybeSent => "maybe_sent",
+            ErrorClass::Answered => "answered",
+            ErrorClass::Final => "final",
+        }
+    }
+}
+
+/// Classifies a failed call's error (see [`ErrorClass`]).
+///
+/// Backends provide their own (ha-redis knows `-READONLY`, ha-mysql knows error 1290) and fall
+/// back to [`DefaultClassifier`] for what they do not recognise. A closure works too:
+///
+/// ```
+/// use ha_core::{Classify, DefaultClassifier, ErrorClass};
+///
+/// let classify = |err: &(dyn std::error::Error + 'static)| {
+///     if err.to_string().starts_with("READONLY") {
+///         ErrorClass::Refused
+///     } else {
+///         DefaultClassifier.classify(err)
+///     }
+/// };
+/// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// assert_eq!(classify.classify(&refused), ErrorClass::NotSent);
+/// ```
+pub trait Classify: Send + Sync + 'static {
+    /// The class of `err`, the error of one failed try.
+    fn classify(&self, err: &(dyn std::error::Error + 'static)) -> ErrorClass;
+}
+
+impl<F> Classify for F
+where
+    F: Fn(&(dyn std::error::Error + 'static)) -> ErrorClass + Send + Sync + 'static,
+{
+    fn classify(&self, err: &(dyn std::error::Error + 'static)) -> ErrorClass {
+        self(err)
+    }
+}
+
+/// The default classification, walking the error's source chain:
+///
+/// - our own [`HaError`]s: `Fenced`, `NoHealthyEndpoint`, `Unavailable` → `Refused`;
+///   `RateLimited`, `Config`, `DeadlineExceeded`, `OutcomeUnknown` → `Final`; `Backend` → its
+///   source decides;
+/// - `std::io::Error`: `ConnectionRefused`, `HostUnreachable`, `NetworkUnreachable`,
+///   `AddrNotAvailable` → `NotSent`; `ConnectionReset`, `ConnectionAborted`, `NotConnected`,
+///   `BrokenPipe`, `TimedOut`, `UnexpectedEof` → `MaybeSent`; any other kind → `Answered`;
+/// - a tokio or tower timeout (`Elapsed`) → `MaybeSent`;
+/// - anything else → `Answered`: an error we cannot place is the backend's answer, neither
+///   retried nor held against the endpoint.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
 
 impl Classify for DefaultClassifier {
-    fn is_retryable(&self, err: &(dyn std::error::Error + 'static)) -> bool {
+    fn classify(&self, err: &(dyn std::error::Error + 'static)) -> ErrorClass {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = cur {
             if let Some(ha) = e.downcast_ref::<HaError>() {
                 match ha {
                     HaError::RateLimited { .. }
                     | HaError::Config(_)
-                    | HaError::DeadlineExceeded { .. } => return false,
+                    | HaError::DeadlineExceeded { .. }
+                    | HaError::OutcomeUnknown { .. } => return ErrorClass::Final,
                     HaError::Fenced { .. }
                     | HaError::NoHealthyEndpoint { .. }
-                    | HaError::Unavailable { .. } => return true,
+                    | HaError::Unavailable { .. } => return ErrorClass::Refused,
                     HaError::Backend(_) => {}
                 }
             }
             if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
-                return true;
+                return ErrorClass::MaybeSent;
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                use std::io::ErrorKind::*;
-                return matches!(
-                    io.kind(),
-                    ConnectionRefused
-                        | ConnectionReset
-                        | ConnectionAborted
-                        | NotConnected
-                        | BrokenPipe
-                        | TimedOut
-                        | UnexpectedEof
-                        | HostUnreachable
-                        | NetworkUnreachable
-                        | AddrNotAvailable
-                );
+                return classify_io(io.kind());
             }
             cur = e.source();
         }
-        false
+        ErrorClass::Answered
+    }
+}
+
+/// The class of an I/O error kind (see [`DefaultClassifier`]).
+pub fn classify_io(kind: std::io::ErrorKind) -> ErrorClass {
+    use std::io::ErrorKind::*;
+    match kind {
+        ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable => {
+            ErrorClass::NotSent
+        }
+        ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe | TimedOut
+        | UnexpectedEof => ErrorClass::MaybeSent,
+        _ => ErrorClass::Answered,
     }
 }
 
@@ -273,19 +417,56 @@ mod tests {
     fn classifier_retries_transport_errors_only() {
         let c = DefaultClassifier;
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert!(c.is_retryable(&refused));
+        assert!(c.classify(&refused).is_retryable(false));
+        assert_eq!(c.classify(&refused), ErrorClass::NotSent);
         let wrapped = HaError::backend(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert!(c.is_retryable(&wrapped));
+        assert!(c.classify(&wrapped).is_retryable(true));
+        assert_eq!(c.classify(&wrapped), ErrorClass::MaybeSent);
+        assert!(!c.classify(&wrapped).is_retryable(false));
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        assert!(!c.is_retryable(&denied));
+        assert!(!c.classify(&denied).is_retryable(true));
         let limited = HaError::RateLimited {
             retry_after: Duration::from_secs(1),
         };
-        assert!(!c.is_retryable(&limited));
-        assert!(c.is_retryable(&HaError::Fenced {
+        assert!(!c.classify(&limited).is_retryable(true));
+        assert_eq!(c.classify(&limited), ErrorClass::Final);
+        let fenced = HaError::Fenced {
             connection: 1,
-            current: 2
-        }));
+            current: 2,
+        };
+        assert!(c.classify(&fenced).is_retryable(false));
+        assert!(!c.classify(&fenced).is_endpoint_failure());
+    }
+
+    #[test]
+    fn unknown_errors_are_answers() {
+        #[derive(Debug)]
+        struct DuplicateKey;
+        impl fmt::Display for DuplicateKey {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("duplicate key")
+            }
+        }
+        impl std::error::Error for DuplicateKey {}
+        let class = DefaultClassifier.classify(&HaError::backend(DuplicateKey));
+        assert_eq!(class, ErrorClass::Answered);
+        assert!(!class.is_endpoint_failure());
+        assert!(!class.is_retryable(true));
+    }
+
+    #[test]
+    fn outcome_unknown_is_final_and_found() {
+        let e = HaError::OutcomeUnknown {
+            endpoint: None,
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        };
+        assert_eq!(DefaultClassifier.classify(&e), ErrorClass::Final);
+        assert!(e.is_outcome_unknown());
+        assert_eq!(e.kind(), "outcome_unknown");
+        let boxed: BoxError = Box::new(e);
+        assert!(HaError::from_boxed(boxed).is_outcome_unknown());
+        let other: BoxError = Box::new(std::io::Error::other("x"));
+        assert!(HaError::from_boxed(other).is_backend());
     }
 
     #[test]

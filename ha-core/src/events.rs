@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use crate::generation::Generation;
+
 /// A change somewhere in the topology.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum TopologyEvent {
     /// A new endpoint appeared in a dependency's set.
+    #[non_exhaustive]
     EndpointAdded {
         /// The dependency.
         dependency: Arc<str>,
@@ -21,6 +24,7 @@ pub enum TopologyEvent {
         idc: Arc<str>,
     },
     /// An endpoint left a dependency's set.
+    #[non_exhaustive]
     EndpointRemoved {
         /// The dependency.
         dependency: Arc<str>,
@@ -30,6 +34,7 @@ pub enum TopologyEvent {
         idc: Arc<str>,
     },
     /// Outlier detection ejected an endpoint.
+    #[non_exhaustive]
     EndpointEjected {
         /// The dependency.
         dependency: Arc<str>,
@@ -43,6 +48,7 @@ pub enum TopologyEvent {
         reason: &'static str,
     },
     /// An ejected endpoint passed its probe and takes traffic again.
+    #[non_exhaustive]
     EndpointRestored {
         /// The dependency.
         dependency: Arc<str>,
@@ -52,6 +58,7 @@ pub enum TopologyEvent {
         idc: Arc<str>,
     },
     /// The share of traffic sent to each locality tier changed.
+    #[non_exhaustive]
     TierChanged {
         /// The dependency.
         dependency: Arc<str>,
@@ -61,22 +68,108 @@ pub enum TopologyEvent {
         panic: bool,
     },
     /// An operator drained (or undrained) an IDC.
+    #[non_exhaustive]
     IdcDrained {
         /// The IDC.
         idc: Arc<str>,
         /// True when drained, false when undrained.
         drained: bool,
     },
-    /// The master of a dependency changed; its generation was bumped.
+    /// The master of a dependency changed; its generation was bumped (published by
+    /// [`MasterWatch`](crate::master::MasterWatch)).
+    #[non_exhaustive]
     MasterSwitched {
         /// The dependency.
         dependency: Arc<str>,
+        /// The previous master, `None` for the first one.
+        from: Option<SocketAddr>,
         /// The new master.
         addr: SocketAddr,
+        /// The new master's IDC (`unknown` when unclassified).
+        idc: Arc<str>,
         /// The new generation.
-        generation: u64,
+        generation: Generation,
+        /// Why: e.g. `sentinel_switch_master`, `dns_repointed`, `poll`, `initial`.
+        cause: Arc<str>,
+    },
+    /// A connection of an older generation was refused instead of being used.
+    #[non_exhaustive]
+    ConnectionFenced {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Where the connection goes.
+        addr: SocketAddr,
+        /// The generation it was made in.
+        connection: Generation,
+        /// The current generation.
+        current: Generation,
+    },
+    /// A watcher (DNS refresh, a Sentinel subscription, an HA-master or route poller) lost its
+    /// source and is working degraded (serving what it last knew, retrying).
+    #[non_exhaustive]
+    WatcherDegraded {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Which watcher, e.g. `dns`, `sentinel 127.0.1.1:26379`, `routes`.
+        watcher: Arc<str>,
+        /// What went wrong.
+        reason: Arc<str>,
+    },
+    /// A degraded watcher has its source back.
+    #[non_exhaustive]
+    WatcherRestored {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Which watcher.
+        watcher: Arc<str>,
+    },
+    /// A background task of a dependency ended; what it maintained no longer changes.
+    #[non_exhaustive]
+    TaskEnded {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Which task, e.g. `dns_refresh`.
+        task: Arc<str>,
+        /// Why it ended (`handle dropped`, `every receiver dropped`, a panic message, ...).
+        reason: Arc<str>,
+    },
+    /// Traffic of a dependency moved from one IDC's cluster to another's (e.g. RocketMQ).
+    #[non_exhaustive]
+    ClusterFailedOver {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The cluster (IDC) traffic left.
+        from: Arc<str>,
+        /// The cluster (IDC) it went to.
+        to: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+    },
+    /// Traffic returned to the preferred (local) cluster after a failover.
+    #[non_exhaustive]
+    ClusterFailedBack {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The cluster traffic left.
+        from: Arc<str>,
+        /// The preferred cluster it returned to.
+        to: Arc<str>,
+    },
+    /// A rate limit raised an alert (ha-ratelimit: rejections, near capacity, keys evicted,
+    /// cluster limit unavailable), debounced per limit and kind.
+    #[non_exhaustive]
+    RateLimitAlert {
+        /// The limit's name.
+        limit: Arc<str>,
+        /// What happened: `rejected`, `near_capacity`, `keys_evicted`, `cluster_unavailable`.
+        kind: &'static str,
+        /// Occurrences folded into this alert since the previous one.
+        suppressed: u64,
+        /// A human-readable detail (e.g. the IDC and measured load for `near_capacity`).
+        detail: Arc<str>,
     },
     /// DNS answers are being served past their TTL because every resolver failed.
+    #[non_exhaustive]
     DnsStale {
         /// The dependency.
         dependency: Arc<str>,
@@ -84,11 +177,13 @@ pub enum TopologyEvent {
         age_past_expiry: Duration,
     },
     /// A stale answer passed its bound and was dropped; the dependency has no resolved endpoints.
+    #[non_exhaustive]
     DnsExpired {
         /// The dependency.
         dependency: Arc<str>,
     },
     /// A resolver of another region answered because the local region's did not.
+    #[non_exhaustive]
     DnsFallback {
         /// The dependency.
         dependency: Arc<str>,
@@ -96,6 +191,7 @@ pub enum TopologyEvent {
         region: Arc<str>,
     },
     /// An answer contained addresses outside the dependency's allowed CIDRs; they were refused.
+    #[non_exhaustive]
     DnsPoisoned {
         /// The dependency.
         dependency: Arc<str>,
@@ -121,6 +217,160 @@ impl TopologyEvent {
             TopologyEvent::DnsExpired { .. } => "dns_expired",
             TopologyEvent::DnsFallback { .. } => "dns_fallback",
             TopologyEvent::DnsPoisoned { .. } => "dns_poisoned",
+            TopologyEvent::ConnectionFenced { .. } => "connection_fenced",
+            TopologyEvent::WatcherDegraded { .. } => "watcher_degraded",
+            TopologyEvent::WatcherRestored { .. } => "watcher_restored",
+            TopologyEvent::TaskEnded { .. } => "task_ended",
+            TopologyEvent::ClusterFailedOver { .. } => "cluster_failed_over",
+            TopologyEvent::ClusterFailedBack { .. } => "cluster_failed_back",
+            TopologyEvent::RateLimitAlert { .. } => "rate_limit_alert",
+        }
+    }
+}
+
+/// Constructors for the events other crates publish. Every variant is `#[non_exhaustive]` so
+/// that a field can be added without breaking anyone: outside ha-core, build events with these
+/// and match them with `..`.
+impl TopologyEvent {
+    /// [`TopologyEvent::MasterSwitched`].
+    pub fn master_switched(
+        dependency: impl Into<Arc<str>>,
+        from: Option<SocketAddr>,
+        addr: SocketAddr,
+        idc: impl Into<Arc<str>>,
+        generation: Generation,
+        cause: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::MasterSwitched {
+            dependency: dependency.into(),
+            from,
+            addr,
+            idc: idc.into(),
+            generation,
+            cause: cause.into(),
+        }
+    }
+
+    /// [`TopologyEvent::ConnectionFenced`].
+    pub fn connection_fenced(
+        dependency: impl Into<Arc<str>>,
+        addr: SocketAddr,
+        connection: Generation,
+        current: Generation,
+    ) -> Self {
+        TopologyEvent::ConnectionFenced {
+            dependency: dependency.into(),
+            addr,
+            connection,
+            current,
+        }
+    }
+
+    /// [`TopologyEvent::WatcherDegraded`].
+    pub fn watcher_degraded(
+        dependency: impl Into<Arc<str>>,
+        watcher: impl Into<Arc<str>>,
+        reason: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::WatcherDegraded {
+            dependency: dependency.into(),
+            watcher: watcher.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`TopologyEvent::WatcherRestored`].
+    pub fn watcher_restored(dependency: impl Into<Arc<str>>, watcher: impl Into<Arc<str>>) -> Self {
+        TopologyEvent::WatcherRestored {
+            dependency: dependency.into(),
+            watcher: watcher.into(),
+        }
+    }
+
+    /// [`TopologyEvent::TaskEnded`].
+    pub fn task_ended(
+        dependency: impl Into<Arc<str>>,
+        task: impl Into<Arc<str>>,
+        reason: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::TaskEnded {
+            dependency: dependency.into(),
+            task: task.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`TopologyEvent::ClusterFailedOver`].
+    pub fn cluster_failed_over(
+        dependency: impl Into<Arc<str>>,
+        from: impl Into<Arc<str>>,
+        to: impl Into<Arc<str>>,
+        reason: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::ClusterFailedOver {
+            dependency: dependency.into(),
+            from: from.into(),
+            to: to.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`TopologyEvent::ClusterFailedBack`].
+    pub fn cluster_failed_back(
+        dependency: impl Into<Arc<str>>,
+        from: impl Into<Arc<str>>,
+        to: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::ClusterFailedBack {
+            dependency: dependency.into(),
+            from: from.into(),
+            to: to.into(),
+        }
+    }
+
+    /// [`TopologyEvent::RateLimitAlert`].
+    pub fn rate_limit_alert(
+        limit: impl Into<Arc<str>>,
+        kind: &'static str,
+        suppressed: u64,
+        detail: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::RateLimitAlert {
+            limit: limit.into(),
+            kind,
+            suppressed,
+            detail: detail.into(),
+        }
+    }
+
+    /// [`TopologyEvent::IdcDrained`].
+    pub fn idc_drained(idc: impl Into<Arc<str>>, drained: bool) -> Self {
+        TopologyEvent::IdcDrained {
+            idc: idc.into(),
+            drained,
+        }
+    }
+
+    /// The dependency the event is about, `None` for IDC- and limit-wide events.
+    pub fn dependency(&self) -> Option<&Arc<str>> {
+        match self {
+            TopologyEvent::EndpointAdded { dependency, .. }
+            | TopologyEvent::EndpointRemoved { dependency, .. }
+            | TopologyEvent::EndpointEjected { dependency, .. }
+            | TopologyEvent::EndpointRestored { dependency, .. }
+            | TopologyEvent::TierChanged { dependency, .. }
+            | TopologyEvent::MasterSwitched { dependency, .. }
+            | TopologyEvent::DnsStale { dependency, .. }
+            | TopologyEvent::DnsExpired { dependency, .. }
+            | TopologyEvent::DnsFallback { dependency, .. }
+            | TopologyEvent::DnsPoisoned { dependency, .. }
+            | TopologyEvent::ConnectionFenced { dependency, .. }
+            | TopologyEvent::WatcherDegraded { dependency, .. }
+            | TopologyEvent::WatcherRestored { dependency, .. }
+            | TopologyEvent::TaskEnded { dependency, .. }
+            | TopologyEvent::ClusterFailedOver { dependency, .. }
+            | TopologyEvent::ClusterFailedBack { dependency, .. } => Some(dependency),
+            TopologyEvent::IdcDrained { .. } | TopologyEvent::RateLimitAlert { .. } => None,
         }
     }
 }
@@ -136,7 +386,7 @@ impl TopologyEvent {
 /// use ha_core::{EventBus, TopologyEvent};
 /// let bus = EventBus::new(64);
 /// let mut rx = bus.subscribe();
-/// bus.publish(TopologyEvent::IdcDrained { idc: "bj-b".into(), drained: true });
+/// bus.publish(TopologyEvent::idc_drained("bj-b", true));
 /// assert_eq!(rx.recv().await.unwrap().kind(), "idc_drained");
 /// # }
 /// ```
@@ -210,10 +460,64 @@ impl EventBus {
             }
             TopologyEvent::MasterSwitched {
                 dependency,
+                from,
                 addr,
+                idc,
                 generation,
+                cause,
             } => {
-                tracing::warn!(%dependency, endpoint = %addr, generation, "master switched");
+                tracing::warn!(%dependency, from = ?from, endpoint = %addr, %idc, generation, %cause, "master switched");
+            }
+            TopologyEvent::ConnectionFenced {
+                dependency,
+                addr,
+                connection,
+                current,
+            } => {
+                tracing::warn!(%dependency, endpoint = %addr, generation = connection, current, "connection of an old generation fenced");
+            }
+            TopologyEvent::WatcherDegraded {
+                dependency,
+                watcher,
+                reason,
+            } => {
+                tracing::warn!(%dependency, %watcher, %reason, "watcher degraded");
+            }
+            TopologyEvent::WatcherRestored {
+                dependency,
+                watcher,
+            } => {
+                tracing::info!(%dependency, %watcher, "watcher restored");
+            }
+            TopologyEvent::TaskEnded {
+                dependency,
+                task,
+                reason,
+            } => {
+                tracing::error!(%dependency, %task, %reason, "background task ended");
+            }
+            TopologyEvent::ClusterFailedOver {
+                dependency,
+                from,
+                to,
+                reason,
+            } => {
+                tracing::warn!(%dependency, %from, %to, %reason, "cluster failed over");
+            }
+            TopologyEvent::ClusterFailedBack {
+                dependency,
+                from,
+                to,
+            } => {
+                tracing::info!(%dependency, %from, %to, "cluster failed back");
+            }
+            TopologyEvent::RateLimitAlert {
+                limit,
+                kind,
+                suppressed,
+                detail,
+            } => {
+                tracing::warn!(%limit, kind, suppressed, %detail, "rate limit alert");
             }
             TopologyEvent::DnsStale {
                 dependency,

@@ -37,7 +37,7 @@ pub use config::{
 };
 pub use control::Control;
 pub use discovery::{EndpointSet, EndpointWatch};
-pub use error::{BoxError, Classify, ConfigError, DefaultClassifier, HaError};
+pub use error::{BoxError, Classify, ConfigError, DefaultClassifier, ErrorClass, HaError};
 pub use events::{EventBus, TopologyEvent};
 pub use generation::{Generation, GenerationCounter};
 pub use locality::{Endpoint, IdcClassifier, Locality, Placement};

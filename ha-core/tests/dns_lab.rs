@@ -182,12 +182,10 @@ async fn local_dns_stopped_then_south_answers() {
         matches!(e, TopologyEvent::DnsFallback { .. })
     })
     .await;
-    assert_eq!(
-        e,
-        TopologyEvent::DnsFallback {
-            dependency: "profile".into(),
-            region: "south".into()
-        }
+    assert!(
+        matches!(&e, TopologyEvent::DnsFallback { dependency, region, .. }
+            if &**dependency == "profile" && &**region == "south"),
+        "{e:?}"
     );
     assert!(lab.south.queries() > 0);
 
@@ -346,13 +344,10 @@ async fn poisoned_answers_are_refused_and_the_good_set_keeps_serving() {
         matches!(e, TopologyEvent::DnsPoisoned { .. })
     })
     .await;
-    assert_eq!(
-        e,
-        TopologyEvent::DnsPoisoned {
-            dependency: "profile".into(),
-            region: "north".into(),
-            refused: ips(&["10.66.0.1"])
-        }
+    assert!(
+        matches!(&e, TopologyEvent::DnsPoisoned { dependency, region, refused, .. }
+            if &**dependency == "profile" && &**region == "north" && *refused == ips(&["10.66.0.1"])),
+        "{e:?}"
     );
     assert_eq!(*d.current(), *good, "same set, same version");
 

@@ -103,7 +103,9 @@ async fn deadline_with_a_blackholed_service_is_exact() {
     // Tries at 0, 500 ms and 1 s (each per-try timeout moves on); the last runs to the deadline.
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
     match ha(&err) {
-        HaError::DeadlineExceeded { deadline, attempts } => {
+        HaError::DeadlineExceeded {
+            deadline, attempts, ..
+        } => {
             assert_eq!(*deadline, Duration::from_secs(2));
             assert_eq!(*attempts, 3);
         }

@@ -224,8 +224,8 @@ where
                             continue;
                         }
                     };
-                    let retryable =
-                        this.retry.is_some() && this.shared.classifier.is_retryable(&*err);
+                    let retryable = this.retry.is_some()
+                        && this.shared.classifier.classify(&*err).is_retryable(true);
                     match decide(
                         this.shared,
                         this.retry,
@@ -433,6 +433,7 @@ fn exceeded(shared: &Shared, attempts: u32) -> BoxError {
     Box::new(HaError::DeadlineExceeded {
         deadline: shared.deadline,
         attempts,
+        maybe_sent: false,
     })
 }
 
