@@ -5,9 +5,44 @@
 //! `Failover` runs the inner `call` inside [`scope`]; the balancer reads [`avoided`] while it picks
 //! and reports its pick with [`record_pick`]. The scope covers only the synchronous `call`, so
 //! nothing is held across an `.await` and the futures stay `Send`.
+//!
+//! **Layers that defer the call.** A layer that calls its inner service later, inside its own
+//! future or on a worker task (tower's `Buffer`), breaks that synchronous chain: the balancer
+//! would pick outside the scope, every retry could go back to the endpoint that just failed.
+//! Put [`CarryLayer`] just above such a layer and [`RestoreLayer`] just below it: the context
+//! then travels inside the request as an [`Attempt`], and the pick comes back through a shared
+//! slot that `Failover` reads when it decides the retry.
+//!
+//! ```
+//! use ha_core::attempt::{CarryLayer, RestoreLayer};
+//! use ha_core::failover::Failover;
+//! use tower::ServiceBuilder;
+//!
+//! # fn stack<S>(balancer: S) where S: tower::Service<String, Error = ha_core::HaError> + Clone + Send + 'static, S::Future: Send {
+//! let client = ServiceBuilder::new()
+//!     .layer(Failover::layer())
+//!     .layer(CarryLayer)
+//!     .buffer(64)
+//!     .layer(RestoreLayer)
+//!     .service(balancer);
+//! # let _ = client;
+//! # }
+//! ```
+//!
+//! **Timeouts.** When `Failover` abandons a try because its per-try timeout (or the deadline)
+//! fired, it drops the try's future inside [`timing_out`]; a balancer's call guard that is
+//! dropped then reads [`is_timing_out`] and counts a timeout against the endpoint. A future
+//! dropped any other way (the caller went away) is a cancellation, not an endpoint failure.
 
 use std::cell::{Cell, RefCell};
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use parking_lot::Mutex;
+use tower_layer::Layer;
+use tower_service::Service;
 
 // Plain thread-locals, not a tokio task-local: a scope only ever covers a synchronous `call`,
 // which runs on one thread without yielding. The first attempt of a call (nothing to avoid)
@@ -16,16 +51,18 @@ thread_local! {
     static AVOIDING: Cell<bool> = const { Cell::new(false) };
     static AVOID: RefCell<Vec<SocketAddr>> = const { RefCell::new(Vec::new()) };
     static PICKED: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+    static DEFERRED: RefCell<Option<Arc<PickSlot>>> = const { RefCell::new(None) };
+    static TIMING_OUT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Restores the enclosing scope's state, also when `f` panics.
-struct Restore {
+struct RestoreState {
     picked: Option<SocketAddr>,
     avoiding: bool,
     avoid: Option<Vec<SocketAddr>>,
 }
 
-impl Drop for Restore {
+impl Drop for RestoreState {
     fn drop(&mut self) {
         let _ = PICKED.try_with(|c| c.set(self.picked));
         let _ = AVOIDING.try_with(|c| c.set(self.avoiding));
@@ -54,7 +91,52 @@ impl Drop for Restore {
 /// assert!(!attempt::avoided(|avoid| avoid.contains(&a)));
 /// ```
 pub fn scope<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Option<SocketAddr>) {
-    let mut restore = Restore {
+    let (r, pick) = scope_pick(avoid, f);
+    (r, pick.now())
+}
+
+/// What an attempt's pick is: known at once, to be known later (a deferring layer between
+/// `Failover` and the balancer, see [`CarryLayer`]), or none (no balancer under the scope).
+#[derive(Debug, Clone, Default)]
+pub enum Pick {
+    /// No balancer reported a pick.
+    #[default]
+    None,
+    /// The balancer picked this endpoint during the call.
+    Now(SocketAddr),
+    /// The call was deferred; the slot holds the pick once the balancer made it.
+    Later(Arc<PickSlot>),
+}
+
+impl Pick {
+    /// The pick if it is known now.
+    pub fn now(&self) -> Option<SocketAddr> {
+        match self {
+            Pick::None => None,
+            Pick::Now(a) => Some(*a),
+            Pick::Later(slot) => slot.get(),
+        }
+    }
+}
+
+/// Where a deferred attempt's pick lands (see [`CarryLayer`]).
+#[derive(Debug, Default)]
+pub struct PickSlot(Mutex<Option<SocketAddr>>);
+
+impl PickSlot {
+    /// The pick, once made.
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.lock()
+    }
+
+    fn set(&self, addr: SocketAddr) {
+        *self.0.lock() = Some(addr);
+    }
+}
+
+/// [`scope`], also collecting the slot of a deferred pick (see [`Pick`]).
+pub fn scope_pick<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Pick) {
+    let mut restore = RestoreState {
         picked: PICKED.try_with(|c| c.replace(None)).ok().flatten(),
         avoiding: AVOIDING
             .try_with(|c| c.replace(!avoid.is_empty()))
@@ -71,10 +153,162 @@ pub fn scope<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Option<Soc
             .ok()
             .flatten();
     }
+    let outer_deferred = DEFERRED
+        .try_with(|c| c.try_borrow_mut().ok().and_then(|mut d| d.take()))
+        .ok()
+        .flatten();
     let r = f();
     let picked = PICKED.try_with(Cell::get).ok().flatten();
+    let deferred = DEFERRED
+        .try_with(|c| {
+            c.try_borrow_mut()
+                .ok()
+                .and_then(|mut d| std::mem::replace(&mut *d, outer_deferred))
+        })
+        .ok()
+        .flatten();
     drop(restore);
-    (r, picked)
+    let pick = match (picked, deferred) {
+        (Some(a), _) => Pick::Now(a),
+        (None, Some(slot)) => Pick::Later(slot),
+        (None, None) => Pick::None,
+    };
+    (r, pick)
+}
+
+/// Runs `f` (dropping an abandoned try's future) with [`is_timing_out`] true.
+pub fn timing_out<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let _ = TIMING_OUT.try_with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(TIMING_OUT.try_with(|c| c.replace(true)).unwrap_or(false));
+    f()
+}
+
+/// True while `Failover` drops a try it abandoned for its per-try timeout or the deadline:
+/// a call guard dropped now was timed out, not cancelled.
+pub fn is_timing_out() -> bool {
+    TIMING_OUT.try_with(Cell::get).unwrap_or(false)
+}
+
+// === Carrying the context through a deferring layer ===
+
+/// A request with its attempt's context, as [`CarryLayer`] sends it through a deferring layer.
+pub struct Attempt<Req> {
+    /// The request itself.
+    pub request: Req,
+    avoid: Vec<SocketAddr>,
+    slot: Arc<PickSlot>,
+}
+
+impl<Req: fmt::Debug> fmt::Debug for Attempt<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attempt")
+            .field("request", &self.request)
+            .field("avoid", &self.avoid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Req> Attempt<Req> {
+    /// The endpoints this attempt avoids.
+    pub fn avoid(&self) -> &[SocketAddr] {
+        &self.avoid
+    }
+}
+
+/// Puts the current attempt's context into the request ([`Attempt`]) so that it crosses a
+/// layer that defers the call; pair it with [`RestoreLayer`] below that layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CarryLayer;
+
+impl<S> Layer<S> for CarryLayer {
+    type Service = Carry<S>;
+    fn layer(&self, inner: S) -> Carry<S> {
+        Carry { inner }
+    }
+}
+
+/// The service of [`CarryLayer`]: `Service<Req>` over a `Service<Attempt<Req>>`.
+#[derive(Debug, Clone)]
+pub struct Carry<S> {
+    inner: S,
+}
+
+impl<S, Req> Service<Req> for Carry<S>
+where
+    S: Service<Attempt<Req>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let slot = Arc::new(PickSlot::default());
+        let avoid = avoided(<[SocketAddr]>::to_vec);
+        let _ = DEFERRED.try_with(|c| {
+            if let Ok(mut d) = c.try_borrow_mut() {
+                *d = Some(slot.clone());
+            }
+        });
+        self.inner.call(Attempt {
+            request,
+            avoid,
+            slot,
+        })
+    }
+}
+
+/// Takes the context out of an [`Attempt`] again and runs the inner call inside it; see
+/// [`CarryLayer`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreLayer;
+
+impl<S> Layer<S> for RestoreLayer {
+    type Service = Restore<S>;
+    fn layer(&self, inner: S) -> Restore<S> {
+        Restore { inner }
+    }
+}
+
+/// The service of [`RestoreLayer`]: `Service<Attempt<Req>>` over a `Service<Req>`.
+#[derive(Debug, Clone)]
+pub struct Restore<S> {
+    inner: S,
+}
+
+impl<S, Req> Service<Attempt<Req>> for Restore<S>
+where
+    S: Service<Req>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, attempt: Attempt<Req>) -> Self::Future {
+        let Attempt {
+            request,
+            avoid,
+            slot,
+        } = attempt;
+        let inner = &mut self.inner;
+        let (future, picked) = scope(avoid, || inner.call(request));
+        if let Some(addr) = picked {
+            slot.set(addr);
+        }
+        future
+    }
 }
 
 /// Calls `f` with the endpoints to avoid in the current attempt (empty outside a [`scope`]).

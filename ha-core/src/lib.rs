@@ -25,6 +25,7 @@ pub mod failover;
 pub mod generation;
 pub mod health;
 pub mod locality;
+pub mod master;
 pub mod metrics_names;
 
 /// The README's examples, compiled as doctests so they stay true.
@@ -41,3 +42,4 @@ pub use error::{BoxError, Classify, ConfigError, DefaultClassifier, ErrorClass, 
 pub use events::{EventBus, TopologyEvent};
 pub use generation::{Generation, GenerationCounter};
 pub use locality::{Endpoint, IdcClassifier, Locality, Placement};
+pub use master::{Master, MasterWatch};

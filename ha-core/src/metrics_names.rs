@@ -19,9 +19,13 @@ pub const DNS_STALE: &str = "ha_core_dns_stale_served_total";
 /// Counter: addresses refused as outside the allowed CIDRs, labels `dependency`, `region`.
 pub const DNS_POISONED: &str = "ha_core_dns_poisoned_total";
 /// Counter: failover retry decisions, labels `dependency`, `outcome` (`retried`,
-/// `budget_exhausted`, `not_retryable`, `attempts_exhausted`, `deadline_exceeded`).
+/// `budget_exhausted`, `not_retryable`, `attempts_exhausted`, `deadline_exceeded`, `no_endpoint`).
 pub const RETRIES: &str = "ha_core_retries_total";
 /// Counter: calls that exceeded their deadline, label `dependency`.
 pub const DEADLINES: &str = "ha_core_deadline_exceeded_total";
 /// Counter: calls refused by an open fail-fast guard.
 pub const FAIL_FAST: &str = "ha_core_fail_fast_rejected_total";
+/// Counter: connections of an old generation refused, label `dependency`.
+pub const FENCED: &str = "ha_core_fenced_total";
+/// Counter: calls whose outcome is unknown (sent, no answer, not retried), label `dependency`.
+pub const OUTCOME_UNKNOWN: &str = "ha_core_outcome_unknown_total";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use ha_core::attempt;
 use ha_core::fail_fast::{FailFast, FailFastLayer};
-use ha_core::failover::{Backoff, Failover, IdempotentIf, NeverRetry};
+use ha_core::failover::{Backoff, Failover, Idempotent, IdempotentIf, NeverRetry};
 use ha_core::{BoxError, HaError};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -21,6 +21,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 enum Act {
     Ok,
     Refused,
+    Reset,
     RateLimited,
     Hang,
 }
@@ -77,6 +78,9 @@ impl Service<&'static str> for Scripted {
             Act::Refused => Box::pin(async {
                 Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())
             }),
+            Act::Reset => Box::pin(async {
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into())
+            }),
             Act::RateLimited => Box::pin(async {
                 Err(HaError::RateLimited {
                     retry_after: Duration::from_millis(100),
@@ -88,8 +92,8 @@ impl Service<&'static str> for Scripted {
     }
 }
 
-fn ha(err: &BoxError) -> &HaError {
-    HaError::find(&**err).expect("an HaError")
+fn ha<'a>(err: &'a (dyn std::error::Error + 'static)) -> &'a HaError {
+    HaError::find(err).expect("an HaError")
 }
 
 // === Failover ===
@@ -97,7 +101,9 @@ fn ha(err: &BoxError) -> &HaError {
 #[tokio::test(start_paused = true)]
 async fn deadline_with_a_blackholed_service_is_exact() {
     let inner = Scripted::new(|_| Act::Hang);
-    let mut svc = Failover::builder().service(inner.clone());
+    let mut svc = Failover::builder()
+        .policy(Idempotent)
+        .service(inner.clone());
     let t0 = Instant::now();
     let err = svc.ready().await.unwrap().call("GET").await.unwrap_err();
     // Tries at 0, 500 ms and 1 s (each per-try timeout moves on); the last runs to the deadline.
@@ -132,6 +138,7 @@ async fn per_try_timeout_then_success_on_the_second_try() {
     let inner = Scripted::new(|n| if n == 0 { Act::Hang } else { Act::Ok });
     let mut svc = Failover::builder()
         .try_timeout(Duration::from_millis(200))
+        .policy(Idempotent)
         .service(inner.clone());
     let t0 = Instant::now();
     let got = svc.ready().await.unwrap().call("GET").await.unwrap();
@@ -144,16 +151,41 @@ async fn per_try_timeout_then_success_on_the_second_try() {
 async fn non_idempotent_request_is_tried_once() {
     let policy = IdempotentIf::new(|req: &&'static str| req.starts_with("GET"));
 
+    // A reset after the write may have taken effect: a non-idempotent request is tried once
+    // and its outcome is unknown.
+    let inner = Scripted::new(|_| Act::Reset);
+    let mut svc = Failover::builder().policy(policy).service(inner.clone());
+    let err = svc.ready().await.unwrap().call("POST").await.unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    match &err {
+        HaError::OutcomeUnknown { endpoint, source } => {
+            assert_eq!(*endpoint, Some(addr(0)));
+            assert!(
+                source.downcast_ref::<std::io::Error>().is_some(),
+                "{source}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(inner.calls(), 1);
+
+    // The same error on an idempotent request is retried up to max_attempts; it comes out
+    // typed, never as a raw io::Error.
+    let err = svc.ready().await.unwrap().call("GET").await.unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    assert_eq!(inner.calls(), 1 + 3);
+
+    // A refused connect provably was not sent: any request is retried.
     let inner = Scripted::new(|_| Act::Refused);
     let mut svc = Failover::builder().policy(policy).service(inner.clone());
     let err = svc.ready().await.unwrap().call("POST").await.unwrap_err();
-    assert!(err.downcast_ref::<std::io::Error>().is_some(), "{err}");
-    assert_eq!(inner.calls(), 1);
-
-    // The same error on an idempotent request is retried up to max_attempts.
-    let err = svc.ready().await.unwrap().call("GET").await.unwrap_err();
-    assert!(err.downcast_ref::<std::io::Error>().is_some(), "{err}");
-    assert_eq!(inner.calls(), 1 + 3);
+    assert!(err.is_backend(), "{err}");
+    assert!(
+        std::error::Error::source(&err)
+            .is_some_and(|e| e.downcast_ref::<std::io::Error>().is_some()),
+        "{err}"
+    );
+    assert_eq!(inner.calls(), 3);
 
     // A non-idempotent request that hangs is not cut by the per-try timeout: it runs to the
     // deadline, once.
@@ -264,6 +296,98 @@ fn fast_path_needs_no_timer() {
     assert_eq!(inner.calls(), 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn deadline_with_a_try_in_flight_reports_an_unknown_outcome() {
+    // Before: DeadlineExceeded said nothing about whether the write landed.
+    let inner = Scripted::new(|_| Act::Hang);
+    let mut svc = Failover::builder().service(inner.clone());
+    let err = svc.ready().await.unwrap().call("POST").await.unwrap_err();
+    assert!(err.is_deadline_exceeded());
+    assert!(err.is_outcome_unknown(), "{err}");
+    assert_eq!(inner.calls(), 1, "a maybe-sent request is not sent again");
+}
+
+/// A service that is never ready.
+#[derive(Clone)]
+struct NeverReady;
+
+impl Service<&'static str> for NeverReady {
+    type Response = usize;
+    type Error = BoxError;
+    type Future = futures::future::Ready<Result<usize, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Pending
+    }
+
+    fn call(&mut self, _req: &'static str) -> Self::Future {
+        futures::future::ready(Ok(0))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_bounds_a_never_ready_service() {
+    // Before: `oneshot` over a never-ready service was still pending after 60 s with a 2 s
+    // deadline, because the deadline did not bound `poll_ready`.
+    let svc = Failover::builder().service(NeverReady);
+    let t0 = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(60), svc.oneshot("GET")).await;
+    let err = got.expect("bounded by the deadline").unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    match &err {
+        HaError::DeadlineExceeded {
+            attempts,
+            maybe_sent,
+            ..
+        } => {
+            assert_eq!(*attempts, 0);
+            assert!(!maybe_sent, "nothing was sent");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A balancer stand-in with nothing to pick: fails with `NoHealthyEndpoint` and reports no
+/// pick.
+#[derive(Clone)]
+struct Empty(Arc<AtomicUsize>);
+
+impl Service<&'static str> for Empty {
+    type Response = usize;
+    type Error = BoxError;
+    type Future = futures::future::Ready<Result<usize, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: &'static str) -> Self::Future {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        futures::future::ready(Err(HaError::NoHealthyEndpoint {
+            dependency: "profile".into(),
+        }
+        .into()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_to_pick_does_not_drain_the_budget() {
+    // Before: 70 calls with no endpoints emptied the budget (each retried at once), and the
+    // first real refused connect afterwards was not retried.
+    let layer = Failover::builder().budget(0.0, 1).layer();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut empty = tower::Layer::layer(&layer, Empty(calls.clone()));
+    for _ in 0..70 {
+        let err = empty.ready().await.unwrap().call("GET").await.unwrap_err();
+        assert!(err.is_no_healthy_endpoint(), "{err}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 70, "tried once each");
+    assert_eq!(empty.budget_available(), 10);
+    let inner = Scripted::new(|n| if n == 0 { Act::Refused } else { Act::Ok });
+    let mut svc = tower::Layer::layer(&layer, inner.clone());
+    assert_eq!(svc.ready().await.unwrap().call("GET").await.unwrap(), 1);
+}
+
 // === FailFast ===
 
 #[tokio::test(start_paused = true)]
@@ -288,7 +412,7 @@ async fn fail_fast_enters_after_the_timeout_rejects_at_once_and_recovers() {
     let t1 = Instant::now();
     let err = svc.call("GET").await.unwrap_err();
     assert_eq!(t1.elapsed(), Duration::ZERO);
-    match ha(&err) {
+    match ha(&*err) {
         HaError::Unavailable { unready_for } => {
             assert_eq!(*unready_for, Duration::from_secs(1))
         }
@@ -296,7 +420,7 @@ async fn fail_fast_enters_after_the_timeout_rejects_at_once_and_recovers() {
     }
     // Still rejecting while the inner service stays unready.
     let err = svc.ready().await.unwrap().call("GET").await.unwrap_err();
-    assert!(ha(&err).is_unavailable());
+    assert!(ha(&*err).is_unavailable());
 
     // The inner service becomes ready: the next poll_ready leaves the state.
     handle.allow(1);
@@ -333,7 +457,12 @@ async fn composes_with_service_builder() {
     // Through the whole stack, a blackholed service still ends at the deadline.
     let inner = Scripted::new(|_| Act::Hang);
     let mut svc = ServiceBuilder::new()
-        .layer(Failover::builder().deadline(Duration::from_secs(1)).layer())
+        .layer(
+            Failover::builder()
+                .deadline(Duration::from_secs(1))
+                .policy(Idempotent)
+                .layer(),
+        )
         .layer(FailFastLayer::new(Duration::from_millis(100)))
         .service(inner.clone());
     let t0 = Instant::now();

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use ha_core::balance::{LocalityBalance, LocalityBalanceLayer};
 use ha_core::dns::DnsDiscovery;
 use ha_core::failover::{Failover, Idempotent};
-use ha_core::{BoxError, Control, Endpoint, EventBus, HaError, Topology};
+use ha_core::{Control, Endpoint, EventBus, HaError, Topology};
 use ha_lab::http::Who;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -241,9 +241,12 @@ impl DemoClient {
 /// A short, stable name for the kind of a failed call: ha-core's [`HaError::kind`] when the
 /// error is one (`deadline_exceeded`, `no_healthy_endpoint`, ...), else the endpoint's
 /// [`EndpointError::kind`], else `other`.
-pub fn error_kind(err: &BoxError) -> &'static str {
-    let err: &(dyn std::error::Error + 'static) = &**err;
-    if let Some(ha) = HaError::find(err) {
+pub fn error_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    // An endpoint's own error inside `HaError::Backend` / `OutcomeUnknown` names the kind more
+    // exactly than the wrapper; ha-core's other kinds (deadline, no endpoint) are the answer.
+    if let Some(ha) = HaError::find(err)
+        && !matches!(ha, HaError::Backend(_) | HaError::OutcomeUnknown { .. })
+    {
         return ha.kind();
     }
     let mut cur = Some(err);

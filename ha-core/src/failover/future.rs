@@ -19,8 +19,8 @@ use tower_service::Service;
 
 use super::policy::RetryPolicy;
 use super::service::Shared;
-use crate::attempt;
-use crate::error::{BoxError, HaError};
+use crate::attempt::{self, Pick};
+use crate::error::{BoxError, ErrorClass, HaError};
 use crate::metrics_names;
 
 /// What the armed `Sleep` stands for.
@@ -66,11 +66,23 @@ struct Retry<S, P, Req> {
 struct Picks {
     first: Option<SocketAddr>,
     rest: Vec<SocketAddr>,
+    /// Picks of tries that went through a deferring layer, known once the balancer made them.
+    deferred: Vec<Arc<attempt::PickSlot>>,
+    /// The current try's pick.
+    current: Pick,
 }
 
 impl Picks {
-    fn push(&mut self, addr: Option<SocketAddr>) {
-        let Some(addr) = addr else { return };
+    fn push(&mut self, pick: Pick) {
+        match &pick {
+            Pick::Now(addr) => self.push_addr(*addr),
+            Pick::Later(slot) => self.deferred.push(slot.clone()),
+            Pick::None => {}
+        }
+        self.current = pick;
+    }
+
+    fn push_addr(&mut self, addr: SocketAddr) {
         if self.first.is_none() {
             self.first = Some(addr);
         } else if self.first != Some(addr) && !self.rest.contains(&addr) {
@@ -78,7 +90,13 @@ impl Picks {
         }
     }
 
-    fn to_vec(&self) -> Vec<SocketAddr> {
+    fn collect(&mut self) -> Vec<SocketAddr> {
+        for slot in std::mem::take(&mut self.deferred) {
+            match slot.get() {
+                Some(addr) => self.push_addr(addr),
+                None => self.deferred.push(slot),
+            }
+        }
         self.first.iter().chain(self.rest.iter()).copied().collect()
     }
 }
@@ -108,6 +126,10 @@ pin_project! {
         picks: Picks,
         attempts: u32,
         start: Option<Instant>,
+        // The policy said the request may be sent twice.
+        idempotent: bool,
+        // Some try may have taken effect without an answer (abandoned or a maybe-sent error).
+        maybe_sent: bool,
     }
 }
 
@@ -117,10 +139,13 @@ where
 {
     pub(super) fn new(
         future: S::Future,
-        picked: Option<SocketAddr>,
+        picked: Pick,
         retry: Option<(S, P, Req)>,
+        idempotent: bool,
         shared: Arc<Shared>,
     ) -> Self {
+        let mut picks = Picks::default();
+        picks.push(picked);
         ResponseFuture {
             state: State::Called { future },
             sleep: None,
@@ -132,12 +157,40 @@ where
                 next: None,
             }),
             shared,
-            picks: Picks {
-                first: picked,
-                rest: Vec::new(),
-            },
+            picks,
             attempts: 1,
             start: None,
+            idempotent,
+            maybe_sent: false,
+        }
+    }
+
+    /// A call whose service was not ready when it was made: the future waits for it (within
+    /// the deadline) before the first try.
+    pub(super) fn unready(
+        service: S,
+        policy: P,
+        request: Req,
+        copy: Option<Req>,
+        idempotent: bool,
+        shared: Arc<Shared>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Ready,
+            sleep: None,
+            timer: Timer::Unarmed,
+            retry: Some(Retry {
+                service,
+                policy,
+                request: copy,
+                next: Some(request),
+            }),
+            shared,
+            picks: Picks::default(),
+            attempts: 0,
+            start: None,
+            idempotent,
+            maybe_sent: false,
         }
     }
 }
@@ -155,7 +208,7 @@ where
     }
 }
 
-/// Why a failed try is not retried (the `outcome` label), or `None` to retry.
+/// Why a failed try is not retried (the `outcome` label).
 type GiveUp = &'static str;
 
 impl<S, P, Req> Future for ResponseFuture<S, P, Req>
@@ -164,7 +217,7 @@ where
     S::Error: Into<BoxError>,
     P: RetryPolicy<Req>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<S::Response, HaError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -184,26 +237,43 @@ where
                                 let now = Instant::now();
                                 let start = *this.start.get_or_insert(now);
                                 this.shared.budget.observe(now);
-                                let (kind, at) =
-                                    try_timer(this.shared, this.retry, *this.attempts, start, now);
+                                let (kind, at) = try_timer(
+                                    this.shared,
+                                    this.retry,
+                                    *this.attempts,
+                                    *this.idempotent,
+                                    start,
+                                    now,
+                                );
                                 arm(this.sleep, this.timer, kind, at);
                             }
                             ready!(poll_sleep(this.sleep, cx));
                             if *this.timer == Timer::Deadline {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                                // The try in flight is abandoned: it may have taken effect.
+                                attempt::timing_out(|| this.state.set(State::Done));
+                                return Poll::Ready(Err(exceeded(
+                                    this.shared,
+                                    *this.attempts,
+                                    true,
+                                )));
                             }
-                            // The per-try timeout fired: a retryable failure of this try.
-                            match decide(this.shared, this.retry, *this.attempts, this.start, true)
-                            {
+                            // The per-try timeout fired: the try may have been sent.
+                            match decide(
+                                this.shared,
+                                this.retry,
+                                *this.attempts,
+                                this.start,
+                                ErrorClass::MaybeSent.is_retryable(*this.idempotent),
+                            ) {
                                 Ok(now) => {
+                                    *this.maybe_sent = true;
                                     log_retry(
                                         this.shared,
                                         *this.attempts,
                                         &"per-try timeout",
                                         this.picks,
                                     );
-                                    this.state.set(State::Ready);
+                                    attempt::timing_out(|| this.state.set(State::Ready));
                                     next_try(
                                         this.shared,
                                         this.sleep,
@@ -224,16 +294,28 @@ where
                             continue;
                         }
                     };
-                    let retryable = this.retry.is_some()
-                        && this.shared.classifier.classify(&*err).is_retryable(true);
-                    match decide(
-                        this.shared,
-                        this.retry,
-                        *this.attempts,
-                        this.start,
-                        retryable,
-                    ) {
+                    let class = this.shared.classifier.classify(&*err);
+                    let verdict = if matches!(this.picks.current, Pick::None)
+                        && HaError::find(&*err).is_some_and(HaError::is_no_healthy_endpoint)
+                    {
+                        // Nothing was picked because there is nothing to pick: trying again at
+                        // once would find the same and only drain the retry budget that the
+                        // next real failure needs.
+                        Err("no_endpoint")
+                    } else {
+                        decide(
+                            this.shared,
+                            this.retry,
+                            *this.attempts,
+                            this.start,
+                            class.is_retryable(*this.idempotent),
+                        )
+                    };
+                    match verdict {
                         Ok(now) => {
+                            if class == ErrorClass::MaybeSent {
+                                *this.maybe_sent = true;
+                            }
                             log_retry(this.shared, *this.attempts, &err, this.picks);
                             this.state.set(State::Ready);
                             next_try(
@@ -249,7 +331,8 @@ where
                         Err(outcome) => {
                             count_give_up(this.shared, outcome);
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(err));
+                            let endpoint = this.picks.current.now();
+                            return Poll::Ready(Err(give_up(this.shared, class, err, endpoint)));
                         }
                     }
                 }
@@ -257,7 +340,11 @@ where
                     ready!(poll_sleep(this.sleep, cx));
                     if *this.timer == Timer::Deadline {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                        return Poll::Ready(Err(exceeded(
+                            this.shared,
+                            *this.attempts,
+                            *this.maybe_sent,
+                        )));
                     }
                     this.state.set(State::Ready);
                 }
@@ -274,7 +361,7 @@ where
                             };
                             let service = &mut retry.service;
                             let (future, picked) =
-                                attempt::scope(this.picks.to_vec(), || service.call(req));
+                                attempt::scope_pick(this.picks.collect(), || service.call(req));
                             this.picks.push(picked);
                             *this.attempts += 1;
                             this.state.set(State::Called { future });
@@ -284,16 +371,28 @@ where
                         }
                         Poll::Ready(Err(err)) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(err.into()));
+                            return Poll::Ready(Err(HaError::from_boxed(err.into())));
                         }
                         Poll::Pending => {
                             if *this.timer != Timer::Deadline {
-                                let at = deadline_at(this.shared, this.start);
-                                arm(this.sleep, this.timer, Timer::Deadline, at);
+                                // A service that is never ready is bounded by the deadline too,
+                                // from the first poll of the call.
+                                let now = Instant::now();
+                                let start = *this.start.get_or_insert(now);
+                                arm(
+                                    this.sleep,
+                                    this.timer,
+                                    Timer::Deadline,
+                                    start + this.shared.deadline,
+                                );
                             }
                             ready!(poll_sleep(this.sleep, cx));
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(exceeded(this.shared, *this.attempts)));
+                            return Poll::Ready(Err(exceeded(
+                                this.shared,
+                                *this.attempts,
+                                *this.maybe_sent,
+                            )));
                         }
                     }
                 }
@@ -387,12 +486,15 @@ fn try_timer<S, P, Req>(
     shared: &Shared,
     retry: &Option<Retry<S, P, Req>>,
     attempts: u32,
+    idempotent: bool,
     start: Instant,
     now: Instant,
 ) -> (Timer, Instant) {
     let deadline = start + shared.deadline;
-    let more =
-        attempts < shared.max_attempts && retry.as_ref().is_some_and(|r| r.request.is_some());
+    // Only an idempotent request moves on when a try times out (it may have been sent).
+    let more = idempotent
+        && attempts < shared.max_attempts
+        && retry.as_ref().is_some_and(|r| r.request.is_some());
     let try_end = now + shared.try_timeout;
     if more && try_end < deadline {
         (Timer::Try, try_end)
@@ -421,7 +523,26 @@ fn poll_sleep(sleep: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll
     }
 }
 
-fn exceeded(shared: &Shared, attempts: u32) -> BoxError {
+/// The error of a failed try that is not retried: an unknown outcome for a maybe-sent
+/// failure, else the error itself, typed.
+fn give_up(
+    shared: &Shared,
+    class: ErrorClass,
+    err: BoxError,
+    endpoint: Option<SocketAddr>,
+) -> HaError {
+    if class == ErrorClass::MaybeSent {
+        metrics::counter!(metrics_names::OUTCOME_UNKNOWN, "dependency" => shared.dependency.clone())
+            .increment(1);
+        return HaError::OutcomeUnknown {
+            endpoint,
+            source: err,
+        };
+    }
+    HaError::from_boxed(err)
+}
+
+fn exceeded(shared: &Shared, attempts: u32, maybe_sent: bool) -> HaError {
     metrics::counter!(metrics_names::DEADLINES, "dependency" => shared.dependency.clone())
         .increment(1);
     tracing::debug!(
@@ -430,14 +551,18 @@ fn exceeded(shared: &Shared, attempts: u32) -> BoxError {
         attempts,
         "failover: deadline exceeded"
     );
-    Box::new(HaError::DeadlineExceeded {
+    if maybe_sent {
+        metrics::counter!(metrics_names::OUTCOME_UNKNOWN, "dependency" => shared.dependency.clone())
+            .increment(1);
+    }
+    HaError::DeadlineExceeded {
         deadline: shared.deadline,
         attempts,
-        maybe_sent: false,
-    })
+        maybe_sent,
+    }
 }
 
-fn log_retry(shared: &Shared, attempts: u32, err: &dyn fmt::Display, picks: &Picks) {
+fn log_retry(shared: &Shared, attempts: u32, err: &dyn fmt::Display, picks: &mut Picks) {
     metrics::counter!(
         metrics_names::RETRIES,
         "dependency" => shared.dependency.clone(),
@@ -448,7 +573,7 @@ fn log_retry(shared: &Shared, attempts: u32, err: &dyn fmt::Display, picks: &Pic
         dependency = %&*shared.dependency,
         attempt = attempts + 1,
         error = %err,
-        avoided = ?picks,
+        avoided = ?picks.collect(),
         "failover: retrying on another endpoint"
     );
 }
@@ -462,6 +587,6 @@ fn count_give_up(shared: &Shared, outcome: GiveUp) {
     .increment(1);
 }
 
-fn internal(msg: &'static str) -> BoxError {
-    Box::new(std::io::Error::other(msg))
+fn internal(msg: &'static str) -> HaError {
+    HaError::backend(std::io::Error::other(msg))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::policy::Idempotent;
+use super::policy::NotIdempotent;
 use super::service::{Failover, FailoverBuilder, Shared};
 
 /// Wraps services in [`Failover`]; made by [`FailoverBuilder::layer`].
@@ -21,7 +21,7 @@ use super::service::{Failover, FailoverBuilder, Shared};
 ///     .service(tower::service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req) }));
 /// # let _ = svc;
 /// ```
-pub struct FailoverLayer<P = Idempotent> {
+pub struct FailoverLayer<P = NotIdempotent> {
     policy: P,
     shared: Arc<Shared>,
 }
@@ -32,7 +32,7 @@ impl<P> FailoverLayer<P> {
     }
 }
 
-impl Default for FailoverLayer<Idempotent> {
+impl Default for FailoverLayer<NotIdempotent> {
     fn default() -> Self {
         FailoverBuilder::default().layer()
     }
@@ -64,6 +64,7 @@ impl<S, P: Clone> Layer<S> for FailoverLayer<P> {
             inner,
             policy: self.policy.clone(),
             shared: Arc::clone(&self.shared),
+            ready: false,
         }
     }
 }

@@ -4,14 +4,19 @@ use std::fmt;
 
 /// Decides whether a request may be tried again, and makes the copy a retry sends.
 ///
-/// [`Failover`](super::Failover) retries a call only when the error is retryable (its
-/// [`Classify`](crate::Classify)) **and** the policy says the request is idempotent; a request
-/// that is not idempotent is tried once.
+/// [`Failover`](super::Failover) asks the error's [`ErrorClass`](crate::ErrorClass): a request
+/// that provably was not sent (`NotSent`, `Refused`) is retried whatever the policy says, as
+/// long as the policy can copy it; one that may have been sent (`MaybeSent`: a reset after
+/// the write, a per-try timeout) is retried only when the policy says it is idempotent, and
+/// otherwise fails with [`HaError::OutcomeUnknown`](crate::HaError::OutcomeUnknown).
+/// [`NeverRetry`] copies nothing, so its calls are tried exactly once.
 ///
 /// ```
-/// use ha_core::failover::{Idempotent, NeverRetry, RetryPolicy};
+/// use ha_core::failover::{Idempotent, NeverRetry, NotIdempotent, RetryPolicy};
 ///
 /// assert!(Idempotent.is_idempotent(&"GET /profile"));
+/// assert!(!NotIdempotent.is_idempotent(&"POST /orders"));
+/// assert_eq!(NotIdempotent.clone_request(&"POST /orders"), Some("POST /orders"));
 /// assert_eq!(Idempotent.clone_request(&"GET /profile"), Some("GET /profile"));
 /// assert!(!RetryPolicy::<&str>::is_idempotent(&NeverRetry, &"POST /orders"));
 /// ```
@@ -24,7 +29,26 @@ pub trait RetryPolicy<Req>: Clone + Send + Sync + 'static {
     fn clone_request(&self, req: &Req) -> Option<Req>;
 }
 
-/// Every request is idempotent and is copied with `Clone` (the default policy).
+/// No request is idempotent, every request is copied with `Clone`: the default policy.
+///
+/// A call is retried on another endpoint only when it provably never took effect (connect
+/// refused, fenced, read-only, nothing picked); a call that may have been sent and got no
+/// answer is never sent again and fails with
+/// [`HaError::OutcomeUnknown`](crate::HaError::OutcomeUnknown). Safe for writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotIdempotent;
+
+impl<Req: Clone> RetryPolicy<Req> for NotIdempotent {
+    fn is_idempotent(&self, _req: &Req) -> bool {
+        false
+    }
+
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+/// Every request is idempotent and is copied with `Clone`.
 ///
 /// Use it for reads; for a mix of reads and writes use [`IdempotentIf`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,8 +64,8 @@ impl<Req: Clone> RetryPolicy<Req> for Idempotent {
     }
 }
 
-/// No request is ever retried: every call is tried exactly once (deadline and metrics still
-/// apply).
+/// No request is ever retried, not even one that was provably not sent: every call is tried
+/// exactly once (deadline and metrics still apply).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NeverRetry;
 

@@ -12,9 +12,9 @@ use super::backoff::Backoff;
 use super::budget::RetryBudget;
 use super::future::ResponseFuture;
 use super::layer::FailoverLayer;
-use super::policy::{Idempotent, RetryPolicy};
+use super::policy::{NotIdempotent, RetryPolicy};
 use crate::attempt;
-use crate::error::{BoxError, Classify, DefaultClassifier};
+use crate::error::{BoxError, Classify, DefaultClassifier, HaError};
 
 /// The longest deadline or per-try timeout the builder accepts; longer values are clamped.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -46,24 +46,27 @@ impl fmt::Debug for Shared {
 /// Retries failed calls on another endpoint, within an overall deadline and a retry budget.
 ///
 /// See the [module documentation](super) for the rules and an example.
-pub struct Failover<S, P = Idempotent> {
+pub struct Failover<S, P = NotIdempotent> {
     pub(super) inner: S,
     pub(super) policy: P,
     pub(super) shared: Arc<Shared>,
+    /// The inner service answered `Ready` to the last `poll_ready` and has not been called.
+    pub(super) ready: bool,
 }
 
 // === impl Failover ===
 
-impl Failover<(), Idempotent> {
+impl Failover<(), NotIdempotent> {
     /// A builder with the defaults: deadline 2 s, per-try timeout 500 ms, 3 attempts, a budget
-    /// of 20% of the requests of the last 10 s plus 10 retries/s, [`DefaultClassifier`],
-    /// [`Idempotent`] policy, no backoff.
-    pub fn builder() -> FailoverBuilder<Idempotent> {
+    /// of 20% of the requests of the last 10 s plus 10 retries/s, [`DefaultClassifier`], the
+    /// [`NotIdempotent`] policy (a request that may have been sent is never sent again), no
+    /// backoff.
+    pub fn builder() -> FailoverBuilder<NotIdempotent> {
         FailoverBuilder::default()
     }
 
     /// A [`FailoverLayer`] with the defaults of [`Failover::builder`].
-    pub fn layer() -> FailoverLayer<Idempotent> {
+    pub fn layer() -> FailoverLayer<NotIdempotent> {
         FailoverBuilder::default().layer()
     }
 }
@@ -96,6 +99,8 @@ impl<S: Clone, P: Clone> Clone for Failover<S, P> {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
             shared: Arc::clone(&self.shared),
+            // A clone of a ready service is not ready (tower's rule).
+            ready: false,
         }
     }
 }
@@ -117,27 +122,51 @@ where
     P: RetryPolicy<Req>,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = HaError;
     type Future = ResponseFuture<S, P, Req>;
 
+    /// Always ready: when the inner service is not ready yet, the call's future waits for it,
+    /// bounded by the call's deadline, so a service that never becomes ready cannot hang
+    /// callers in `ready()`.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.ready {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => self.ready = true,
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(HaError::from_boxed(err.into()))),
+            Poll::Pending => {}
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &self.shared;
         shared.budget.deposit();
-        // Only a request that may be retried pays for the copies a retry needs.
-        let retry = if shared.max_attempts > 1 && self.policy.is_idempotent(&req) {
-            self.policy
-                .clone_request(&req)
-                .map(|copy| (self.inner.clone(), self.policy.clone(), copy))
+        let idempotent = self.policy.is_idempotent(&req);
+        // Any request the policy can copy may be retried: one that was provably not sent
+        // goes to another endpoint whatever it is.
+        let copy = if shared.max_attempts > 1 {
+            self.policy.clone_request(&req)
         } else {
             None
         };
+        if !std::mem::take(&mut self.ready) {
+            // Not ready (or `call` without `poll_ready`): wait in the future, within the
+            // deadline, on a clone; this service stays unready.
+            return ResponseFuture::unready(
+                self.inner.clone(),
+                self.policy.clone(),
+                req,
+                copy,
+                idempotent,
+                Arc::clone(shared),
+            );
+        }
+        let retry = copy.map(|copy| (self.inner.clone(), self.policy.clone(), copy));
         let inner = &mut self.inner;
-        let (future, picked) = attempt::scope(Vec::new(), || inner.call(req));
-        ResponseFuture::new(future, picked, retry, Arc::clone(shared))
+        let (future, picked) = attempt::scope_pick(Vec::new(), || inner.call(req));
+        ResponseFuture::new(future, picked, retry, idempotent, Arc::clone(shared))
     }
 }
 
@@ -173,7 +202,7 @@ pub struct FailoverBuilder<P> {
     dependency: metrics::SharedString,
 }
 
-impl Default for FailoverBuilder<Idempotent> {
+impl Default for FailoverBuilder<NotIdempotent> {
     fn default() -> Self {
         FailoverBuilder {
             deadline: Duration::from_secs(2),
@@ -183,7 +212,7 @@ impl Default for FailoverBuilder<Idempotent> {
             budget_floor: 10,
             budget_ttl: Duration::from_secs(10),
             classifier: Box::new(DefaultClassifier),
-            policy: Idempotent,
+            policy: NotIdempotent,
             backoff: None,
             dependency: metrics::SharedString::from_borrowed("unknown"),
         }
@@ -227,7 +256,8 @@ impl<P> FailoverBuilder<P> {
         self
     }
 
-    /// Which errors may be retried (default [`DefaultClassifier`]).
+    /// How errors are classified (default [`DefaultClassifier`]): which are retried for any
+    /// request, which only for idempotent ones, which never (see [`ErrorClass`](crate::ErrorClass)).
     pub fn classifier(mut self, classifier: impl Classify) -> Self {
         self.classifier = Box::new(classifier);
         self
@@ -246,9 +276,11 @@ impl<P> FailoverBuilder<P> {
         self
     }
 
-    /// Which requests are idempotent and how they are copied (default [`Idempotent`]: every
-    /// request, so set [`NeverRetry`](super::NeverRetry) or [`IdempotentIf`](super::IdempotentIf)
-    /// for writes).
+    /// Which requests are idempotent and how they are copied (default
+    /// [`NotIdempotent`](super::NotIdempotent): none is, so only a request that provably was not
+    /// sent is retried; use [`Idempotent`](super::Idempotent) for reads,
+    /// [`IdempotentIf`](super::IdempotentIf) for a mix, [`NeverRetry`](super::NeverRetry) to
+    /// try every call once).
     pub fn policy<P2>(self, policy: P2) -> FailoverBuilder<P2> {
         FailoverBuilder {
             deadline: self.deadline,
