@@ -15,6 +15,7 @@
 pub mod attempt;
 pub mod balance;
 pub mod config;
+pub mod context;
 pub mod control;
 pub mod discovery;
 pub mod dns;
@@ -36,6 +37,7 @@ pub struct ReadmeDoctests;
 pub use config::{
     BalanceSettings, Dependency, DnsSettings, HealthSettings, Idc, Region, Source, Topology,
 };
+pub use context::HaContext;
 pub use control::Control;
 pub use discovery::{EndpointSet, EndpointWatch};
 pub use error::{BoxError, Classify, ConfigError, DefaultClassifier, ErrorClass, HaError};
