@@ -51,7 +51,7 @@ thread_local! {
     static AVOIDING: Cell<bool> = const { Cell::new(false) };
     static AVOID: RefCell<Vec<SocketAddr>> = const { RefCell::new(Vec::new()) };
     static PICKED: Cell<Option<SocketAddr>> = const { Cell::new(None) };
-    static DEFERRED: RefCell<Option<Arc<PickSlot>>> = const { RefCell::new(None) };
+    static DEFERRED: Cell<Option<Arc<PickSlot>>> = const { Cell::new(None) };
     static TIMING_OUT: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -153,18 +153,11 @@ pub fn scope_pick<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Pick)
             .ok()
             .flatten();
     }
-    let outer_deferred = DEFERRED
-        .try_with(|c| c.try_borrow_mut().ok().and_then(|mut d| d.take()))
-        .ok()
-        .flatten();
+    let outer_deferred = DEFERRED.try_with(Cell::take).ok().flatten();
     let r = f();
     let picked = PICKED.try_with(Cell::get).ok().flatten();
     let deferred = DEFERRED
-        .try_with(|c| {
-            c.try_borrow_mut()
-                .ok()
-                .and_then(|mut d| std::mem::replace(&mut *d, outer_deferred))
-        })
+        .try_with(|c| c.replace(outer_deferred))
         .ok()
         .flatten();
     drop(restore);
@@ -253,11 +246,7 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let slot = Arc::new(PickSlot::default());
         let avoid = avoided(<[SocketAddr]>::to_vec);
-        let _ = DEFERRED.try_with(|c| {
-            if let Ok(mut d) = c.try_borrow_mut() {
-                *d = Some(slot.clone());
-            }
-        });
+        let _ = DEFERRED.try_with(|c| c.set(Some(slot.clone())));
         self.inner.call(Attempt {
             request,
             avoid,
