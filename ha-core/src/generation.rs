@@ -1,4 +1,6 @@
-//! Generations: a counter per dependency bumped whenever its master changes. Every pooled
+//! Generations: a counter per dependency bumped whenever its master changes (a backend that
+//! publishes the master itself should use [`MasterWatch`](crate::master::MasterWatch), which keeps
+//! the address and the generation in one snapshot). Every pooled
 //! connection carries the generation it was made in, and a connection of an older generation is
 //! fenced (refused) instead of being used to write to a demoted master.
 

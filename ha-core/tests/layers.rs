@@ -412,7 +412,7 @@ async fn fail_fast_enters_after_the_timeout_rejects_at_once_and_recovers() {
     let t1 = Instant::now();
     let err = svc.call("GET").await.unwrap_err();
     assert_eq!(t1.elapsed(), Duration::ZERO);
-    match ha(&*err) {
+    match ha(&err) {
         HaError::Unavailable { unready_for } => {
             assert_eq!(*unready_for, Duration::from_secs(1))
         }
@@ -420,7 +420,7 @@ async fn fail_fast_enters_after_the_timeout_rejects_at_once_and_recovers() {
     }
     // Still rejecting while the inner service stays unready.
     let err = svc.ready().await.unwrap().call("GET").await.unwrap_err();
-    assert!(ha(&*err).is_unavailable());
+    assert!(ha(&err).is_unavailable());
 
     // The inner service becomes ready: the next poll_ready leaves the state.
     handle.allow(1);

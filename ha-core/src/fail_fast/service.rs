@@ -110,7 +110,7 @@ where
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = HaError;
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -124,7 +124,7 @@ where
                     );
                 }
                 self.state = State::Ready;
-                return Poll::Ready(result.map_err(Into::into));
+                return Poll::Ready(result.map_err(|e| HaError::from_boxed(e.into())));
             }
             Poll::Pending => {}
         }
@@ -209,14 +209,16 @@ where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<T, HaError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx).map_err(Into::into),
+            KindProj::Inner { future } => {
+                future.poll(cx).map_err(|e| HaError::from_boxed(e.into()))
+            }
             KindProj::Rejected { unready_for } => Poll::Ready(Err(match unready_for.take() {
-                Some(unready_for) => Box::new(HaError::Unavailable { unready_for }),
-                None => Box::new(std::io::Error::other(
+                Some(unready_for) => HaError::Unavailable { unready_for },
+                None => HaError::backend(std::io::Error::other(
                     "fail-fast future polled after completion",
                 )),
             })),
