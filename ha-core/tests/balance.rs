@@ -290,7 +290,7 @@ async fn empty_set_is_a_clear_error() {
     let mut f = fixture_with(Vec::new(), 1);
     let err = f.svc.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(
-        HaError::find(&*err).is_some_and(HaError::is_no_healthy_endpoint),
+        HaError::find(&err).is_some_and(HaError::is_no_healthy_endpoint),
         "{err}"
     );
     assert_eq!(

@@ -131,7 +131,7 @@ async fn balancer_error(topo: &Topology, watch: EndpointWatch) -> Option<BoxErro
         .build(|_e: &ha_core::Endpoint| {
             tower::service_fn(|_req: ()| async { Ok::<_, BoxError>(()) })
         });
-    svc.oneshot(()).await.err()
+    svc.oneshot(()).await.err().map(BoxError::from)
 }
 
 #[tokio::test]

@@ -59,8 +59,10 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         self.core.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if !self.done {
-            // Dropped before an answer: a timeout from the caller's point of view.
+        if !self.done && crate::attempt::is_timing_out() {
+            // `Failover` abandoned this try for its per-try timeout or the deadline: a
+            // timeout, held against the endpoint. Any other drop is the caller going away (a
+            // cancelled request, an outer `select!`): it says nothing about the endpoint.
             self.finish(false);
         }
         if self.probe {
@@ -107,7 +109,7 @@ where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<S::Response, HaError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
@@ -123,16 +125,23 @@ where
                         return Poll::Pending;
                     }
                 };
+                let res = res.map_err(Into::into);
                 if let Some(mut g) = guard.take() {
-                    g.finish(res.is_ok());
+                    // Only a transport failure or a timeout counts against the endpoint; an
+                    // application error is an answer, and proof that the endpoint is alive.
+                    let ok = match &res {
+                        Ok(_) => true,
+                        Err(e) => !g.core.ctx().classifier.classify(&**e).is_endpoint_failure(),
+                    };
+                    g.finish(ok);
                 }
-                Poll::Ready(res.map_err(Into::into))
+                Poll::Ready(res.map_err(HaError::from_boxed))
             }
             KindProj::Fail { err } => Poll::Ready(Err(match err.take() {
-                Some(e) => Box::new(e),
-                None => Box::new(HaError::NoHealthyEndpoint {
+                Some(e) => e,
+                None => HaError::NoHealthyEndpoint {
                     dependency: "polled after completion".into(),
-                }),
+                },
             })),
         }
     }

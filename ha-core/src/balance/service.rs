@@ -17,7 +17,7 @@ use super::select::{TierCounts, cumulative, is_panic, tier_shares};
 use crate::config::{BalanceSettings, HealthSettings, Topology};
 use crate::control::Control;
 use crate::discovery::{EndpointSet, EndpointWatch};
-use crate::error::{BoxError, HaError};
+use crate::error::{BoxError, Classify, DefaultClassifier, HaError};
 use crate::events::{EventBus, TopologyEvent};
 use crate::health::{EndpointHealth, Status, Verdict};
 use crate::locality::{Endpoint, Locality};
@@ -45,6 +45,9 @@ where
 
 pub(crate) struct Ctx {
     pub(crate) dependency: Arc<str>,
+    /// Which errors count against an endpoint (transport failures and timeouts do; an
+    /// application error is an answer).
+    pub(crate) classifier: Arc<dyn Classify>,
     pub(crate) health: HealthSettings,
     balance: BalanceSettings,
     pub(crate) events: EventBus,
@@ -284,6 +287,7 @@ pub struct Builder {
     control: Option<Control>,
     events: EventBus,
     seed: Option<u64>,
+    classifier: Arc<dyn Classify>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -327,6 +331,15 @@ impl Builder {
         self
     }
 
+    /// How an endpoint's errors are classified (default [`DefaultClassifier`]): only a
+    /// transport failure or a timeout ([`ErrorClass::is_endpoint_failure`]
+    /// (crate::ErrorClass::is_endpoint_failure)) counts against the endpoint's health; an
+    /// application error such as a duplicate key is an answer and counts as proof of life.
+    pub fn classifier(mut self, classifier: impl Classify) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
     /// Builds the balancer; `make` creates the service of each endpoint as it appears.
     pub fn build<S, M>(self, make: M) -> LocalityBalance<S>
     where
@@ -350,6 +363,7 @@ impl Builder {
     {
         let ctx = Arc::new(Ctx {
             dependency: self.dependency,
+            classifier: self.classifier,
             health: self.health,
             balance: self.balance,
             events: self.events,
@@ -429,6 +443,7 @@ impl LocalityBalance<()> {
             control: None,
             events: EventBus::default(),
             seed: None,
+            classifier: Arc::new(DefaultClassifier),
         }
     }
 }
@@ -826,7 +841,7 @@ where
     R: RngCore,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = HaError;
     type Future = ResponseFuture<S, Req>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
