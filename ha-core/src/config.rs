@@ -167,6 +167,7 @@ struct RawHealth {
     base_ejection: Option<DurationStr>,
     max_ejection: Option<DurationStr>,
     max_ejected_percent: Option<f64>,
+    probe_timeout: Option<DurationStr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -279,7 +280,7 @@ impl DnsSettings {
 /// Passive outlier detection. Defaults: eject after 5 `consecutive_failures`, or when the
 /// `failure_rate` in `window` (10s) reaches 0.5 over at least `failure_rate_min_requests` (10)
 /// calls; ejected for `base_ejection` (2s) × 2^(repeats), at most `max_ejection` (60s); at most
-/// `max_ejected_percent` (50%) of a set ejected at once.
+/// `max_ejected_percent` (50%) of a set ejected at once; a probe may take `probe_timeout` (1s).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct HealthSettings {
@@ -297,6 +298,9 @@ pub struct HealthSettings {
     pub max_ejection: Duration,
     /// Largest share of a set's endpoints ejected at once, in percent (0–100).
     pub max_ejected_percent: f64,
+    /// How long the probe of an endpoint whose ejection ended may take (1s); a probe that has
+    /// not answered by then is abandoned and the next call probes again.
+    pub probe_timeout: Duration,
 }
 
 impl Default for HealthSettings {
@@ -309,6 +313,7 @@ impl Default for HealthSettings {
             base_ejection: Duration::from_secs(2),
             max_ejection: Duration::from_secs(60),
             max_ejected_percent: 50.0,
+            probe_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -832,6 +837,17 @@ fn validate_health(raw: &RawHealth, file: &Path) -> Result<HealthSettings, Confi
     }
     if let Some(d) = &raw.max_ejection {
         s.max_ejection = d.parse(file, "health.max_ejection")?;
+    }
+    if let Some(d) = &raw.probe_timeout {
+        s.probe_timeout = d.parse(file, "health.probe_timeout")?;
+        if s.probe_timeout.is_zero() {
+            return Err(ConfigError::new(
+                file,
+                "health.probe_timeout",
+                format!("{:?}", s.probe_timeout),
+                "must be more than 0",
+            ));
+        }
     }
     if s.base_ejection > s.max_ejection {
         return Err(ConfigError::new(

@@ -6,8 +6,13 @@
 //! `base_ejection × 2^(n-1)`, capped at `max_ejection`; the count resets once the endpoint has
 //! stayed healthy for `max_ejection`. When an ejection ends, the endpoint is *due a probe*: the
 //! balancer sends it exactly one call at a time; a success restores it (and its IDC's tier counts
-//! it again only after the failback hold), a failure ejects it again for longer. The balancer caps
-//! how many endpoints of a set are ejected at once (`max_ejected_percent`, at least one).
+//! it again only after the failback hold), a failure ejects it again for longer. Only the probe's
+//! own outcome moves the endpoint out of probing: a call that was in flight before the ejection
+//! and answers late counts in the statistics only. A probe that has not answered within
+//! `probe_timeout` is abandoned and the next call becomes the probe (the abandoned one's late
+//! outcome no longer counts as the probe's). The balancer caps how many endpoints of a set are
+//! ejected at once (`max_ejected_percent`, at least one); an endpoint that would be ejected but
+//! for the cap is shown as [`Status::Capped`] and counted in `ha_core_ejection_capped_total`.
 //!
 //! Time is whole milliseconds since the balancer's start, passed in by the caller, so the state
 //! machine is exact under paused tokio time and needs no lock: every field is an atomic, and the
@@ -37,6 +42,9 @@ pub enum Status {
     },
     /// The ejection is over: the next call may be a probe.
     ProbeDue,
+    /// Failing enough to be ejected, but the set's ejection cap keeps it in: it still takes
+    /// traffic (and counts toward its tier's health) until a success or until the cap allows.
+    Capped,
 }
 
 /// What an outcome changed.
@@ -53,7 +61,14 @@ pub enum Verdict {
     },
     /// A probe succeeded: the endpoint takes traffic again.
     Restored,
+    /// The failure would have ejected the endpoint, but the set's ejection cap refused.
+    Capped,
 }
+
+/// The probe slot an endpoint gave a call (see [`EndpointHealth::try_claim_probe`]): only the
+/// outcome of the call holding the current ticket moves the endpoint out of probing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTicket(u32);
 
 /// The health record of one endpoint. All methods are lock-free.
 #[derive(Debug, Default)]
@@ -68,6 +83,12 @@ pub struct EndpointHealth {
     /// When the last probe succeeded, ms + 1 (0: never ejected, counts at once).
     restored_at: AtomicU64,
     probe_inflight: AtomicBool,
+    /// Bumped for every probe handed out; a ticket of an older probe is stale.
+    probe_epoch: AtomicU32,
+    /// When the current probe was handed out (ms).
+    probe_started: AtomicU64,
+    /// The last failure would have ejected the endpoint but for the cap.
+    capped: AtomicBool,
 }
 
 impl EndpointHealth {
@@ -89,6 +110,9 @@ impl EndpointHealth {
             }
             PROBING => Status::ProbeDue,
             _ => {
+                if self.capped.load(Ordering::Acquire) {
+                    return Status::Capped;
+                }
                 let r = self.restored_at.load(Ordering::Acquire);
                 if r != 0 && now_ms < (r - 1).saturating_add(hold_ms) {
                     Status::Warming
@@ -119,40 +143,76 @@ impl EndpointHealth {
         self.ejections.load(Ordering::Acquire)
     }
 
-    /// Claims the single probe slot of an endpoint whose ejection is over. True when this call
-    /// is the probe; the caller must then report its outcome with [`EndpointHealth::on_success`]
-    /// or [`EndpointHealth::on_failure`] (or [`EndpointHealth::release_probe`]).
-    pub fn try_claim_probe(&self, now_ms: u64) -> bool {
+    /// Claims the single probe slot of an endpoint whose ejection is over. `Some` when this
+    /// call is the probe; the caller must then report its outcome with the ticket to
+    /// [`EndpointHealth::on_success`] or [`EndpointHealth::on_failure`] (or
+    /// [`EndpointHealth::release_probe`]). A probe in flight for `probe_timeout_ms` or longer is
+    /// abandoned: this call takes the slot over.
+    pub fn try_claim_probe(&self, now_ms: u64, probe_timeout_ms: u64) -> Option<ProbeTicket> {
         let phase = self.phase.load(Ordering::Acquire);
         let due = phase == PROBING
             || (phase == EJECTED && now_ms >= self.ejected_until.load(Ordering::Acquire));
         if !due {
-            return false;
+            return None;
         }
         if self
             .probe_inflight
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            return false;
+            let started = self.probe_started.load(Ordering::Acquire);
+            if now_ms < started.saturating_add(probe_timeout_ms)
+                || self
+                    .probe_started
+                    .compare_exchange(started, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            {
+                return None;
+            }
+            // The old probe hung: a new epoch makes its late outcome stale.
+            let epoch = self.probe_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            return Some(ProbeTicket(epoch));
         }
+        self.probe_started.store(now_ms, Ordering::Release);
+        let epoch = self.probe_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.phase.store(PROBING, Ordering::Release);
-        true
+        Some(ProbeTicket(epoch))
     }
 
-    /// Gives the probe slot back without an outcome (the probe call was cancelled).
-    pub fn release_probe(&self) {
-        self.probe_inflight.store(false, Ordering::Release);
+    fn is_current(&self, ticket: Option<ProbeTicket>) -> bool {
+        ticket.is_some_and(|t| t.0 == self.probe_epoch.load(Ordering::Acquire))
     }
 
-    /// Records a successful call.
-    pub fn on_success(&self, now_ms: u64, s: &HealthSettings) -> Verdict {
+    /// Gives the probe slot back without an outcome (the probe call was cancelled); a stale
+    /// ticket gives nothing back.
+    pub fn release_probe(&self, ticket: ProbeTicket) {
+        if self.is_current(Some(ticket)) {
+            self.probe_inflight.store(false, Ordering::Release);
+        }
+    }
+
+    /// Records a successful call; `probe` is the ticket when the call was the probe.
+    pub fn on_success(
+        &self,
+        now_ms: u64,
+        s: &HealthSettings,
+        probe: Option<ProbeTicket>,
+    ) -> Verdict {
         // Read before writing: on the common path the line stays shared between cores.
         if self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
         }
+        if self.capped.load(Ordering::Relaxed) {
+            self.capped.store(false, Ordering::Release);
+        }
         self.count(now_ms, s, false);
-        if self.phase.load(Ordering::Acquire) == PROBING {
+        let phase = self.phase.load(Ordering::Acquire);
+        if phase != HEALTHY {
+            // Ejected or probing: only the current probe's answer restores the endpoint; a
+            // call that was in flight before the ejection is old news.
+            if phase != PROBING || !self.is_current(probe) {
+                return Verdict::Unchanged;
+            }
             if self
                 .phase
                 .compare_exchange(PROBING, HEALTHY, Ordering::AcqRel, Ordering::Acquire)
@@ -176,18 +236,20 @@ impl EndpointHealth {
         Verdict::Unchanged
     }
 
-    /// Records a failed call. `may_eject` is asked (once, only when this failure would eject the
-    /// endpoint) whether the set's ejection cap allows one more; it must reserve the slot when it
-    /// answers true.
+    /// Records a failed call (`probe`: the ticket when the call was the probe). `may_eject` is
+    /// asked (once, only when this failure would eject the endpoint) whether the set's ejection
+    /// cap allows one more; it must reserve the slot when it answers true.
     pub fn on_failure(
         &self,
         now_ms: u64,
         s: &HealthSettings,
+        probe: Option<ProbeTicket>,
         may_eject: impl FnOnce() -> bool,
     ) -> Verdict {
         let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         let (total, failed) = self.count(now_ms, s, true);
         match self.phase.load(Ordering::Acquire) {
+            PROBING if !self.is_current(probe) => Verdict::Unchanged,
             PROBING => {
                 if self
                     .phase
@@ -223,8 +285,12 @@ impl EndpointHealth {
                 }
                 if !may_eject() {
                     self.phase.store(HEALTHY, Ordering::Release);
-                    return Verdict::Unchanged;
+                    if self.capped.swap(true, Ordering::AcqRel) {
+                        return Verdict::Unchanged;
+                    }
+                    return Verdict::Capped;
                 }
+                self.capped.store(false, Ordering::Release);
                 let for_ = self.eject_for(now_ms, s);
                 Verdict::Ejected { for_, reason }
             }
@@ -285,12 +351,13 @@ mod tests {
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(5),
             max_ejected_percent: 50.0,
+            probe_timeout: Duration::from_secs(1),
         }
     }
 
     fn fail_until_ejected(h: &EndpointHealth, now: u64, s: &HealthSettings) -> Duration {
         for _ in 0..100 {
-            if let Verdict::Ejected { for_, .. } = h.on_failure(now, s, || true) {
+            if let Verdict::Ejected { for_, .. } = h.on_failure(now, &s, None, || true) {
                 return for_;
             }
         }
@@ -301,10 +368,10 @@ mod tests {
     fn consecutive_failures_eject() {
         let s = settings();
         let h = EndpointHealth::new();
-        assert_eq!(h.on_failure(0, &s, || true), Verdict::Unchanged);
-        assert_eq!(h.on_failure(1, &s, || true), Verdict::Unchanged);
+        assert_eq!(h.on_failure(0, &s, None, || true), Verdict::Unchanged);
+        assert_eq!(h.on_failure(1, &s, None, || true), Verdict::Unchanged);
         assert_eq!(
-            h.on_failure(2, &s, || true),
+            h.on_failure(2, &s, None, || true),
             Verdict::Ejected {
                 for_: Duration::from_secs(1),
                 reason: "consecutive_failures"
@@ -319,9 +386,9 @@ mod tests {
         let s = settings();
         let h = EndpointHealth::new();
         for t in 0..20 {
-            h.on_failure(t, &s, || true);
-            h.on_failure(t, &s, || true);
-            assert_eq!(h.on_success(t, &s), Verdict::Unchanged);
+            h.on_failure(t, &s, None, || true);
+            h.on_failure(t, &s, None, || true);
+            assert_eq!(h.on_success(t, &s, None), Verdict::Unchanged);
             if h.is_ejected() {
                 break;
             }
@@ -336,9 +403,9 @@ mod tests {
         let h = EndpointHealth::new();
         // 1 failure per 2 successes (rate 0.33) never ejects.
         for t in 0..60 {
-            h.on_success(t, &s);
-            h.on_success(t, &s);
-            assert_eq!(h.on_failure(t, &s, || true), Verdict::Unchanged);
+            h.on_success(t, &s, None);
+            h.on_success(t, &s, None);
+            assert_eq!(h.on_failure(t, &s, None, || true), Verdict::Unchanged);
         }
     }
 
@@ -352,9 +419,13 @@ mod tests {
         seen.push(first.as_millis() as u64);
         for _ in 0..4 {
             now += *seen.last().unwrap();
-            assert!(h.try_claim_probe(now));
-            assert!(!h.try_claim_probe(now), "one probe at a time");
-            match h.on_failure(now, &s, || true) {
+            let ticket = h.try_claim_probe(now, 1000);
+            assert!(ticket.is_some());
+            assert!(
+                h.try_claim_probe(now, 1000).is_none(),
+                "one probe at a time"
+            );
+            match h.on_failure(now, &s, ticket, || true) {
                 Verdict::Ejected { for_, reason } => {
                     assert_eq!(reason, "probe_failed");
                     seen.push(for_.as_millis() as u64);
@@ -370,15 +441,19 @@ mod tests {
         let s = settings();
         let h = EndpointHealth::new();
         fail_until_ejected(&h, 0, &s);
-        assert!(!h.try_claim_probe(999), "not before the ejection ends");
-        assert!(h.try_claim_probe(1000));
-        assert_eq!(h.on_success(1010, &s), Verdict::Restored);
+        assert!(
+            h.try_claim_probe(999, 1000).is_none(),
+            "not before the ejection ends"
+        );
+        let ticket = h.try_claim_probe(1000, 1000);
+        assert!(ticket.is_some());
+        assert_eq!(h.on_success(1010, &s, ticket), Verdict::Restored);
         assert_eq!(h.status(1010, 3000), Status::Warming);
         assert_eq!(h.next_change_ms(1010, 3000), Some(4010));
         assert_eq!(h.status(4010, 3000), Status::Healthy);
         // Healthy for max_ejection: the backoff is forgotten.
         assert_eq!(h.ejections(), 1);
-        h.on_success(1010 + 5000, &s);
+        h.on_success(1010 + 5000, &s, None);
         assert_eq!(h.ejections(), 0);
     }
 
@@ -387,9 +462,66 @@ mod tests {
         let s = settings();
         let h = EndpointHealth::new();
         for t in 0..10 {
-            assert_eq!(h.on_failure(t, &s, || false), Verdict::Unchanged);
+            // The third failure would eject (consecutive_failures = 3): the cap refuses, and
+            // says so once; the endpoint stays in, shown as capped rather than healthy.
+            let want = if t == 2 {
+                Verdict::Capped
+            } else {
+                Verdict::Unchanged
+            };
+            assert_eq!(h.on_failure(t, &s, None, || false), want, "failure {t}");
         }
         assert!(!h.is_ejected());
-        assert_eq!(h.status(10, 0), Status::Healthy);
+        assert_eq!(h.status(10, 0), Status::Capped);
+        // A success ends it.
+        h.on_success(11, &s, None);
+        assert_eq!(h.status(11, 0), Status::Healthy);
+    }
+
+    #[test]
+    fn only_the_probe_moves_an_endpoint_out_of_probing() {
+        // Before: a call in flight before the ejection that answered late restored the
+        // endpoint although its probe then failed.
+        let s = settings();
+        let h = EndpointHealth::new();
+        fail_until_ejected(&h, 0, &s);
+        let ticket = h.try_claim_probe(1000, 1000);
+        assert!(ticket.is_some());
+        // The old call's late success: counted, but the endpoint stays in probing.
+        assert_eq!(h.on_success(1001, &s, None), Verdict::Unchanged);
+        assert_eq!(h.status(1001, 0), Status::ProbeDue);
+        // And an old call's late failure does not eject it either.
+        assert_eq!(h.on_failure(1002, &s, None, || true), Verdict::Unchanged);
+        // The probe's own failure does.
+        assert!(matches!(
+            h.on_failure(1003, &s, ticket, || true),
+            Verdict::Ejected {
+                reason: "probe_failed",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_hung_probe_is_abandoned_after_the_probe_timeout() {
+        let s = settings();
+        let h = EndpointHealth::new();
+        fail_until_ejected(&h, 0, &s);
+        let hung = h.try_claim_probe(1000, 500);
+        assert!(hung.is_some());
+        assert!(
+            h.try_claim_probe(1499, 500).is_none(),
+            "still within its timeout"
+        );
+        let next = h.try_claim_probe(1500, 500);
+        assert!(next.is_some(), "the hung probe is abandoned");
+        // The hung probe's late answer is stale; the new probe's answer counts.
+        assert_eq!(h.on_success(1600, &s, hung), Verdict::Unchanged);
+        h.release_probe(hung.unwrap());
+        assert!(
+            h.try_claim_probe(1601, 500).is_none(),
+            "a stale release frees nothing"
+        );
+        assert_eq!(h.on_success(1602, &s, next), Verdict::Restored);
     }
 }

@@ -29,3 +29,6 @@ pub const FAIL_FAST: &str = "ha_core_fail_fast_rejected_total";
 pub const FENCED: &str = "ha_core_fenced_total";
 /// Counter: calls whose outcome is unknown (sent, no answer, not retried), label `dependency`.
 pub const OUTCOME_UNKNOWN: &str = "ha_core_outcome_unknown_total";
+/// Counter: failures that would have ejected an endpoint but the ejection cap refused, labels
+/// `dependency`, `idc`.
+pub const EJECTION_CAPPED: &str = "ha_core_ejection_capped_total";

@@ -139,3 +139,78 @@ async fn per_try_timeouts_are_failures() {
         status(svc.get_ref(), addr)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn p2c_avoids_dead_endpoints_the_ejection_cap_keeps_in() {
+    // Before: latency was recorded only on success and an unmeasured endpoint cost 0, so with
+    // 2 of 4 endpoints blackholed and a 25% cap (one ejection) the dead ones took 655 of 1000
+    // calls (fair: 333) and the kept-in one showed as Healthy.
+    let topo = Topology::from_toml_str(
+        &TOPO.replace("max_ejected_percent = 100", "max_ejected_percent = 25"),
+        "t.toml",
+    )
+    .unwrap();
+    let addrs: Vec<SocketAddr> = (11..15)
+        .map(|i| format!("127.0.1.{i}:80").parse().unwrap())
+        .collect();
+    let dead = [addrs[0], addrs[1]];
+    let set = EndpointSet::new(
+        "profile",
+        addrs
+            .iter()
+            .map(|a| topo.classifier().endpoint(*a))
+            .collect(),
+        1,
+    );
+    let (_tx, rx) = channel(set);
+    let dead_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = dead_hits.clone();
+    let bal = LocalityBalance::builder(&topo, rx)
+        .events(EventBus::default())
+        .seed(5)
+        .build(move |ep: &Endpoint| -> Svc {
+            let addr = ep.addr;
+            let is_dead = dead.contains(&addr);
+            let hits = hits.clone();
+            tower::util::BoxCloneSyncService::new(tower::service_fn(move |()| {
+                if is_dead {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                async move {
+                    if is_dead {
+                        futures::future::pending::<()>().await;
+                    }
+                    Ok::<_, BoxError>(addr)
+                }
+            }))
+        });
+    let mut svc = Failover::builder()
+        .deadline(Duration::from_secs(1))
+        .try_timeout(Duration::from_millis(100))
+        .budget(1000.0, 100_000)
+        .policy(Idempotent)
+        .service(bal);
+    let calls = 1000;
+    for _ in 0..calls {
+        svc.ready().await.unwrap().call(()).await.unwrap();
+        // Calls spread over time, as real traffic is (ejections expire and are probed).
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let hit = dead_hits.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("dead endpoints took {hit} of {calls} calls");
+    assert!(
+        hit * 3 < calls,
+        "dead endpoints took {hit} of {calls} calls"
+    );
+    let view = svc.get_ref().view();
+    let statuses: Vec<Status> = view
+        .endpoints
+        .iter()
+        .filter(|e| dead.contains(&e.endpoint.addr))
+        .map(|e| e.status)
+        .collect();
+    assert!(
+        statuses.contains(&Status::Capped),
+        "the dead endpoint the cap keeps in shows as capped: {statuses:?}"
+    );
+}

@@ -12,6 +12,7 @@ use tower_service::Service;
 
 use super::service::EntryCore;
 use crate::error::{BoxError, HaError};
+use crate::health::ProbeTicket;
 
 /// Tracks one call on one endpoint: counts it in flight, and records its outcome on completion,
 /// or a failure when the call is dropped unfinished (a per-try timeout or deadline).
@@ -21,12 +22,12 @@ pub(crate) struct CallGuard {
     /// no measurable time and needs no clock reading).
     start: Option<Instant>,
     start_ms: u64,
-    probe: bool,
+    probe: Option<ProbeTicket>,
     done: bool,
 }
 
 impl CallGuard {
-    pub(crate) fn new(core: Arc<EntryCore>, start_ms: u64, probe: bool) -> Self {
+    pub(crate) fn new(core: Arc<EntryCore>, start_ms: u64, probe: Option<ProbeTicket>) -> Self {
         core.in_flight.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             core,
@@ -52,7 +53,7 @@ impl CallGuard {
             None if !ok => (Duration::ZERO, ctx.read_clock()),
             None => (Duration::ZERO, self.start_ms),
         };
-        ctx.record(&self.core, ok, latency, now_ms);
+        ctx.record(&self.core, ok, latency, now_ms, self.probe);
     }
 }
 
@@ -65,8 +66,8 @@ impl Drop for CallGuard {
             // cancelled request, an outer `select!`): it says nothing about the endpoint.
             self.finish(false);
         }
-        if self.probe {
-            self.core.health.release_probe();
+        if let Some(ticket) = self.probe {
+            self.core.health.release_probe(ticket);
         }
     }
 }

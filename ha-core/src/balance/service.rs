@@ -19,7 +19,7 @@ use crate::control::Control;
 use crate::discovery::{EndpointSet, EndpointWatch};
 use crate::error::{BoxError, Classify, DefaultClassifier, HaError};
 use crate::events::{EventBus, TopologyEvent};
-use crate::health::{EndpointHealth, Status, Verdict};
+use crate::health::{EndpointHealth, ProbeTicket, Status, Verdict};
 use crate::locality::{Endpoint, Locality};
 use crate::metrics_names;
 
@@ -40,6 +40,13 @@ where
         self(endpoint)
     }
 }
+
+/// The least latency a failed call is charged in the endpoint's peak-EWMA.
+pub(crate) const FAILURE_PENALTY: Duration = Duration::from_millis(100);
+
+/// The cost estimate (ns) of an endpoint with no latency sample yet: never zero, so that its
+/// calls in flight still count.
+const UNMEASURED_NS: f64 = 1_000.0;
 
 // === Ctx: what outcome recording needs (no reference back to the picture, so no Arc cycle) ===
 
@@ -108,19 +115,36 @@ impl Ctx {
             .is_ok()
     }
 
-    pub(crate) fn record(&self, entry: &EntryCore, ok: bool, latency: Duration, now_ms: u64) {
-        if ok {
-            entry.observe_latency(latency, now_ms, self.balance.ewma_decay);
-        }
+    pub(crate) fn record(
+        &self,
+        entry: &EntryCore,
+        ok: bool,
+        latency: Duration,
+        now_ms: u64,
+        probe: Option<ProbeTicket>,
+    ) {
+        // A failure is charged as a latency of at least FAILURE_PENALTY (as the peak-EWMA of
+        // tower and Finagle do): an endpoint that fails at once must not look like the fastest
+        // one, or P2C prefers exactly the endpoints the ejection cap keeps in.
+        let charged = if ok {
+            latency
+        } else {
+            latency.max(FAILURE_PENALTY)
+        };
+        entry.observe_latency(charged, now_ms, self.balance.ewma_decay);
         let verdict = if ok {
-            entry.health.on_success(now_ms, &self.health)
+            entry.health.on_success(now_ms, &self.health, probe)
         } else {
             entry
                 .health
-                .on_failure(now_ms, &self.health, || self.may_eject())
+                .on_failure(now_ms, &self.health, probe, || self.may_eject())
         };
         match verdict {
             Verdict::Unchanged => {}
+            Verdict::Capped => {
+                metrics::counter!(metrics_names::EJECTION_CAPPED, "dependency" => self.dependency.to_string(), "idc" => entry.endpoint.idc_name().to_string()).increment(1);
+                tracing::warn!(dependency = %self.dependency, endpoint = %entry.endpoint.addr, idc = entry.endpoint.idc_name(), "endpoint failing but the ejection cap keeps it in");
+            }
             Verdict::Ejected { for_, reason } => {
                 self.picture_changed();
                 metrics::counter!(metrics_names::EJECTIONS, "dependency" => self.dependency.to_string(), "idc" => entry.endpoint.idc_name().to_string(), "reason" => reason).increment(1);
@@ -168,7 +192,7 @@ impl EntryCore {
         let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
         let pending = f64::from(self.in_flight.load(Ordering::Relaxed) + 1);
         if ewma == 0.0 {
-            return 0.0;
+            return UNMEASURED_NS * pending;
         }
         let idle = now_ms.saturating_sub(self.ewma_at_ms.load(Ordering::Relaxed));
         let w = if idle == 0 {
@@ -450,7 +474,12 @@ impl LocalityBalance<()> {
 
 /// A pick: the picture it was made on, the endpoint's index, whether it is a probe, and the
 /// time (ms since the balancer's start) it was made at.
-type Pick<S> = (arc_swap::Guard<Arc<Picture<S>>>, u32, bool, u64);
+type Pick<S> = (
+    arc_swap::Guard<Arc<Picture<S>>>,
+    u32,
+    Option<ProbeTicket>,
+    u64,
+);
 
 /// A point-in-time view of one endpoint, for status pages and tests.
 #[derive(Debug, Clone, PartialEq)]
@@ -546,9 +575,11 @@ where
         // An endpoint whose ejection is over gets this call as its probe.
         for &i in &p.probes {
             let core = &p.entries[i as usize].core;
-            if core.health.try_claim_probe(now_ms) {
+            let probe_timeout_ms =
+                u64::try_from(ctx.health.probe_timeout.as_millis()).unwrap_or(u64::MAX);
+            if let Some(ticket) = core.health.try_claim_probe(now_ms, probe_timeout_ms) {
                 tracing::debug!(dependency = %ctx.dependency, endpoint = %core.endpoint.addr, idc = core.endpoint.idc_name(), "pick: probe of an endpoint whose ejection ended");
-                return Some((p, i, true, now_ms));
+                return Some((p, i, Some(ticket), now_ms));
             }
         }
 
@@ -607,7 +638,7 @@ where
                 "pick"
             );
         }
-        Some((p, i, false, now_ms))
+        Some((p, i, None, now_ms))
     }
 }
 
@@ -785,7 +816,9 @@ impl<S: Clone> Shared<S> {
             counts[t].total += 1;
             panic_pool.push(i);
             match status {
-                Status::Healthy => {
+                // A capped endpoint is failing but the ejection cap keeps it in: it takes
+                // traffic as before (its cost, charged for its failures, steers P2C away).
+                Status::Healthy | Status::Capped => {
                     counts[t].healthy += 1;
                     tiers[t].push(i);
                 }
