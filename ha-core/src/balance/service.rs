@@ -41,6 +41,10 @@ where
     }
 }
 
+/// `next_due_ms` while a recompute runs: far in the future, so pickers do not pile onto the
+/// recompute lock, and distinct from any due time a recompute stores.
+const RECOMPUTING: u64 = u64::MAX;
+
 /// The least latency a failed call is charged in the endpoint's peak-EWMA.
 pub(crate) const FAILURE_PENALTY: Duration = Duration::from_millis(100);
 
@@ -63,9 +67,6 @@ pub(crate) struct Ctx {
     pub(crate) next_due_ms: AtomicU64,
     /// The last clock reading (ms since `base`), shared by every call. See `CLOCK_EVERY`.
     clock_ms: AtomicU64,
-    /// Bumped by every health verdict that changes the picture, so a recompute that raced with
-    /// one does not overwrite its forced `next_due_ms = 0`.
-    verdicts: AtomicU64,
     ejected: AtomicUsize,
     total: AtomicUsize,
 }
@@ -93,10 +94,10 @@ impl Ctx {
         self.clock_ms.load(Ordering::Relaxed)
     }
 
-    /// A health verdict changed the picture: the next pick recomputes it, and a recompute
-    /// already under way will not overwrite that (see `verdicts`).
+    /// A health verdict changed the picture: the next pick recomputes it. A recompute under
+    /// way cannot overwrite this: it claimed `next_due_ms` by setting it to `RECOMPUTING` and
+    /// only replaces that value, so a 0 stored meanwhile stays (see `Shared::recompute`).
     fn picture_changed(&self) {
-        self.verdicts.fetch_add(1, Ordering::AcqRel);
         self.next_due_ms.store(0, Ordering::Release);
     }
 
@@ -394,7 +395,6 @@ impl Builder {
             base: Instant::now(),
             next_due_ms: AtomicU64::new(0),
             clock_ms: AtomicU64::new(0),
-            verdicts: AtomicU64::new(0),
             ejected: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
         });
@@ -734,7 +734,14 @@ impl<S: Clone> Shared<S> {
             return;
         };
         let ctx = &*self.ctx;
-        let verdicts = ctx.verdicts.load(Ordering::Acquire);
+        // Claim the due time before reading any health state: a verdict that lands from now on
+        // stores 0 over the claim, and the final compare-and-swap then leaves that 0 in place,
+        // so the next pick recomputes with the verdict's full state. (With a separate counter
+        // read at the start, a verdict whose state was half written when this recompute read
+        // it could still be hidden until the next due time.)
+        ctx.next_due_ms.store(RECOMPUTING, Ordering::Release);
+        #[cfg(test)]
+        tests::hook("claimed");
         let hold_ms = ctx.balance.failback_hold.as_millis() as u64;
         let old = self.picture.load_full();
         let mut watch = old.watch.clone();
@@ -859,11 +866,16 @@ impl<S: Clone> Shared<S> {
             probes,
         };
         self.picture.store(Arc::new(picture));
-        // A verdict that landed while this picture was computed may be missing from it: leave
-        // the next pick to recompute again.
-        let raced = ctx.verdicts.load(Ordering::Acquire) != verdicts;
-        ctx.next_due_ms
-            .store(if raced { 0 } else { next_due }, Ordering::Release);
+        #[cfg(test)]
+        tests::hook("stored");
+        // A verdict that landed while this picture was computed may be missing from it: its 0
+        // replaced the claim, and stays.
+        let _ = ctx.next_due_ms.compare_exchange(
+            RECOMPUTING,
+            next_due.min(RECOMPUTING - 1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 
@@ -898,6 +910,71 @@ where
                     dependency: self.shared.ctx.dependency.to_string(),
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Box<dyn FnMut(&str)>>> = const { RefCell::new(None) };
+    }
+
+    /// Runs the test's hook at a named step of a recompute (a forced schedule).
+    pub(super) fn hook(step: &str) {
+        let hook = HOOK.with(|h| h.borrow_mut().take());
+        if let Some(mut f) = hook {
+            f(step);
+            HOOK.with(|h| *h.borrow_mut() = Some(f));
+        }
+    }
+
+    const TOPO: &str = r#"
+local_idc = "bj-a"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[dependencies.profile]
+static_addrs = ["127.0.1.11:80", "127.0.1.12:80"]
+"#;
+
+    /// A verdict landing at either step of a recompute is never hidden: afterwards the next
+    /// pick is due to recompute (next_due 0), or the stored picture already reflects it.
+    #[test]
+    fn a_verdict_during_a_recompute_is_never_hidden() {
+        for step in ["claimed", "stored"] {
+            let topo = Topology::from_toml_str(TOPO, "t.toml").unwrap();
+            let rx = crate::discovery::static_endpoints(&topo, "profile").unwrap();
+            let bal = LocalityBalance::builder(&topo, rx)
+                .seed(1)
+                .build(|_: &Endpoint| ());
+            let shared = bal.shared.clone();
+            let ctx = shared.ctx.clone();
+            let s2 = step.to_string();
+            HOOK.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move |at: &str| {
+                    if at == s2 {
+                        // The interleaving: a health verdict changes the picture while the
+                        // recompute is between these two steps.
+                        ctx.picture_changed();
+                    }
+                }))
+            });
+            shared.recompute(0, true);
+            HOOK.with(|h| *h.borrow_mut() = None);
+            assert_eq!(
+                shared.ctx.next_due_ms.load(Ordering::Acquire),
+                0,
+                "verdict at step {step} was hidden"
+            );
         }
     }
 }
