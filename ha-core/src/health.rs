@@ -357,7 +357,7 @@ mod tests {
 
     fn fail_until_ejected(h: &EndpointHealth, now: u64, s: &HealthSettings) -> Duration {
         for _ in 0..100 {
-            if let Verdict::Ejected { for_, .. } = h.on_failure(now, &s, None, || true) {
+            if let Verdict::Ejected { for_, .. } = h.on_failure(now, s, None, || true) {
                 return for_;
             }
         }

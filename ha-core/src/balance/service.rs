@@ -920,8 +920,10 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    type Hook = Box<dyn FnMut(&str)>;
+
     thread_local! {
-        static HOOK: RefCell<Option<Box<dyn FnMut(&str)>>> = const { RefCell::new(None) };
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
     }
 
     /// Runs the test's hook at a named step of a recompute (a forced schedule).
