@@ -29,10 +29,19 @@
 //! allowed_cidrs = ["127.0.1.0/24", "127.0.3.0/24"]
 //!
 //! [dependencies.cache]
+//! kind = "redis"                # read by the backend crate
 //! static_addrs = ["127.0.1.20:6380", "127.0.3.20:6380"]
+//!
+//! [dependencies.cache.overrides.health]   # this dependency's own [health], [dns], [balance]
+//! consecutive_failures = 3
+//!
+//! [dependencies.cache.settings]           # the backend's table: Dependency::settings::<T>()
+//! master_name = "members"
 //! ```
 //!
-//! Durations are written as strings with a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
+//! Durations are written as strings with a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`; each field
+//! has an upper bound (a typo such as `"5000000h"` is refused, not obeyed). Errors name the file,
+//! the dotted field path and, for errors of the TOML layer, the line and column.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +52,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::ConfigError;
 use crate::locality::IdcClassifier;
@@ -58,8 +68,49 @@ pub const LOCAL_IDC_ENV: &str = "HA_IDC";
 pub struct DurationStr(pub String);
 
 impl DurationStr {
-    fn parse(&self, file: &Path, field: &str) -> Result<Duration, ConfigError> {
-        parse_duration(&self.0).map_err(|reason| ConfigError::new(file, field, &self.0, reason))
+    /// Parses the duration, refusing one longer than `max`.
+    fn parse(&self, file: &Path, field: &str, max: Duration) -> Result<Duration, ConfigError> {
+        parse_duration_at_most(&self.0, max)
+            .map_err(|reason| ConfigError::new(file, field, &self.0, reason))
+    }
+}
+
+/// [`parse_duration`], refusing a duration longer than `max` (every configured duration has a
+/// bound: past it, time arithmetic in the tasks that obey it would overflow).
+///
+/// ```
+/// use std::time::Duration;
+/// use ha_core::config::parse_duration_at_most;
+/// assert_eq!(parse_duration_at_most("2s", Duration::from_secs(60)), Ok(Duration::from_secs(2)));
+/// let e = parse_duration_at_most("5000000000000000h", Duration::from_secs(60)).unwrap_err();
+/// assert!(e.contains("at most 60s"), "{e}");
+/// ```
+pub fn parse_duration_at_most(text: &str, max: Duration) -> Result<Duration, String> {
+    let too_long = || format!("must be at most {}", format_duration(max));
+    let d = parse_duration(text).map_err(|e| {
+        if e.contains("too big") || e.contains("overflow") {
+            too_long()
+        } else {
+            e
+        }
+    })?;
+    if d > max {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+/// Writes a duration the way [`parse_duration`] reads it (`"250ms"`, `"60s"`, `"2h"`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(1000) && ms > 0 {
+        format!("{}s", ms / 1000)
+    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", d.as_secs_f64())
     }
 }
 
@@ -94,7 +145,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if secs <= 0.0 {
         return Err("a duration must be greater than zero".into());
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    Duration::try_from_secs_f64(secs).map_err(|_| "the duration is too big".to_string())
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -137,6 +188,7 @@ struct RawIdc {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDependency {
+    kind: Option<String>,
     port: Option<u16>,
     #[serde(default)]
     dns: BTreeMap<String, String>,
@@ -144,6 +196,17 @@ struct RawDependency {
     static_addrs: Vec<String>,
     #[serde(default)]
     allowed_cidrs: Vec<String>,
+    #[serde(default)]
+    overrides: RawOverrides,
+    settings: Option<toml::Table>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOverrides {
+    dns: Option<RawDns>,
+    health: Option<RawHealth>,
+    balance: Option<RawBalance>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -155,6 +218,7 @@ struct RawDns {
     serve_stale_for: Option<DurationStr>,
     query_timeout: Option<DurationStr>,
     retry_interval: Option<DurationStr>,
+    ipv4_only: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -184,6 +248,7 @@ struct RawBalance {
 
 /// A region: a name and the DNS resolvers that serve it, asked first by clients in the region.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Region {
     /// The region's name, e.g. `north`.
     pub name: Arc<str>,
@@ -193,6 +258,7 @@ pub struct Region {
 
 /// A data center: a name, its region, the address ranges of its hosts and its capacity.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Idc {
     /// The IDC's name, e.g. `bj-a`.
     pub name: Arc<str>,
@@ -207,6 +273,7 @@ pub struct Idc {
 
 /// Where a dependency's endpoints come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Source {
     /// Resolve a DNS name per region (the region's own name first, by the region's resolvers).
     Dns {
@@ -219,22 +286,96 @@ pub enum Source {
     Static(Vec<SocketAddr>),
 }
 
-/// One dependency of the service: where its endpoints come from and which addresses are allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One dependency of the service: where its endpoints come from, which addresses are allowed,
+/// its own tuning and its backend's settings.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Dependency {
     /// The dependency's name, e.g. `profile`.
     pub name: Arc<str>,
+    /// What kind of backend it is (`kind = "redis"`), as the backend crates spell it; `None`
+    /// when not given.
+    pub kind: Option<Arc<str>>,
     /// Where the endpoints come from.
     pub source: Source,
-    /// Resolved addresses outside these ranges are refused (a DNS-poisoning guard). Empty means
-    /// "the ranges of every configured IDC".
+    /// Resolved addresses outside these ranges are refused (a DNS-poisoning guard). When none
+    /// are configured: the ranges of every configured IDC.
     pub allowed_cidrs: Vec<IpNet>,
+    dns: DnsSettings,
+    health: HealthSettings,
+    balance: BalanceSettings,
+    settings: toml::Table,
+    file: Arc<Path>,
 }
 
 impl Dependency {
     /// True when `ip` may be used for this dependency.
     pub fn allows(&self, ip: IpAddr) -> bool {
         self.allowed_cidrs.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The DNS tuning of this dependency: `[dns]` with its `overrides.dns` applied.
+    pub fn dns_settings(&self) -> &DnsSettings {
+        &self.dns
+    }
+
+    /// The outlier-detection tuning: `[health]` with its `overrides.health` applied.
+    pub fn health_settings(&self) -> &HealthSettings {
+        &self.health
+    }
+
+    /// The selection tuning: `[balance]` with its `overrides.balance` applied.
+    pub fn balance_settings(&self) -> &BalanceSettings {
+        &self.balance
+    }
+
+    /// Reads the backend's table `[dependencies.NAME.settings]` as `T` (an empty table when it
+    /// is missing, so a `T` with `#[serde(default)]` fields works without one). An error names
+    /// the file and the dotted path of the field, e.g.
+    /// `dependencies.cache.settings.master_name`.
+    ///
+    /// ```
+    /// #[derive(Debug, serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct Redis { master_name: String, #[serde(default)] db: u8 }
+    ///
+    /// let topo = ha_core::Topology::from_toml_str(r#"
+    /// local_idc = "bj-a"
+    /// [[regions]]
+    /// name = "north"
+    /// resolvers = ["127.0.1.53"]
+    /// [[idcs]]
+    /// name = "bj-a"
+    /// region = "north"
+    /// cidrs = ["127.0.1.0/24"]
+    /// [dependencies.cache]
+    /// kind = "redis"
+    /// static_addrs = ["127.0.1.20:26379"]
+    /// [dependencies.cache.settings]
+    /// master_name = "members"
+    /// db = 300
+    /// "#, "t.toml").unwrap();
+    /// let cache = topo.dependency("cache").unwrap();
+    /// assert_eq!(cache.kind.as_deref(), Some("redis"));
+    /// let e = cache.settings::<Redis>().unwrap_err();
+    /// assert_eq!(e.field, "dependencies.cache.settings.db");
+    /// ```
+    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        let value = toml::Value::Table(self.settings.clone());
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = dotted(e.path());
+            let field = if path.is_empty() {
+                format!("dependencies.{}.settings", self.name)
+            } else {
+                format!("dependencies.{}.settings.{path}", self.name)
+            };
+            ConfigError::new(&*self.file, field, "", e.into_inner().message().to_string())
+        })
+    }
+
+    /// True when the dependency has a `[dependencies.NAME.settings]` table.
+    pub fn has_settings(&self) -> bool {
+        !self.settings.is_empty()
     }
 }
 
@@ -255,6 +396,9 @@ pub struct DnsSettings {
     pub query_timeout: Duration,
     /// Delay between refresh attempts while every resolver fails.
     pub retry_interval: Duration,
+    /// Ask only for A records (never AAAA). AAAA is also skipped, without this, when no
+    /// allowed CIDR of the dependency is IPv6.
+    pub ipv4_only: bool,
 }
 
 impl Default for DnsSettings {
@@ -266,14 +410,16 @@ impl Default for DnsSettings {
             serve_stale_for: Duration::from_secs(300),
             query_timeout: Duration::from_secs(1),
             retry_interval: Duration::from_secs(1),
+            ipv4_only: false,
         }
     }
 }
 
 impl DnsSettings {
-    /// Clamps a TTL from an answer to `[min_ttl, max_ttl]`.
+    /// Clamps a TTL from an answer to `[min_ttl, max_ttl]` (`max_ttl` wins if a hand-built
+    /// value has them the wrong way round; never panics).
     pub fn clamp_ttl(&self, ttl: Duration) -> Duration {
-        ttl.clamp(self.min_ttl, self.max_ttl)
+        ttl.max(self.min_ttl).min(self.max_ttl)
     }
 }
 
@@ -402,13 +548,7 @@ impl Topology {
         file: &Path,
         local_idc_override: Option<String>,
     ) -> Result<Topology, ConfigError> {
-        let raw: RawTopology = toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|s| format!("at byte {}..{}", s.start, s.end))
-                .unwrap_or_default();
-            ConfigError::new(file, field, "", e.message().to_string())
-        })?;
+        let raw: RawTopology = deserialize_toml(text, file)?;
         Self::validate(raw, file, local_idc_override)
     }
 
@@ -456,6 +596,13 @@ impl Topology {
             for (j, s) in r.resolvers.iter().enumerate() {
                 let addr = parse_socket_addr(s, 53)
                     .map_err(|reason| err(format!("regions[{i}].resolvers[{j}]"), s, &reason))?;
+                if addr.port() == 0 {
+                    return Err(err(
+                        format!("regions[{i}].resolvers[{j}]"),
+                        s,
+                        "port 0 is not a resolver's port (leave the port out for 53)",
+                    ));
+                }
                 resolvers.push(addr);
             }
             regions.push(Region {
@@ -495,14 +642,10 @@ impl Topology {
             }
             let mut cidrs = Vec::new();
             for (j, c) in d.cidrs.iter().enumerate() {
-                let net = IpNet::from_str(c.trim()).map_err(|_| {
-                    err(
-                        format!("idcs[{i}].cidrs[{j}]"),
-                        c,
-                        "not a CIDR such as 10.1.0.0/16",
-                    )
-                })?;
-                cidrs.push(net.trunc());
+                cidrs.push(
+                    parse_cidr(c)
+                        .map_err(|reason| err(format!("idcs[{i}].cidrs[{j}]"), c, &reason))?,
+                );
             }
             if let Some(cap) = d.capacity_rps
                 && (!cap.is_finite() || cap <= 0.0)
@@ -573,15 +716,28 @@ impl Topology {
         };
 
         // Settings.
-        let dns = validate_dns(&raw.dns, file)?;
-        let health = validate_health(&raw.health, file)?;
-        let balance = validate_balance(&raw.balance, file)?;
+        let dns = validate_dns(&raw.dns, DnsSettings::default(), file, "dns")?;
+        let health = validate_health(&raw.health, HealthSettings::default(), file, "health")?;
+        let balance = validate_balance(&raw.balance, BalanceSettings::default(), file, "balance")?;
+        let file_arc: Arc<Path> = Arc::from(file);
 
         // Dependencies.
         let idc_ranges: Vec<IpNet> = idcs.iter().flat_map(|d| d.cidrs.iter().copied()).collect();
         let mut dependencies = BTreeMap::new();
         for (name, d) in &raw.dependencies {
+            if name.trim().is_empty() {
+                return Err(err(
+                    "dependencies".into(),
+                    &"\"\"",
+                    "a dependency needs a name: [dependencies.NAME]",
+                ));
+            }
             let f = |k: &str| format!("dependencies.{name}.{k}");
+            if let Some(kind) = &d.kind
+                && kind.trim().is_empty()
+            {
+                return Err(err(f("kind"), &"", "must not be empty when given"));
+            }
             let source = match (d.dns.is_empty(), d.static_addrs.is_empty()) {
                 (false, false) => {
                     return Err(err(
@@ -630,6 +786,13 @@ impl Topology {
                             }),
                         }
                         .map_err(|reason| err(f(&format!("static_addrs[{j}]")), s, &reason))?;
+                        if a.port() == 0 {
+                            return Err(err(
+                                f(&format!("static_addrs[{j}]")),
+                                s,
+                                "port must not be 0",
+                            ));
+                        }
                         addrs.push(a);
                     }
                     Source::Static(addrs)
@@ -637,24 +800,40 @@ impl Topology {
             };
             let mut allowed = Vec::new();
             for (j, c) in d.allowed_cidrs.iter().enumerate() {
-                allowed.push(IpNet::from_str(c.trim()).map_err(|_| {
-                    err(
-                        f(&format!("allowed_cidrs[{j}]")),
-                        c,
-                        "not a CIDR such as 10.1.0.0/16",
-                    )
-                })?);
+                allowed.push(
+                    parse_cidr(c)
+                        .map_err(|reason| err(f(&format!("allowed_cidrs[{j}]")), c, &reason))?,
+                );
             }
             if allowed.is_empty() {
                 allowed = idc_ranges.clone();
             }
+            let o = &d.overrides;
+            let dep_dns = match &o.dns {
+                Some(r) => validate_dns(r, dns, file, &f("overrides.dns"))?,
+                None => dns,
+            };
+            let dep_health = match &o.health {
+                Some(r) => validate_health(r, health, file, &f("overrides.health"))?,
+                None => health,
+            };
+            let dep_balance = match &o.balance {
+                Some(r) => validate_balance(r, balance, file, &f("overrides.balance"))?,
+                None => balance,
+            };
             let name: Arc<str> = name.as_str().into();
             dependencies.insert(
                 name.clone(),
                 Dependency {
                     name,
+                    kind: d.kind.as_deref().map(|k| Arc::from(k.trim())),
                     source,
                     allowed_cidrs: allowed,
+                    dns: dep_dns,
+                    health: dep_health,
+                    balance: dep_balance,
+                    settings: d.settings.clone().unwrap_or_default(),
+                    file: file_arc.clone(),
                 },
             );
         }
@@ -738,6 +917,38 @@ impl Topology {
         &self.dns
     }
 
+    /// The DNS tuning of `dependency` (its `overrides.dns` applied); `[dns]` for an unknown
+    /// name.
+    pub fn dns_for(&self, dependency: &str) -> &DnsSettings {
+        self.dependencies
+            .get(dependency)
+            .map_or(&self.dns, |d| &d.dns)
+    }
+
+    /// The outlier-detection tuning of `dependency`; `[health]` for an unknown name.
+    pub fn health_for(&self, dependency: &str) -> &HealthSettings {
+        self.dependencies
+            .get(dependency)
+            .map_or(&self.health, |d| &d.health)
+    }
+
+    /// The selection tuning of `dependency`; `[balance]` for an unknown name.
+    pub fn balance_for(&self, dependency: &str) -> &BalanceSettings {
+        self.dependencies
+            .get(dependency)
+            .map_or(&self.balance, |d| &d.balance)
+    }
+
+    /// The DNS tuning of every dependency, writable, for tests that need values validation
+    /// refuses.
+    #[cfg(test)]
+    pub(crate) fn dns_mut_for_tests(&mut self, f: impl Fn(&mut DnsSettings)) {
+        f(&mut self.dns);
+        for d in self.dependencies.values_mut() {
+            f(&mut d.dns);
+        }
+    }
+
     /// Outlier-detection tuning.
     pub fn health(&self) -> &HealthSettings {
         &self.health
@@ -763,52 +974,73 @@ impl Topology {
     }
 }
 
-fn validate_dns(raw: &RawDns, file: &Path) -> Result<DnsSettings, ConfigError> {
-    let mut s = DnsSettings::default();
+/// The longest value each duration field accepts.
+const MAX_TTL_BOUND: Duration = Duration::from_secs(7 * 86_400);
+const DAY: Duration = Duration::from_secs(86_400);
+const HOUR: Duration = Duration::from_secs(3_600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn validate_dns(
+    raw: &RawDns,
+    base: DnsSettings,
+    file: &Path,
+    at: &str,
+) -> Result<DnsSettings, ConfigError> {
+    let f = |k: &str| format!("{at}.{k}");
+    let mut s = base;
     if let Some(d) = &raw.min_ttl {
-        s.min_ttl = d.parse(file, "dns.min_ttl")?;
+        s.min_ttl = d.parse(file, &f("min_ttl"), DAY)?;
     }
     if let Some(d) = &raw.max_ttl {
-        s.max_ttl = d.parse(file, "dns.max_ttl")?;
+        s.max_ttl = d.parse(file, &f("max_ttl"), MAX_TTL_BOUND)?;
     }
     if s.min_ttl > s.max_ttl {
         return Err(ConfigError::new(
             file,
-            "dns.min_ttl",
-            format!("{:?}", s.min_ttl),
-            format!("must not exceed dns.max_ttl ({:?})", s.max_ttl),
+            f("min_ttl"),
+            format_duration(s.min_ttl),
+            format!("must not exceed max_ttl ({})", format_duration(s.max_ttl)),
         ));
     }
-    if let Some(f) = raw.refresh_ahead {
-        if !(f > 0.0 && f <= 1.0) {
+    if let Some(x) = raw.refresh_ahead {
+        if !(x > 0.0 && x <= 1.0) {
             return Err(ConfigError::new(
                 file,
-                "dns.refresh_ahead",
-                f,
+                f("refresh_ahead"),
+                x,
                 "must be in (0, 1]",
             ));
         }
-        s.refresh_ahead = f;
+        s.refresh_ahead = x;
     }
     if let Some(d) = &raw.serve_stale_for {
-        s.serve_stale_for = d.parse(file, "dns.serve_stale_for")?;
+        s.serve_stale_for = d.parse(file, &f("serve_stale_for"), MAX_TTL_BOUND)?;
     }
     if let Some(d) = &raw.query_timeout {
-        s.query_timeout = d.parse(file, "dns.query_timeout")?;
+        s.query_timeout = d.parse(file, &f("query_timeout"), MINUTE)?;
     }
     if let Some(d) = &raw.retry_interval {
-        s.retry_interval = d.parse(file, "dns.retry_interval")?;
+        s.retry_interval = d.parse(file, &f("retry_interval"), HOUR)?;
+    }
+    if let Some(b) = raw.ipv4_only {
+        s.ipv4_only = b;
     }
     Ok(s)
 }
 
-fn validate_health(raw: &RawHealth, file: &Path) -> Result<HealthSettings, ConfigError> {
-    let mut s = HealthSettings::default();
+fn validate_health(
+    raw: &RawHealth,
+    base: HealthSettings,
+    file: &Path,
+    at: &str,
+) -> Result<HealthSettings, ConfigError> {
+    let f = |k: &str| format!("{at}.{k}");
+    let mut s = base;
     if let Some(n) = raw.consecutive_failures {
         if n == 0 {
             return Err(ConfigError::new(
                 file,
-                "health.consecutive_failures",
+                f("consecutive_failures"),
                 n,
                 "must be at least 1",
             ));
@@ -819,7 +1051,7 @@ fn validate_health(raw: &RawHealth, file: &Path) -> Result<HealthSettings, Confi
         if !(r > 0.0 && r <= 1.0) {
             return Err(ConfigError::new(
                 file,
-                "health.failure_rate",
+                f("failure_rate"),
                 r,
                 "must be in (0, 1]",
             ));
@@ -827,41 +1059,44 @@ fn validate_health(raw: &RawHealth, file: &Path) -> Result<HealthSettings, Confi
         s.failure_rate = r;
     }
     if let Some(n) = raw.failure_rate_min_requests {
-        s.failure_rate_min_requests = n.max(1);
-    }
-    if let Some(d) = &raw.window {
-        s.window = d.parse(file, "health.window")?;
-    }
-    if let Some(d) = &raw.base_ejection {
-        s.base_ejection = d.parse(file, "health.base_ejection")?;
-    }
-    if let Some(d) = &raw.max_ejection {
-        s.max_ejection = d.parse(file, "health.max_ejection")?;
-    }
-    if let Some(d) = &raw.probe_timeout {
-        s.probe_timeout = d.parse(file, "health.probe_timeout")?;
-        if s.probe_timeout.is_zero() {
+        if n == 0 {
             return Err(ConfigError::new(
                 file,
-                "health.probe_timeout",
-                format!("{:?}", s.probe_timeout),
-                "must be more than 0",
+                f("failure_rate_min_requests"),
+                n,
+                "must be at least 1 (one failed call would otherwise be a 100% failure rate)",
             ));
         }
+        s.failure_rate_min_requests = n;
+    }
+    if let Some(d) = &raw.window {
+        s.window = d.parse(file, &f("window"), HOUR)?;
+    }
+    if let Some(d) = &raw.base_ejection {
+        s.base_ejection = d.parse(file, &f("base_ejection"), HOUR)?;
+    }
+    if let Some(d) = &raw.max_ejection {
+        s.max_ejection = d.parse(file, &f("max_ejection"), DAY)?;
+    }
+    if let Some(d) = &raw.probe_timeout {
+        s.probe_timeout = d.parse(file, &f("probe_timeout"), HOUR)?;
     }
     if s.base_ejection > s.max_ejection {
         return Err(ConfigError::new(
             file,
-            "health.base_ejection",
-            format!("{:?}", s.base_ejection),
-            format!("must not exceed health.max_ejection ({:?})", s.max_ejection),
+            f("base_ejection"),
+            format_duration(s.base_ejection),
+            format!(
+                "must not exceed max_ejection ({})",
+                format_duration(s.max_ejection)
+            ),
         ));
     }
     if let Some(p) = raw.max_ejected_percent {
         if !(0.0..=100.0).contains(&p) {
             return Err(ConfigError::new(
                 file,
-                "health.max_ejected_percent",
+                f("max_ejected_percent"),
                 p,
                 "must be in [0, 100]",
             ));
@@ -871,15 +1106,21 @@ fn validate_health(raw: &RawHealth, file: &Path) -> Result<HealthSettings, Confi
     Ok(s)
 }
 
-fn validate_balance(raw: &RawBalance, file: &Path) -> Result<BalanceSettings, ConfigError> {
-    let mut s = BalanceSettings::default();
+fn validate_balance(
+    raw: &RawBalance,
+    base: BalanceSettings,
+    file: &Path,
+    at: &str,
+) -> Result<BalanceSettings, ConfigError> {
+    let f = |k: &str| format!("{at}.{k}");
+    let mut s = base;
     if let Some(o) = raw.overprovisioning {
-        if !(o.is_finite() && o >= 1.0) {
+        if !(o.is_finite() && (1.0..=100.0).contains(&o)) {
             return Err(ConfigError::new(
                 file,
-                "balance.overprovisioning",
+                f("overprovisioning"),
                 o,
-                "must be at least 1.0",
+                "must be in [1, 100]",
             ));
         }
         s.overprovisioning = o;
@@ -888,7 +1129,7 @@ fn validate_balance(raw: &RawBalance, file: &Path) -> Result<BalanceSettings, Co
         if !(0.0..=1.0).contains(&p) {
             return Err(ConfigError::new(
                 file,
-                "balance.panic_threshold",
+                f("panic_threshold"),
                 p,
                 "must be in [0, 1]",
             ));
@@ -896,16 +1137,16 @@ fn validate_balance(raw: &RawBalance, file: &Path) -> Result<BalanceSettings, Co
         s.panic_threshold = p;
     }
     if let Some(d) = &raw.failback_hold {
-        s.failback_hold = d.parse(file, "balance.failback_hold")?;
+        s.failback_hold = d.parse(file, &f("failback_hold"), HOUR)?;
     }
     if let Some(d) = &raw.ewma_decay {
-        s.ewma_decay = d.parse(file, "balance.ewma_decay")?;
+        s.ewma_decay = d.parse(file, &f("ewma_decay"), HOUR)?;
     }
     if let Some(e) = raw.explore {
         if !(0.0..=0.5).contains(&e) {
             return Err(ConfigError::new(
                 file,
-                "balance.explore",
+                f("explore"),
                 e,
                 "must be in [0, 0.5]",
             ));
@@ -913,6 +1154,126 @@ fn validate_balance(raw: &RawBalance, file: &Path) -> Result<BalanceSettings, Co
         s.explore = e;
     }
     Ok(s)
+}
+
+/// A CIDR as written: an address range whose host bits are zero (`127.0.1.7/24` is refused, as
+/// it is probably a typo for an address or for `127.0.1.0/24`).
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let net =
+        IpNet::from_str(text.trim()).map_err(|_| "not a CIDR such as 10.1.0.0/16".to_string())?;
+    if net != net.trunc() {
+        return Err(format!(
+            "host bits are set: the range is {} (write that, or a /{} for one address)",
+            net.trunc(),
+            net.max_prefix_len()
+        ));
+    }
+    Ok(net)
+}
+
+/// Deserializes TOML text, with errors that name the dotted field path and the line and column.
+fn deserialize_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    let de =
+        toml::Deserializer::parse(text).map_err(|e| toml_error(text, file, String::new(), &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = dotted(e.path());
+        toml_error(text, file, path, e.inner())
+    })
+}
+
+fn toml_error(text: &str, file: &Path, mut path: String, e: &toml::de::Error) -> ConfigError {
+    let mut reason = e.message().trim().to_string();
+    let mut err = ConfigError::new(file, "", "", "");
+    if let Some(span) = e.span() {
+        let (line, column) = line_column(text, span.start);
+        err.line = Some(line);
+        err.column = Some(column);
+        let at = text.get(span.clone()).unwrap_or("").trim();
+        if path.is_empty() {
+            // A parse error (a duplicate key, a syntax error) comes before any path is known:
+            // name the key under the table header above it.
+            path = header_path(text, span.start, at);
+        } else if reason.starts_with("unknown field") {
+            // The path ends at the table; the unknown key is the field.
+            let key = at.trim_matches(|c| c == '"' || c == '\'');
+            if !key.is_empty() && !path.ends_with(key) {
+                path = format!("{path}.{key}");
+            }
+        }
+    }
+    if reason.is_empty() {
+        reason = "invalid TOML".into();
+    }
+    err.field = path;
+    err.reason = reason;
+    err
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(text: &str, offset: usize) -> (u32, u32) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (
+        u32::try_from(line).unwrap_or(u32::MAX),
+        u32::try_from(column).unwrap_or(u32::MAX),
+    )
+}
+
+/// The dotted path of the key at `offset`: the nearest table header above it, then the key.
+fn header_path(text: &str, offset: usize, at: &str) -> String {
+    let before = text.get(..offset).unwrap_or(text);
+    let header = before.lines().rev().find_map(|l| {
+        let t = l.trim();
+        t.starts_with('[').then(|| {
+            t.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+    });
+    let key = at
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'');
+    let is_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    match (header, is_key) {
+        (Some(h), true) if !h.is_empty() => format!("{h}.{key}"),
+        (Some(h), false) => h,
+        (None, true) => key.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A serde path as a dotted field path: `dependencies.profile.port`, `idcs[1].cidrs[0]`.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
 }
 
 fn parse_socket_addr(text: &str, default_port: u16) -> Result<SocketAddr, String> {
@@ -1058,6 +1419,160 @@ static_addrs = ["127.0.1.20:6380"]
         assert_eq!(e.field, "dependencies.profile.dns.west");
         let e = bad(&GOOD.replace("capacity_rps = 2000", "capacity_rps = -5"));
         assert_eq!(e.field, "idcs[0].capacity_rps");
+    }
+
+    // === issue 14, A.4: errors with paths and positions, refusals, overrides, settings ===
+
+    /// The line and column of the first occurrence of `needle` in `text`.
+    fn pos(text: &str, needle: &str) -> (Option<u32>, Option<u32>) {
+        let at = text.find(needle).unwrap();
+        let (l, c) = line_column(text, at);
+        (Some(l), Some(c))
+    }
+
+    #[test]
+    fn toml_errors_name_the_dotted_path_and_line_column() {
+        // Before: each of these said only "at byte 225..232".
+        let text = GOOD.replace("port = 18081", "port = 18081\nprot = 1");
+        let e = bad(&text);
+        assert_eq!(e.field, "dependencies.profile.prot", "{e}");
+        assert_eq!((e.line, e.column), pos(&text, "prot ="));
+        assert!(e.reason.contains("unknown field"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("t.toml:{}:", e.line.unwrap())),
+            "{e}"
+        );
+
+        let text = GOOD.replace("port = 18081", "port = \"http\"");
+        let e = bad(&text);
+        assert_eq!(e.field, "dependencies.profile.port", "{e}");
+        assert_eq!((e.line, e.column), pos(&text, "\"http\""));
+
+        let text = GOOD.replace("port = 18081", "port = 70000");
+        let e = bad(&text);
+        assert_eq!(e.field, "dependencies.profile.port", "{e}");
+        assert_eq!(e.line, pos(&text, "70000").0);
+
+        let text = GOOD.replace("capacity_rps = 2000", "capacity_rps = 2000\nregion = \"x\"");
+        let e = bad(&text);
+        assert!(e.reason.contains("duplicate key"), "{e}");
+        assert_eq!(e.field, "idcs.region", "{e}");
+        assert_eq!(e.line, pos(&text, "region = \"x\"").0);
+
+        let e = bad(&GOOD.replace("cidrs = [\"127.0.2.0/24\"]", "cidrs = \"127.0.2.0/24\""));
+        assert_eq!(e.field, "idcs[1].cidrs", "{e}");
+    }
+
+    #[test]
+    fn refused_values_that_used_to_pass() {
+        let e = bad(&GOOD.replace("cidrs = [\"127.0.1.0/24\"]", "cidrs = [\"127.0.1.7/24\"]"));
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("idcs[0].cidrs[0]", "127.0.1.7/24")
+        );
+        assert!(e.reason.contains("127.0.1.0/24"), "{e}");
+        let e = bad(&GOOD.replace(
+            "[dependencies.cache]",
+            "[dependencies.cache]\nallowed_cidrs = [\"127.0.1.1/16\"]",
+        ));
+        assert_eq!(e.field, "dependencies.cache.allowed_cidrs[0]");
+        let e = bad(&format!(
+            "{GOOD}\n[dependencies.\"\"]\nstatic_addrs = [\"127.0.1.1:1\"]\n"
+        ));
+        assert_eq!(e.field, "dependencies");
+        let e = bad(&GOOD.replace("127.0.3.53:15353", "127.0.3.53:0"));
+        assert_eq!(e.field, "regions[1].resolvers[0]");
+        let e = bad(&GOOD.replace("127.0.1.20:6380", "127.0.1.20:0"));
+        assert_eq!(e.field, "dependencies.cache.static_addrs[0]");
+        let e = bad(&format!(
+            "{GOOD}\n[health]\nfailure_rate_min_requests = 0\n"
+        ));
+        assert_eq!(e.field, "health.failure_rate_min_requests");
+        let e = bad(&GOOD.replace(
+            "max_ttl = \"30s\"",
+            "max_ttl = \"30s\"\nquery_timeout = \"5000000000000000h\"",
+        ));
+        assert_eq!(e.field, "dns.query_timeout");
+        assert!(
+            e.reason.contains("at most 1m") || e.reason.contains("at most 60s"),
+            "{e}"
+        );
+        let e = bad(&GOOD.replace(
+            "max_ttl = \"30s\"",
+            "max_ttl = \"30s\"\nserve_stale_for = \"100000h\"",
+        ));
+        assert_eq!(e.field, "dns.serve_stale_for");
+    }
+
+    #[test]
+    fn clamp_ttl_never_panics() {
+        let d = DnsSettings {
+            min_ttl: Duration::from_secs(10),
+            max_ttl: Duration::from_secs(5),
+            ..Default::default()
+        };
+        assert_eq!(d.clamp_ttl(Duration::from_secs(1)), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn per_dependency_overrides_and_backend_settings() {
+        let text = GOOD.replace(
+            "[dependencies.cache]\n",
+            "[dependencies.cache]\nkind = \"redis\"\n",
+        ) + r#"
+[dependencies.cache.overrides.health]
+consecutive_failures = 2
+[dependencies.cache.overrides.dns]
+ipv4_only = true
+[dependencies.cache.overrides.balance]
+explore = 0.0
+[dependencies.cache.settings]
+master_name = "members"
+sentinels = { north = "s.north.lab." }
+"#;
+        let t = Topology::from_toml_str(&text, "t.toml").unwrap();
+        assert_eq!(t.health_for("cache").consecutive_failures, 2);
+        assert_eq!(t.health_for("profile").consecutive_failures, 5);
+        assert!(t.dns_for("cache").ipv4_only);
+        // Fields not overridden come from [dns].
+        assert_eq!(t.dns_for("cache").min_ttl, Duration::from_millis(500));
+        assert_eq!(t.balance_for("cache").explore, 0.0);
+        let cache = t.dependency("cache").unwrap();
+        assert_eq!(cache.kind.as_deref(), Some("redis"));
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Redis {
+            master_name: String,
+            sentinels: BTreeMap<String, String>,
+        }
+        let r: Redis = cache.settings().unwrap();
+        assert_eq!(r.master_name, "members");
+        assert_eq!(r.sentinels["north"], "s.north.lab.");
+
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Strict {
+            master_name: String,
+        }
+        let e = cache.settings::<Strict>().unwrap_err();
+        assert_eq!(e.field, "dependencies.cache.settings.sentinels", "{e}");
+        let e = t
+            .dependency("profile")
+            .unwrap()
+            .settings::<Strict>()
+            .unwrap_err();
+        assert_eq!(e.field, "dependencies.profile.settings", "{e}");
+        assert!(e.reason.contains("master_name"), "{e}");
+
+        let e = bad(&text.replace("consecutive_failures = 2", "consecutive_failures = 0"));
+        assert_eq!(
+            e.field,
+            "dependencies.cache.overrides.health.consecutive_failures"
+        );
+        let e = bad(&text.replace("ipv4_only = true", "ipv4_only = true\nttl = 3"));
+        assert_eq!(e.field, "dependencies.cache.overrides.dns.ttl", "{e}");
     }
 
     #[test]

@@ -4,23 +4,49 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::config::{Source, Topology};
 use crate::error::{ConfigError, HaError};
+use crate::events::{EventBus, TopologyEvent};
 use crate::locality::Endpoint;
 
+/// How current an [`EndpointSet`] is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Freshness {
+    /// Backed by a current answer (a DNS answer within its TTL, a watcher that is connected).
+    #[default]
+    Fresh,
+    /// The last good answer, kept while its source fails (DNS past its TTL within
+    /// `serve_stale_for`, a watcher that lost its connection).
+    Stale,
+    /// The source gave up on the last answer (DNS past `serve_stale_for`): the set is empty.
+    Expired,
+    /// The publisher ended (its task stopped or died, the reason given): the set will not
+    /// change any more, and is kept as it was.
+    Ended(Arc<str>),
+}
+
 /// The current resolved endpoints of one dependency.
+///
+/// Built by a [`Publisher`] (or [`EndpointSet::new`] for a fixed list).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct EndpointSet {
     /// The dependency's name.
     pub dependency: Arc<str>,
     /// The endpoints, classified, in a stable order (sorted by address).
     pub endpoints: Arc<[Endpoint]>,
-    /// Bumped by the publisher for every change.
+    /// Bumped by the publisher for every change of the endpoints (not of the freshness).
     pub version: u64,
-    /// True while the set comes from answers past their TTL (every resolver failing).
+    /// True while the set is not backed by a current answer: [`Freshness::Stale`] or
+    /// [`Freshness::Ended`]. Kept in step with `freshness`.
     pub stale: bool,
+    /// How current the set is.
+    pub freshness: Freshness,
 }
 
 impl EndpointSet {
@@ -31,10 +57,12 @@ impl EndpointSet {
             endpoints: Arc::from(Vec::new()),
             version: 0,
             stale: false,
+            freshness: Freshness::Fresh,
         }
     }
 
-    /// A set of `endpoints`, sorted by address and deduplicated.
+    /// A set of `endpoints`, sorted by address and deduplicated (the first of equal addresses
+    /// stays).
     pub fn new(
         dependency: impl Into<Arc<str>>,
         mut endpoints: Vec<Endpoint>,
@@ -47,7 +75,15 @@ impl EndpointSet {
             endpoints: endpoints.into(),
             version,
             stale: false,
+            freshness: Freshness::Fresh,
         }
+    }
+
+    /// The same set with another freshness (`stale` follows).
+    pub fn with_freshness(mut self, freshness: Freshness) -> EndpointSet {
+        self.stale = matches!(freshness, Freshness::Stale | Freshness::Ended(_));
+        self.freshness = freshness;
+        self
     }
 
     /// True when there are no endpoints.
@@ -58,6 +94,193 @@ impl EndpointSet {
     /// The number of endpoints.
     pub fn len(&self) -> usize {
         self.endpoints.len()
+    }
+
+    /// True when the publisher ended: the set will not change any more.
+    pub fn is_ended(&self) -> bool {
+        matches!(self.freshness, Freshness::Ended(_))
+    }
+}
+
+/// Publishes the endpoint sets of one dependency, the same way for every source: DNS
+/// ([`DnsDiscovery`](crate::dns::DnsDiscovery) uses it), a Sentinel replica watcher, a
+/// RocketMQ route poller.
+///
+/// It keeps the current set in an `arc-swap` (for [`Publisher::current`]) and a `watch`
+/// channel (for balancers), diffs every new list against the last one, bumps the version only
+/// on a change, and emits [`TopologyEvent::EndpointAdded`] / [`TopologyEvent::EndpointRemoved`]
+/// on the [`EventBus`] before the set they describe. Freshness changes
+/// ([`Publisher::mark_stale`], [`Publisher::expire`], [`Publisher::end`]) republish without a
+/// new version unless the endpoints change. Dropping the publisher closes the channel; the
+/// receivers keep the last set. Cheap to clone (clones publish to the same channel).
+///
+/// ```
+/// use ha_core::{EventBus, IdcClassifier, Role};
+/// use ha_core::discovery::{Freshness, Publisher};
+///
+/// let events = EventBus::new(16);
+/// let mut seen = events.subscribe();
+/// let publisher = Publisher::new("cache", events);
+/// let watch = publisher.watch();
+/// let c = IdcClassifier::new(&[], "bj-a");
+/// let replica = c.endpoint("127.0.2.21:6380".parse().unwrap()).with_role(Role::Replica);
+/// assert!(publisher.publish(vec![replica.clone()]));
+/// assert!(!publisher.publish(vec![replica]), "the same list is no change");
+/// assert_eq!(watch.borrow().version, 1);
+/// assert_eq!(seen.try_recv().unwrap().kind(), "endpoint_added");
+/// publisher.mark_stale();
+/// assert_eq!(watch.borrow().freshness, Freshness::Stale);
+/// assert_eq!(watch.borrow().version, 1);
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    dependency: Arc<str>,
+    tx: watch::Sender<Arc<EndpointSet>>,
+    current: ArcSwap<EndpointSet>,
+    events: EventBus,
+    /// Serializes publishers so that events and sets go out in one order.
+    lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("dependency", &self.inner.dependency)
+            .field("current", &self.inner.current.load())
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher for `dependency` whose first set is empty, version 0, fresh.
+    pub fn new(dependency: impl Into<Arc<str>>, events: EventBus) -> Publisher {
+        Publisher::with_initial(EndpointSet::empty(dependency), events)
+    }
+
+    /// A publisher whose first set is `initial` (no events are emitted for it).
+    pub fn with_initial(initial: EndpointSet, events: EventBus) -> Publisher {
+        let initial = Arc::new(initial);
+        let (tx, _rx) = watch::channel(initial.clone());
+        Publisher {
+            inner: Arc::new(PublisherInner {
+                dependency: initial.dependency.clone(),
+                tx,
+                current: ArcSwap::new(initial),
+                events,
+                lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The dependency's name.
+    pub fn dependency(&self) -> &Arc<str> {
+        &self.inner.dependency
+    }
+
+    /// A receiver that always holds the latest set (for a balancer).
+    pub fn watch(&self) -> EndpointWatch {
+        self.inner.tx.subscribe()
+    }
+
+    /// The latest set (a lock-free load).
+    pub fn current(&self) -> Arc<EndpointSet> {
+        self.inner.current.load_full()
+    }
+
+    /// How many receivers are alive.
+    pub fn receiver_count(&self) -> usize {
+        self.inner.tx.receiver_count()
+    }
+
+    /// Resolves when every receiver is gone: nobody can see what is published any more.
+    pub async fn closed(&self) {
+        self.inner.tx.closed().await
+    }
+
+    /// Publishes `endpoints` (sorted by address, deduplicated) as a fresh set. Returns true when
+    /// the endpoints changed (a new version, with an event per endpoint added or removed; an
+    /// endpoint whose facts changed counts as removed and added); a list equal to the current one
+    /// changes nothing but the freshness, which becomes [`Freshness::Fresh`].
+    pub fn publish(&self, endpoints: Vec<Endpoint>) -> bool {
+        self.replace(endpoints, Freshness::Fresh)
+    }
+
+    /// Keeps the endpoints and marks the set [`Freshness::Stale`] (no new version). Does nothing
+    /// when it is already stale or the publisher ended.
+    pub fn mark_stale(&self) {
+        let _g = self.inner.lock.lock();
+        let cur = self.inner.current.load_full();
+        if cur.freshness == Freshness::Fresh {
+            let set = (*cur).clone().with_freshness(Freshness::Stale);
+            self.send(Arc::new(set));
+        }
+    }
+
+    /// Replaces the set by an empty one marked [`Freshness::Expired`] (a new version when it
+    /// held endpoints, with an event per endpoint removed).
+    pub fn expire(&self) {
+        self.replace(Vec::new(), Freshness::Expired);
+    }
+
+    /// Marks the set [`Freshness::Ended`] with `reason`, keeping its endpoints: the set will not
+    /// change any more. Later calls change nothing.
+    pub fn end(&self, reason: impl Into<Arc<str>>) {
+        let _g = self.inner.lock.lock();
+        let cur = self.inner.current.load_full();
+        if !cur.is_ended() {
+            let set = (*cur)
+                .clone()
+                .with_freshness(Freshness::Ended(reason.into()));
+            self.send(Arc::new(set));
+        }
+    }
+
+    fn replace(&self, mut endpoints: Vec<Endpoint>, freshness: Freshness) -> bool {
+        let _g = self.inner.lock.lock();
+        let cur = self.inner.current.load_full();
+        if cur.is_ended() {
+            return false;
+        }
+        endpoints.sort_by_key(|e| e.addr);
+        endpoints.dedup_by_key(|e| e.addr);
+        if *cur.endpoints == *endpoints {
+            if cur.freshness != freshness {
+                let set = (*cur).clone().with_freshness(freshness);
+                self.send(Arc::new(set));
+            }
+            return false;
+        }
+        let dep = &self.inner.dependency;
+        // Events go out before the set they describe, so a watcher woken by the set finds them
+        // already on the bus.
+        for e in cur.endpoints.iter().filter(|e| !endpoints.contains(e)) {
+            self.inner.events.publish(TopologyEvent::EndpointRemoved {
+                dependency: dep.clone(),
+                addr: e.addr,
+                idc: e.idc_name().into(),
+            });
+        }
+        for e in endpoints.iter().filter(|e| !cur.endpoints.contains(e)) {
+            self.inner.events.publish(TopologyEvent::EndpointAdded {
+                dependency: dep.clone(),
+                addr: e.addr,
+                idc: e.idc_name().into(),
+            });
+        }
+        let set =
+            EndpointSet::new(dep.clone(), endpoints, cur.version + 1).with_freshness(freshness);
+        self.send(Arc::new(set));
+        true
+    }
+
+    fn send(&self, set: Arc<EndpointSet>) {
+        tracing::debug!(dependency = %set.dependency, version = set.version, freshness = ?set.freshness, endpoints = set.len(), "endpoint set published");
+        self.inner.current.store(set.clone());
+        self.inner.tx.send_replace(set);
     }
 }
 

@@ -213,7 +213,19 @@ impl HaError {
 /// assert!(text.contains("local_idc"), "{text}");
 /// assert!(text.contains("nowhere"), "{text}");
 /// ```
+///
+/// Errors of the TOML layer (an unknown field, a wrong type, an out-of-range integer, a
+/// duplicate key) name the dotted field path and the line and column:
+///
+/// ```
+/// let err = ha_core::Topology::from_toml_str("local_idc = \"bj-a\"\nregions = 5\n", "t.toml")
+///     .unwrap_err();
+/// assert_eq!(err.field, "regions");
+/// assert_eq!((err.line, err.column), (Some(2), Some(11)));
+/// assert!(err.to_string().starts_with("invalid config t.toml:2:11: regions: "), "{err}");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The file the configuration came from (or a label such as `<inline>`).
     pub file: PathBuf,
@@ -223,10 +235,16 @@ pub struct ConfigError {
     pub value: String,
     /// What is wrong with it.
     pub reason: String,
+    /// The 1-based line of the offending text, when known (errors of the TOML layer).
+    pub line: Option<u32>,
+    /// The 1-based column (in characters) of the offending text, when known.
+    pub column: Option<u32>,
 }
 
 impl ConfigError {
-    pub(crate) fn new(
+    /// An error about `field` of `file`: the `value` as written and the `reason` it is refused.
+    /// Backends use it for their own settings so that every configuration error reads the same.
+    pub fn new(
         file: impl Into<PathBuf>,
         field: impl Into<String>,
         value: impl fmt::Display,
@@ -237,13 +255,46 @@ impl ConfigError {
             field: field.into(),
             value: value.to_string(),
             reason: reason.into(),
+            line: None,
+            column: None,
         }
+    }
+
+    /// The same error located at `line` and `column` (1-based).
+    pub fn at(mut self, line: u32, column: u32) -> Self {
+        self.line = Some(line);
+        self.column = Some(column);
+        self
+    }
+
+    /// The dotted path of the offending field.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// The offending value as written.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// Why it was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config {}: {}", self.file.display(), self.field)?;
+        write!(f, "invalid config {}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
         if !self.value.is_empty() {
             write!(f, " = {:?}", self.value)?;
         }

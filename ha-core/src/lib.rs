@@ -39,9 +39,9 @@ pub use config::{
 };
 pub use context::HaContext;
 pub use control::Control;
-pub use discovery::{EndpointSet, EndpointWatch};
+pub use discovery::{EndpointSet, EndpointWatch, Freshness, Publisher};
 pub use error::{BoxError, Classify, ConfigError, DefaultClassifier, ErrorClass, HaError};
 pub use events::{EventBus, TopologyEvent};
 pub use generation::{Generation, GenerationCounter};
-pub use locality::{Endpoint, IdcClassifier, Locality, Placement};
+pub use locality::{Endpoint, EndpointMeta, IdcClassifier, Locality, Placement, Role};
 pub use master::{Master, MasterWatch};

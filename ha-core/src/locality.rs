@@ -172,12 +172,26 @@ impl IdcClassifier {
             idc: p.idc,
             region: p.region,
             locality: p.locality,
+            meta: EndpointMeta::default(),
         }
     }
 }
 
-/// One address of a dependency with its placement.
+/// One address of a dependency with its placement, and what a backend knows about it.
+///
+/// Built by [`IdcClassifier::endpoint`]; a backend adds its own facts with
+/// [`Endpoint::with_role`], [`Endpoint::with_cluster`] and [`Endpoint::with_name`] (a Sentinel
+/// replica watcher marks replicas, a RocketMQ route poller names the broker and its cluster)
+/// instead of forking the type.
+///
+/// ```
+/// use ha_core::{IdcClassifier, Role};
+/// let c = IdcClassifier::new(&[], "bj-a");
+/// let e = c.endpoint("127.0.1.20:6380".parse().unwrap()).with_role(Role::Replica);
+/// assert_eq!(e.meta.role, Some(Role::Replica));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Endpoint {
     /// The address calls go to.
     pub addr: SocketAddr,
@@ -187,12 +201,67 @@ pub struct Endpoint {
     pub region: Option<Arc<str>>,
     /// Relative to the local IDC.
     pub locality: Locality,
+    /// What the backend that published the endpoint knows about it.
+    pub meta: EndpointMeta,
+}
+
+/// The role of a node in a replicated group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Role {
+    /// Takes writes (a Redis master, a MySQL primary, a RocketMQ master broker).
+    Primary,
+    /// Serves reads and follows a primary.
+    Replica,
+}
+
+impl Role {
+    /// `primary` or `replica`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// Backend facts about an endpoint; every field is optional and empty by default. Two
+/// endpoints with the same address but different facts are different to a
+/// [`Publisher`](crate::discovery::Publisher): a role change is published as a change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct EndpointMeta {
+    /// The node's role, when the backend knows it.
+    pub role: Option<Role>,
+    /// The cluster the node belongs to (a RocketMQ cluster, a Redis master name).
+    pub cluster: Option<Arc<str>>,
+    /// The node's own name (a broker name, a MySQL server id).
+    pub name: Option<Arc<str>>,
 }
 
 impl Endpoint {
     /// The IDC's name, or `"unknown"`.
     pub fn idc_name(&self) -> &str {
         self.idc.as_deref().unwrap_or("unknown")
+    }
+
+    /// The endpoint with its role set.
+    pub fn with_role(mut self, role: Role) -> Endpoint {
+        self.meta.role = Some(role);
+        self
+    }
+
+    /// The endpoint with its cluster identity set.
+    pub fn with_cluster(mut self, cluster: impl Into<Arc<str>>) -> Endpoint {
+        self.meta.cluster = Some(cluster.into());
+        self
+    }
+
+    /// The endpoint with its node name set.
+    pub fn with_name(mut self, name: impl Into<Arc<str>>) -> Endpoint {
+        self.meta.name = Some(name.into());
+        self
     }
 }
 

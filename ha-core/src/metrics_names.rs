@@ -32,3 +32,6 @@ pub const OUTCOME_UNKNOWN: &str = "ha_core_outcome_unknown_total";
 /// Counter: failures that would have ejected an endpoint but the ejection cap refused, labels
 /// `dependency`, `idc`.
 pub const EJECTION_CAPPED: &str = "ha_core_ejection_capped_total";
+/// Counter: background tasks that ended (a refresh or watcher task), labels `dependency`,
+/// `task`.
+pub const TASKS_ENDED: &str = "ha_core_tasks_ended_total";

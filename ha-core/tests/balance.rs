@@ -497,3 +497,29 @@ async fn exploration_finds_a_dead_endpoint_that_cost_alone_would_never_pick() {
         "the dead endpoint was never tried, so never ejected"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_last_set_before_the_publisher_ends_is_followed() {
+    // A publisher that sends a final set and ends (a stopped or dead discovery task) closes the
+    // channel; a closed channel answers `has_changed` with an error, which the balancer took as
+    // "no change": the final set was never read.
+    let mut f = fixture_with(addrs()[2..].to_vec(), 1);
+    let (per, _) = run(&mut f, 20).await;
+    assert_eq!(per.get("bj-b"), Some(&20));
+    let c = f.topo.classifier();
+    let tx = std::mem::replace(
+        &mut f._tx,
+        tokio::sync::watch::channel(Arc::new(EndpointSet::empty("x"))).0,
+    );
+    tx.send_replace(Arc::new(EndpointSet::new(
+        "profile",
+        addrs()[..2].iter().map(|a| c.endpoint(*a)).collect(),
+        2,
+    )));
+    drop(tx);
+    let (per, errors) = run(&mut f, 20).await;
+    assert_eq!((per.get("bj-a"), errors), (Some(&20), 0), "{per:?}");
+    // And a closed channel costs no recompute per pick: the picture stays.
+    let (per, _) = run(&mut f, 20).await;
+    assert_eq!(per.get("bj-a"), Some(&20));
+}

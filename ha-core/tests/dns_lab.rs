@@ -28,6 +28,11 @@ const NORTH_NAME: &str = "profile.north.lab.";
 const SOUTH_NAME: &str = "profile.south.lab.";
 
 async fn lab() -> Lab {
+    lab_with(r#"["127.0.1.0/24", "127.0.3.0/24"]"#, "").await
+}
+
+/// A lab whose dependency allows `allowed` (a TOML array) with extra `[dns]` lines.
+async fn lab_with(allowed: &str, dns_extra: &str) -> Lab {
     let north = LabDns::start("north", "127.0.1.53:0".parse().unwrap(), "lab.")
         .await
         .unwrap();
@@ -63,10 +68,11 @@ max_ttl = "30s"
 query_timeout = "300ms"
 retry_interval = "250ms"
 serve_stale_for = "2s"
+{dns_extra}
 [dependencies.profile]
 port = 18081
 dns = {{ north = "{NORTH_NAME}", south = "{SOUTH_NAME}" }}
-allowed_cidrs = ["127.0.1.0/24", "127.0.3.0/24"]
+allowed_cidrs = {allowed}
 "#,
         north = north.addr(),
         south = south.addr(),
@@ -295,6 +301,23 @@ async fn all_dns_down_serves_stale_then_expires(kill: bool) {
     eprintln!(
         "all DNS down (kill: {kill}): stale after {stale_after:?}, empty after {empty_after:?}"
     );
+    // What the docs claim, with the lab's TTL 1s (refreshed at 0.75s) and serve_stale_for 2s:
+    // the set goes stale when the last good answer's TTL runs out (0.25s to 1s after DNS went
+    // down, never before), and empty serve_stale_for after that (never before 2.25s). The upper
+    // bounds add 2s of slack for a loaded machine; they catch a bound that is not obeyed at all.
+    assert!(
+        stale_after >= Duration::from_millis(200) && stale_after <= Duration::from_secs(3),
+        "stale after {stale_after:?}"
+    );
+    assert!(
+        empty_after >= Duration::from_millis(2200) && empty_after <= Duration::from_secs(5),
+        "empty after {empty_after:?}"
+    );
+    assert!(
+        empty_after - stale_after >= Duration::from_millis(1000),
+        "stale for {:?} only",
+        empty_after - stale_after
+    );
 
     let err = balancer_error(&lab.topo, d.watch())
         .await
@@ -388,4 +411,119 @@ async fn poisoned_answers_are_refused_and_the_good_set_keeps_serving() {
             .iter()
             .all(|e| e.addr.ip() != "10.66.0.1".parse::<IpAddr>().unwrap())
     );
+}
+
+// === issue 14, B.5: A and AAAA are timed apart; AAAA is not asked where it cannot be used ===
+
+#[tokio::test]
+async fn a_resolver_that_drops_aaaa_never_costs_the_a_answer() {
+    // Before: A and AAAA shared one timeout equal to hickory's own; with AAAA dropped, in 1 of
+    // 12 runs the local A answer was thrown away and the other region's published.
+    let lab = lab_with(r#"["127.0.1.0/24", "127.0.3.0/24", "fd00::/8"]"#, "").await;
+    lab.north.set_drop_aaaa(true);
+    let resolver = RegionalResolver::new(&lab.topo).unwrap();
+    let dep = lab.topo.dependency("profile").unwrap();
+    for i in 0..12 {
+        let a = resolver.resolve(dep).await.unwrap();
+        assert_eq!(
+            (a.addrs.clone(), &*a.region, a.fallback),
+            (ips(&["127.0.1.11"]), "north", false),
+            "resolve {i}: {a:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn aaaa_is_not_asked_when_no_allowed_cidr_is_ipv6_nor_with_ipv4_only() {
+    // Before: with IPv4 allowed_cidrs, every AAAA answer of a dual-stack name raised
+    // DnsPoisoned on every refresh.
+    for (allowed, extra) in [
+        (r#"["127.0.1.0/24", "127.0.3.0/24"]"#, ""),
+        (
+            r#"["127.0.1.0/24", "127.0.3.0/24", "fd00::/8"]"#,
+            "ipv4_only = true",
+        ),
+    ] {
+        let lab = lab_with(allowed, extra).await;
+        lab.north
+            .set_records(NORTH_NAME, &ips(&["127.0.1.11", "fd00::11"]), 1)
+            .unwrap();
+        let resolver = RegionalResolver::new(&lab.topo).unwrap();
+        let dep = lab.topo.dependency("profile").unwrap();
+        let before = lab.north.queries();
+        for _ in 0..5 {
+            let a = resolver.resolve(dep).await.unwrap();
+            assert_eq!(a.addrs, ips(&["127.0.1.11"]));
+            assert!(a.refused.is_empty(), "{extra}: {a:?}");
+        }
+        assert_eq!(
+            lab.north.queries() - before,
+            5,
+            "{extra}: one A query per resolve"
+        );
+
+        let bus = EventBus::default();
+        let mut events = bus.subscribe();
+        let d = DnsDiscovery::start(lab.topo.clone(), "profile", bus)
+            .await
+            .unwrap();
+        let mut w = d.watch();
+        // Two refreshes later (TTL 1s, refreshed every 0.75s), still no poisoning alert.
+        let v = w.borrow().version;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1600) {
+            let _ = timeout(Duration::from_millis(100), w.changed()).await;
+        }
+        assert_eq!(w.borrow().version, v);
+        while let Ok(e) = events.try_recv() {
+            assert!(
+                !matches!(e, TopologyEvent::DnsPoisoned { .. }),
+                "{extra}: {e:?}"
+            );
+        }
+    }
+}
+
+// === issue 14, B.3: one negative answer is not an outage ===
+
+#[tokio::test]
+async fn one_nxdomain_with_a_long_negative_ttl_keeps_serving_and_asks_the_other_region() {
+    // Before: one NXDOMAIN with a long negative TTL emptied the set at once, without a stale
+    // answer or another region, for up to 0.75 x max_ttl.
+    let lab = lab().await;
+    lab.north.set_negative_ttl(3600).unwrap();
+    lab.south.set_negative_ttl(3600).unwrap();
+    let bus = EventBus::default();
+    let d = DnsDiscovery::start(lab.topo.clone(), "profile", bus)
+        .await
+        .unwrap();
+    let mut w = d.watch();
+    assert_eq!(addrs(&w.borrow_and_update()), ["127.0.1.11"]);
+    lab.north.remove(NORTH_NAME).unwrap();
+    // Every set published on the way to the other region's answer has endpoints.
+    let moved = timeout(WAIT, async {
+        loop {
+            w.changed().await.expect("discovery runs");
+            let set = w.borrow_and_update().clone();
+            assert!(!set.is_empty(), "an empty set was published: {set:?}");
+            if addrs(&set) == ["127.0.3.11"] {
+                return set;
+            }
+        }
+    })
+    .await
+    .expect("the south answer within the wait");
+    assert!(!moved.stale);
+
+    // Only when every region says so is the set emptied...
+    lab.south.remove(SOUTH_NAME).unwrap();
+    let empty = wait_set(&mut w, "the empty set", |s| s.is_empty()).await;
+    assert!(!empty.stale);
+    // ...and the name is asked again soon despite the 3600 s negative TTL (max_ttl 30s would
+    // mean 22.5 s): the record is back well within the wait.
+    lab.north
+        .set_records(NORTH_NAME, &ips(&["127.0.1.12"]), 1)
+        .unwrap();
+    let back = wait_set(&mut w, "the record back", |s| !s.is_empty()).await;
+    assert_eq!(addrs(&back), ["127.0.1.12"]);
 }

@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -95,10 +95,11 @@ pub struct LabDns {
 struct Shared {
     region: String,
     zone: Name,
-    soa: Record,
+    soa: ArcSwap<Record>,
     records: ArcSwap<HashMap<Name, Vec<Record>>>,
     mode: AtomicU8,
     queries: AtomicU64,
+    drop_aaaa: AtomicBool,
 }
 
 impl std::fmt::Debug for LabDns {
@@ -117,14 +118,15 @@ impl LabDns {
     /// is chosen for both). `region` is a label for logs and `lab.json`.
     pub async fn start(region: &str, bind: SocketAddr, zone: &str) -> Result<LabDns, LabError> {
         let zone_name = parse_fqdn(zone)?;
-        let soa = soa_record(&zone_name)?;
+        let soa = soa_record(&zone_name, 1)?;
         let shared = Arc::new(Shared {
             region: region.to_owned(),
             zone: zone_name,
-            soa,
+            soa: ArcSwap::from_pointee(soa),
             records: ArcSwap::from_pointee(HashMap::new()),
             mode: AtomicU8::new(DnsMode::Serve.to_u8()),
             queries: AtomicU64::new(0),
+            drop_aaaa: AtomicBool::new(false),
         });
         let (udp, tcp) = bind_pair(bind).await?;
         let addr = udp
@@ -198,6 +200,22 @@ impl LabDns {
     pub fn set_mode(&self, mode: DnsMode) {
         tracing::info!(region = %self.shared.region, ?mode, "dns mode set");
         self.shared.mode.store(mode.to_u8(), Ordering::SeqCst);
+    }
+
+    /// When `true`, AAAA queries get no answer at all (a resolver or middlebox that drops them;
+    /// clients time out on AAAA) while every other query is answered as the mode says.
+    pub fn set_drop_aaaa(&self, drop: bool) {
+        tracing::info!(region = %self.shared.region, drop, "dns drop AAAA set");
+        self.shared.drop_aaaa.store(drop, Ordering::SeqCst);
+    }
+
+    /// Sets the negative TTL (the SOA's TTL and minimum, default 1 s) that NXDOMAIN and NODATA
+    /// answers carry, e.g. a long one as real zones have.
+    pub fn set_negative_ttl(&self, secs: u32) -> Result<(), LabError> {
+        self.shared
+            .soa
+            .store(Arc::new(soa_record(&self.shared.zone, secs)?));
+        Ok(())
     }
 
     /// The current answering mode.
@@ -283,7 +301,7 @@ fn parse_fqdn(name: &str) -> Result<Name, LabError> {
     Ok(n.to_lowercase())
 }
 
-fn soa_record(zone: &Name) -> Result<Record, LabError> {
+fn soa_record(zone: &Name, negative_ttl: u32) -> Result<Record, LabError> {
     let prefixed = |label: &str| {
         Name::from_ascii(label)
             .and_then(|l| l.append_name(zone))
@@ -292,8 +310,20 @@ fn soa_record(zone: &Name) -> Result<Record, LabError> {
                 reason: e.to_string(),
             })
     };
-    let soa = SOA::new(prefixed("ns")?, prefixed("hostmaster")?, 1, 60, 10, 600, 1);
-    Ok(Record::from_rdata(zone.clone(), 1, RData::SOA(soa)))
+    let soa = SOA::new(
+        prefixed("ns")?,
+        prefixed("hostmaster")?,
+        1,
+        60,
+        10,
+        600,
+        negative_ttl,
+    );
+    Ok(Record::from_rdata(
+        zone.clone(),
+        negative_ttl,
+        RData::SOA(soa),
+    ))
 }
 
 fn record_ip(r: &Record) -> Option<IpAddr> {
@@ -381,6 +411,9 @@ impl RequestHandler for Handler {
             };
             let qname: Name = Name::from(info.query.name()).to_lowercase();
             let qtype = info.query.query_type();
+            if qtype == RecordType::AAAA && shared.drop_aaaa.load(Ordering::SeqCst) {
+                return not_sent();
+            }
             if !shared.zone.zone_of(&qname) {
                 response_handle
                     .send_response(builder.error_msg(&request.metadata, ResponseCode::Refused))
@@ -398,17 +431,18 @@ impl RequestHandler for Handler {
                         .collect(),
                     None => Vec::new(),
                 };
+                let soa_record = shared.soa.load_full();
                 let soa_answer = is_apex && matches!(qtype, RecordType::SOA | RecordType::ANY);
                 if entry.is_none() && !is_apex {
                     metadata.response_code = ResponseCode::NXDomain;
                 }
                 let answers: Vec<&Record> = if soa_answer {
-                    answers.into_iter().chain([&shared.soa]).collect()
+                    answers.into_iter().chain([&*soa_record]).collect()
                 } else {
                     answers
                 };
                 let soa: Vec<&Record> = if answers.is_empty() {
-                    vec![&shared.soa]
+                    vec![&*soa_record]
                 } else {
                     Vec::new()
                 };

@@ -252,6 +252,11 @@ struct Picture<S> {
     /// The discovery channel, marked seen up to the set this picture was built from: a pick
     /// checks it on the picture it loaded anyway, so clones of the balancer carry no receiver.
     watch: EndpointWatch,
+    /// True when the channel was seen closed when this picture was built: its last set is in
+    /// the picture, and nothing will change any more. (A closed channel answers
+    /// `has_changed` with an error, also when its last set was never read: the publisher of a
+    /// final set must not be ignored.)
+    closed_seen: bool,
     set_version: u64,
     drained: Arc<BTreeSet<Arc<str>>>,
     entries: Vec<Entry<S>>,
@@ -272,6 +277,7 @@ impl<S> Picture<S> {
     fn empty(watch: EndpointWatch) -> Self {
         Picture {
             watch,
+            closed_seen: false,
             set_version: 0,
             drained: Arc::new(BTreeSet::new()),
             entries: Vec::new(),
@@ -455,15 +461,15 @@ impl<S, R> std::fmt::Debug for LocalityBalance<S, R> {
 }
 
 impl LocalityBalance<()> {
-    /// Starts a builder for the dependency whose endpoints `watch` publishes, with the topology's
-    /// `[balance]` and `[health]` settings.
+    /// Starts a builder for the dependency whose endpoints `watch` publishes, with that
+    /// dependency's `[balance]` and `[health]` settings (its overrides applied).
     pub fn builder(topology: &Topology, watch: EndpointWatch) -> Builder {
         let dependency = watch.borrow().dependency.clone();
         Builder {
+            balance: *topology.balance_for(&dependency),
+            health: *topology.health_for(&dependency),
             dependency,
             watch,
-            balance: *topology.balance(),
-            health: *topology.health(),
             control: None,
             events: EventBus::default(),
             seed: None,
@@ -561,7 +567,7 @@ where
         };
         // Recompute when something changed: discovery, a due time, a drain.
         let mut p = shared.picture.load();
-        let set_changed = p.watch.has_changed().unwrap_or(false);
+        let set_changed = p.watch.has_changed().unwrap_or(!p.closed_seen);
         let drained_changed = match &shared.control {
             Some(c) => !Arc::ptr_eq(&c.snapshot(), &p.drained),
             None => false,
@@ -745,8 +751,10 @@ impl<S: Clone> Shared<S> {
         let hold_ms = ctx.balance.failback_hold.as_millis() as u64;
         let old = self.picture.load_full();
         let mut watch = old.watch.clone();
-        let set: Option<Arc<EndpointSet>> = (first || watch.has_changed().unwrap_or(false))
-            .then(|| watch.borrow_and_update().clone());
+        let closed = watch.has_changed().is_err();
+        let set: Option<Arc<EndpointSet>> = (first
+            || watch.has_changed().unwrap_or(!old.closed_seen))
+        .then(|| watch.borrow_and_update().clone());
         let drained = match &self.control {
             Some(c) => c.drained(),
             None => self.empty_drained.clone(),
@@ -854,6 +862,7 @@ impl<S: Clone> Shared<S> {
         }
         let picture = Picture {
             watch,
+            closed_seen: closed,
             set_version,
             drained,
             entries,

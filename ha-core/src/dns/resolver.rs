@@ -67,6 +67,9 @@ pub enum AttemptError {
     InvalidName(String),
     /// Neither this region nor the local region has a name configured for the dependency.
     NoName,
+    /// The region answered that the name has no addresses (NXDOMAIN or NODATA) while another
+    /// region was being asked to confirm it (see [`DnsLookup::resolve_confirming`]).
+    NoAddresses,
 }
 
 impl AttemptError {
@@ -81,6 +84,7 @@ impl AttemptError {
             AttemptError::Transport(_) => "transport",
             AttemptError::InvalidName(_) => "invalid_name",
             AttemptError::NoName => "no_name",
+            AttemptError::NoAddresses => "no_addresses",
         }
     }
 }
@@ -98,6 +102,7 @@ impl fmt::Display for AttemptError {
             AttemptError::Transport(e) => write!(f, "transport error: {e}"),
             AttemptError::InvalidName(e) => write!(f, "invalid name: {e}"),
             AttemptError::NoName => f.write_str("no DNS name configured"),
+            AttemptError::NoAddresses => f.write_str("no addresses (NXDOMAIN or NODATA)"),
         }
     }
 }
@@ -198,6 +203,17 @@ pub trait DnsLookup: Send + Sync + 'static {
         &self,
         dependency: &Dependency,
     ) -> impl Future<Output = Result<Answer, DnsError>> + Send;
+
+    /// Resolves `dependency` to confirm an empty answer: asked after one region said the name
+    /// has no addresses while addresses were published. Gives an empty answer only when every
+    /// region agrees, the first region with addresses otherwise, and a failure when some region
+    /// could not answer (the last set is then kept). The default asks [`DnsLookup::resolve`].
+    fn resolve_confirming(
+        &self,
+        dependency: &Dependency,
+    ) -> impl Future<Output = Result<Answer, DnsError>> + Send {
+        self.resolve(dependency)
+    }
 }
 
 // === RegionalResolver ===
@@ -243,9 +259,25 @@ impl fmt::Debug for RegionalResolver {
 }
 
 impl RegionalResolver {
-    /// Builds one resolver per region of `topology`, local region first.
+    /// Builds one resolver per region of `topology`, local region first, with the topology's
+    /// `[dns]` settings.
     pub fn new(topology: &Topology) -> Result<RegionalResolver, HaError> {
-        let settings = *topology.dns();
+        Self::with_settings(topology, *topology.dns())
+    }
+
+    /// Like [`RegionalResolver::new`] with the settings of one dependency (its `[dns]`
+    /// overrides applied).
+    pub fn for_dependency(
+        topology: &Topology,
+        dependency: &str,
+    ) -> Result<RegionalResolver, HaError> {
+        Self::with_settings(topology, *topology.dns_for(dependency))
+    }
+
+    fn with_settings(
+        topology: &Topology,
+        settings: DnsSettings,
+    ) -> Result<RegionalResolver, HaError> {
         let mut regions = Vec::new();
         for region in topology.regions_local_first() {
             let servers = region
@@ -263,7 +295,12 @@ impl RegionalResolver {
             let mut opts = ResolverOpts::default();
             // Our published set is the cache; hickory's would hide record changes from refreshes.
             opts.cache_size = 0;
-            opts.timeout = settings.query_timeout;
+            // Each family is timed by `ask` itself; hickory's own timeout is a backstop just
+            // past it (and bounded, so no huge setting reaches its time arithmetic).
+            opts.timeout = settings
+                .query_timeout
+                .saturating_add(Duration::from_millis(50))
+                .min(Duration::from_secs(3600));
             // The refresh loop retries every `retry_interval` and other regions are the fallback:
             // a retry inside hickory would only delay both.
             opts.attempts = 0;
@@ -306,12 +343,28 @@ impl RegionalResolver {
     /// NXDOMAIN and NODATA are answers (with no addresses), not failures: the fallback is for
     /// DNS that cannot answer, not for DNS that says "no such host".
     pub async fn resolve(&self, dependency: &Dependency) -> Result<Answer, DnsError> {
+        self.ask_regions(dependency, false).await
+    }
+
+    /// Like [`RegionalResolver::resolve`], but an empty answer does not end the search: every
+    /// region is asked until one has addresses; the answer is empty only when every region says
+    /// so (see [`DnsLookup::resolve_confirming`]).
+    pub async fn resolve_confirming(&self, dependency: &Dependency) -> Result<Answer, DnsError> {
+        self.ask_regions(dependency, true).await
+    }
+
+    async fn ask_regions(
+        &self,
+        dependency: &Dependency,
+        confirming: bool,
+    ) -> Result<Answer, DnsError> {
         let Source::Dns { names, .. } = &dependency.source else {
             return Err(DnsError::NotDns {
                 dependency: dependency.name.clone(),
             });
         };
         let mut failed = Vec::new();
+        let mut empty: Option<Answer> = None;
         for region in &self.regions {
             let Some(name) = names
                 .get(&region.name)
@@ -336,6 +389,17 @@ impl RegionalResolver {
                 "outcome" => label)
             .increment(1);
             match outcome {
+                Ok(answer) if confirming && answer.addrs.is_empty() => {
+                    tracing::debug!(dependency = %dependency.name, region = %region.name, "dns: empty answer, asking the next region to confirm");
+                    failed.push(RegionAttempt {
+                        region: region.name.clone(),
+                        name: name.clone(),
+                        error: AttemptError::NoAddresses,
+                    });
+                    if empty.is_none() {
+                        empty = Some(answer);
+                    }
+                }
                 Ok(mut answer) => {
                     tracing::debug!(dependency = %dependency.name, region = %region.name, addrs = ?answer.addrs, ttl = ?answer.ttl, "dns answer");
                     answer.fallback = region.name != self.local_region;
@@ -351,6 +415,16 @@ impl RegionalResolver {
                     });
                 }
             }
+        }
+        // Confirming: empty only when every region that was asked said so.
+        if let Some(mut answer) = empty
+            && failed
+                .iter()
+                .all(|a| matches!(a.error, AttemptError::NoAddresses | AttemptError::NoName))
+        {
+            answer.fallback = answer.region != self.local_region;
+            answer.failed = Vec::new();
+            return Ok(answer);
         }
         Err(DnsError::AllRegionsFailed {
             dependency: dependency.name.clone(),
@@ -371,13 +445,26 @@ impl RegionalResolver {
         let timeout = self.settings.query_timeout;
         // Belt and braces with cache_size = 0: never let hickory answer from memory.
         region.resolver.clear_cache();
-        let both = futures::future::join(
-            query(&region.resolver, qname.clone(), RecordType::A),
-            query(&region.resolver, qname, RecordType::AAAA),
-        );
-        let (v4, v6) = tokio::time::timeout(timeout, both)
-            .await
-            .map_err(|_| AttemptError::Timeout(timeout))?;
+        // Each family has its own timeout: a resolver that drops AAAA costs the AAAA query, never
+        // the A answer (one shared timeout made such a region fail over to another region's
+        // answer). A family the allowed CIDRs cannot accept is not asked at all.
+        let (want_v4, want_v6) = families(dependency, &self.settings);
+        let timed = |rtype: RecordType, wanted: bool| {
+            let q = query(&region.resolver, qname.clone(), rtype);
+            async move {
+                if !wanted {
+                    return Family::Skipped;
+                }
+                tokio::time::timeout(timeout, q)
+                    .await
+                    .unwrap_or(Family::Failed(AttemptError::Timeout(timeout)))
+            }
+        };
+        let (v4, v6) = futures::future::join(
+            timed(RecordType::A, want_v4),
+            timed(RecordType::AAAA, want_v6),
+        )
+        .await;
         let (ips, ttl) = combine(v4, v6, timeout)?;
         let ttl = self
             .settings
@@ -415,6 +502,21 @@ impl DnsLookup for RegionalResolver {
     ) -> impl Future<Output = Result<Answer, DnsError>> + Send {
         RegionalResolver::resolve(self, dependency)
     }
+
+    fn resolve_confirming(
+        &self,
+        dependency: &Dependency,
+    ) -> impl Future<Output = Result<Answer, DnsError>> + Send {
+        RegionalResolver::resolve_confirming(self, dependency)
+    }
+}
+
+/// Which address families to ask for `dependency`: not AAAA with `ipv4_only`, and not a family
+/// that no allowed CIDR covers (its every answer would be refused as poisoned).
+fn families(dependency: &Dependency, settings: &DnsSettings) -> (bool, bool) {
+    let v4 = dependency.allowed_cidrs.iter().any(|n| n.addr().is_ipv4());
+    let v6 = dependency.allowed_cidrs.iter().any(|n| n.addr().is_ipv6());
+    (v4, v6 && !settings.ipv4_only)
 }
 
 /// The result of one query of one record type.
@@ -424,6 +526,8 @@ enum Family {
     /// NXDOMAIN or NODATA, with the negative TTL when the SOA gave one.
     Empty(Option<Duration>),
     Failed(AttemptError),
+    /// Not asked (see [`families`]).
+    Skipped,
 }
 
 async fn query(resolver: &TokioResolver, name: Name, rtype: RecordType) -> Family {
@@ -493,5 +597,9 @@ fn combine(
         (Family::Records(a, t), _) | (_, Family::Records(a, t)) => Ok((a, t)),
         (Family::Failed(e), _) | (_, Family::Failed(e)) => Err(fix(e)),
         (Family::Empty(ta), Family::Empty(tb)) => Ok((Vec::new(), min(ta, tb))),
+        (Family::Empty(t), Family::Skipped) | (Family::Skipped, Family::Empty(t)) => {
+            Ok((Vec::new(), t))
+        }
+        (Family::Skipped, Family::Skipped) => Ok((Vec::new(), None)),
     }
 }

@@ -4,7 +4,7 @@
 //! background task only feeds it the time and the lookup results and carries out its
 //! [`Effect`]s. Nothing here does I/O, so unit tests drive it (and the task) with paused time.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +12,18 @@ use tokio::time::Instant;
 
 use super::resolver::{Answer, AttemptError, DnsError, RegionAttempt};
 use crate::config::DnsSettings;
-use crate::discovery::EndpointSet;
 use crate::events::TopologyEvent;
-use crate::locality::IdcClassifier;
 
 /// Something the refresh task must do.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Effect {
-    /// Publish this set (to the watch channel and the arc-swap).
-    Publish(Arc<EndpointSet>),
+    /// Publish these addresses as a fresh set (the [`Publisher`](crate::discovery::Publisher)
+    /// diffs, versions and announces them).
+    Publish(Vec<IpAddr>),
+    /// Keep the addresses, mark the set stale.
+    MarkStale,
+    /// Replace the set by an empty, expired one.
+    Expire,
     /// Publish this event on the bus.
     Event(TopologyEvent),
     /// A stale set is being served: count `ha_core_dns_stale_served_total` (the matching
@@ -42,12 +45,13 @@ struct Good {
 pub(crate) struct RefreshState {
     settings: DnsSettings,
     dependency: Arc<str>,
-    port: u16,
-    classifier: Arc<IdcClassifier>,
     /// The addresses of the published set.
     published: Vec<IpAddr>,
-    version: u64,
     stale: bool,
+    /// An empty answer (NXDOMAIN, NODATA) came while addresses were published: the set is
+    /// kept (stale) and the next lookup asks every region; only if every region confirms is
+    /// the set emptied. One answer from one region never empties a set at once.
+    suspect: bool,
     good: Option<Good>,
     next_refresh: Instant,
     /// The non-local region that answered last, to emit `DnsFallback` once per change.
@@ -56,30 +60,22 @@ pub(crate) struct RefreshState {
 
 impl RefreshState {
     /// A state with nothing resolved, due for a refresh at `now`.
-    pub(crate) fn new(
-        settings: DnsSettings,
-        dependency: Arc<str>,
-        port: u16,
-        classifier: Arc<IdcClassifier>,
-        now: Instant,
-    ) -> RefreshState {
+    pub(crate) fn new(settings: DnsSettings, dependency: Arc<str>, now: Instant) -> RefreshState {
         RefreshState {
             settings,
             dependency,
-            port,
-            classifier,
             published: Vec::new(),
-            version: 0,
             stale: false,
+            suspect: false,
             good: None,
             next_refresh: now,
             fallback_region: None,
         }
     }
 
-    /// The set published before any answer.
-    pub(crate) fn initial_set(&self) -> EndpointSet {
-        EndpointSet::empty(self.dependency.clone())
+    /// True when the next lookup must ask every region (an empty answer is being confirmed).
+    pub(crate) fn confirming(&self) -> bool {
+        self.suspect
     }
 
     /// True when a lookup should start now.
@@ -101,7 +97,7 @@ impl RefreshState {
     pub(crate) fn next_transition(&self) -> Option<Instant> {
         let good = self.good.as_ref()?;
         if self.stale {
-            Some(good.expires + self.settings.serve_stale_for)
+            Some(at(good.expires, self.settings.serve_stale_for))
         } else {
             Some(good.expires)
         }
@@ -122,19 +118,21 @@ impl RefreshState {
         let Some(good) = self.good.clone() else {
             return out;
         };
-        if now >= good.expires + self.settings.serve_stale_for {
+        if now >= at(good.expires, self.settings.serve_stale_for) {
             self.good = None;
             self.stale = false;
+            self.suspect = false;
+            self.published = Vec::new();
             // Events go out before the set they describe, so a watcher woken by the set finds
             // them already on the bus.
             out.push(Effect::Event(TopologyEvent::DnsExpired {
                 dependency: self.dependency.clone(),
             }));
-            self.publish_addrs(Vec::new(), &mut out);
+            out.push(Effect::Expire);
         } else if now >= good.expires && !self.stale {
             self.stale = true;
             self.stale_served(now - good.expires, &mut out);
-            self.publish_same(&mut out);
+            out.push(Effect::MarkStale);
         }
         out
     }
@@ -191,16 +189,42 @@ impl RefreshState {
         let mut addrs = answer.addrs;
         addrs.sort();
         addrs.dedup();
+        if addrs.is_empty() && !self.published.is_empty() && !self.suspect {
+            // One region says the name has no addresses while we hold some: a record being
+            // replaced, a broken zone push, a resolver with a stale negative entry. Keep the
+            // set (stale) and ask every region soon; a long negative TTL must not empty it.
+            tracing::warn!(dependency = %self.dependency, region = %answer.region, "dns: empty answer for a name with addresses; keeping the last set until every region confirms");
+            self.suspect = true;
+            self.next_refresh = at(now, self.settings.retry_interval);
+            if !self.stale {
+                self.stale = true;
+                out.push(Effect::MarkStale);
+            }
+            return out;
+        }
+        self.suspect = false;
         let was_stale = self.stale;
         self.stale = false;
-        // An empty answer (NXDOMAIN, NODATA) has nothing to serve stale, hence nothing to expire.
-        self.good = (!addrs.is_empty()).then_some(Good { expires: now + ttl });
-        self.next_refresh = now + ttl.mul_f64(self.settings.refresh_ahead);
-        if addrs != self.published {
-            self.publish_addrs(addrs, &mut out);
-        } else if was_stale {
-            // Same addresses, fresh again: the flag changes, the version does not.
-            self.publish_same(&mut out);
+        // An empty answer (NXDOMAIN, NODATA) has nothing to serve stale, hence nothing to expire;
+        // it is asked again soon (at most every `retry_interval`, at least `min_ttl`), whatever
+        // its negative TTL: an empty set is an outage.
+        self.good = (!addrs.is_empty()).then_some(Good {
+            expires: at(now, ttl),
+        });
+        let refresh = ttl.mul_f64(self.settings.refresh_ahead);
+        self.next_refresh = if addrs.is_empty() {
+            at(
+                now,
+                refresh.min(self.settings.retry_interval.max(self.settings.min_ttl)),
+            )
+        } else {
+            at(now, refresh)
+        };
+        if addrs != self.published || was_stale {
+            // Same addresses, fresh again: the flag changes, the version does not (the
+            // publisher only bumps it for a change of endpoints).
+            self.published = addrs.clone();
+            out.push(Effect::Publish(addrs));
         }
         out
     }
@@ -208,7 +232,7 @@ impl RefreshState {
     fn on_failure(&mut self, now: Instant, error: DnsError) -> Vec<Effect> {
         let mut out = Vec::new();
         self.poisoned(error.attempts(), &mut out);
-        self.next_refresh = now + self.settings.retry_interval;
+        self.next_refresh = at(now, self.settings.retry_interval);
         let mut time = self.on_time(now);
         let went_stale = time.contains(&Effect::StaleServed);
         out.append(&mut time);
@@ -244,39 +268,15 @@ impl RefreshState {
             age_past_expiry: age,
         }));
     }
+}
 
-    /// Publishes a new version with `addrs`, with an event per added and removed endpoint.
-    fn publish_addrs(&mut self, addrs: Vec<IpAddr>, out: &mut Vec<Effect>) {
-        for ip in self.published.iter().filter(|ip| !addrs.contains(ip)) {
-            let e = self.classifier.endpoint(SocketAddr::new(*ip, self.port));
-            out.push(Effect::Event(TopologyEvent::EndpointRemoved {
-                dependency: self.dependency.clone(),
-                addr: e.addr,
-                idc: e.idc_name().into(),
-            }));
-        }
-        for ip in addrs.iter().filter(|ip| !self.published.contains(ip)) {
-            let e = self.classifier.endpoint(SocketAddr::new(*ip, self.port));
-            out.push(Effect::Event(TopologyEvent::EndpointAdded {
-                dependency: self.dependency.clone(),
-                addr: e.addr,
-                idc: e.idc_name().into(),
-            }));
-        }
-        self.published = addrs;
-        self.version += 1;
-        self.publish_same(out);
-    }
+/// The longest span any DNS deadline is put ahead of now: time arithmetic past it saturates
+/// here instead of overflowing an `Instant` (a huge configured duration must never panic the
+/// refresh task).
+pub(crate) const FAR: Duration = Duration::from_secs(86_400 * 365 * 10);
 
-    /// Publishes the current addresses, version and stale flag.
-    fn publish_same(&self, out: &mut Vec<Effect>) {
-        let endpoints = self
-            .published
-            .iter()
-            .map(|ip| self.classifier.endpoint(SocketAddr::new(*ip, self.port)))
-            .collect();
-        let mut set = EndpointSet::new(self.dependency.clone(), endpoints, self.version);
-        set.stale = self.stale;
-        out.push(Effect::Publish(Arc::new(set)));
-    }
+/// `base + d`, saturating at `base + FAR`.
+pub(crate) fn at(base: Instant, d: Duration) -> Instant {
+    base.checked_add(d.min(FAR))
+        .unwrap_or_else(|| base.checked_add(FAR).unwrap_or(base))
 }

@@ -84,7 +84,10 @@ fn failure() -> Result<Answer, DnsError> {
 #[derive(Clone)]
 struct Scripted {
     reply: Arc<ArcSwap<Result<Answer, DnsError>>>,
+    /// What a confirming lookup (every region asked) gives; `None`: the same as `reply`.
+    confirm: Arc<ArcSwap<Option<Result<Answer, DnsError>>>>,
     calls: Arc<Mutex<Vec<Instant>>>,
+    confirming_calls: Arc<Mutex<Vec<Instant>>>,
     delay: Duration,
 }
 
@@ -92,13 +95,19 @@ impl Scripted {
     fn new(reply: Result<Answer, DnsError>) -> Scripted {
         Scripted {
             reply: Arc::new(ArcSwap::from_pointee(reply)),
+            confirm: Arc::new(ArcSwap::from_pointee(None)),
             calls: Arc::new(Mutex::new(Vec::new())),
+            confirming_calls: Arc::new(Mutex::new(Vec::new())),
             delay: Duration::ZERO,
         }
     }
 
     fn set(&self, reply: Result<Answer, DnsError>) {
         self.reply.store(Arc::new(reply));
+    }
+
+    fn set_confirm(&self, reply: Result<Answer, DnsError>) {
+        self.confirm.store(Arc::new(Some(reply)));
     }
 
     /// Call times relative to `t0`, in milliseconds.
@@ -119,6 +128,14 @@ impl DnsLookup for Scripted {
             tokio::time::sleep(self.delay).await;
         }
         (**self.reply.load()).clone()
+    }
+
+    async fn resolve_confirming(&self, dependency: &Dependency) -> Result<Answer, DnsError> {
+        self.confirming_calls.lock().await.push(Instant::now());
+        match &**self.confirm.load() {
+            Some(reply) => reply.clone(),
+            None => self.resolve(dependency).await,
+        }
     }
 }
 
@@ -405,6 +422,10 @@ async fn empty_answer_is_published_and_never_expires() {
     let mut w = d.watch();
     w.borrow_and_update();
     lookup.set(answer(&[], Duration::from_secs(2)));
+    // One empty answer only makes the set suspect (kept, stale); the confirming lookup that
+    // every region answers empty empties it.
+    let set = next(&mut w).await;
+    assert!(set.stale && !set.is_empty(), "{set:?}");
     let set = next(&mut w).await;
     assert!(set.is_empty());
     assert_eq!(set.version, 2);
@@ -440,18 +461,93 @@ async fn refresh_now_nudges_a_lookup() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn drop_stops_the_task() {
+async fn dropping_the_handle_and_every_watch_stops_the_task() {
     let lookup = Scripted::new(answer(&["127.0.1.7"], Duration::from_secs(1)));
+    let (d, _rx, t0) = start(&lookup).await;
+    let w = d.watch();
+    drop(d);
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        lookup.calls_ms(t0).await,
+        [0],
+        "nobody can see the sets: no more lookups"
+    );
+}
+
+// === One negative answer is not an outage (issue 14, B.3) ===
+
+#[tokio::test(start_paused = true)]
+async fn one_empty_answer_keeps_the_set_and_another_region_answers() {
+    // Before: a single NXDOMAIN with a long negative TTL emptied the set at once, with no
+    // stale answer and no other region, for up to 0.75 × max_ttl.
+    let lookup = Scripted::new(answer(&["127.0.1.7"], Duration::from_secs(2)));
+    let (d, mut rx, t0) = start(&lookup).await;
+    drain(&mut rx);
+    let mut w = d.watch();
+    w.borrow_and_update();
+    lookup.set(answer(&[], Duration::from_secs(3600)));
+    let mut south = answer(&["127.0.3.9"], Duration::from_secs(2)).unwrap();
+    south.region = "south".into();
+    south.fallback = true;
+    lookup.set_confirm(Ok(south));
+    let kept = next(&mut w).await;
+    assert_eq!(addrs(&kept), ["127.0.1.7:18081"]);
+    assert!(kept.stale);
+    assert_eq!(kept.version, 1);
+    let moved = next(&mut w).await;
+    assert_eq!(addrs(&moved), ["127.0.3.9:18081"]);
+    assert!(!moved.stale);
+    // The empty answer came at 1.5s; the confirming lookup one retry_interval later.
+    let confirming: Vec<u128> = lookup
+        .confirming_calls
+        .lock()
+        .await
+        .iter()
+        .map(|t| (*t - t0).as_millis())
+        .collect();
+    assert_eq!(confirming, [2500]);
+    let seen = kinds(&drain(&mut rx));
+    assert!(!seen.contains(&"dns_expired"), "{seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_answer_every_region_confirms_empties_the_set_and_is_asked_again_soon() {
+    let lookup = Scripted::new(answer(&["127.0.1.7"], Duration::from_secs(2)));
     let (d, _rx, t0) = start(&lookup).await;
     let mut w = d.watch();
     w.borrow_and_update();
-    drop(d);
-    assert!(
-        w.changed().await.is_err(),
-        "the sender is gone with the task"
+    // A long negative TTL (clamped to max_ttl 30s): the name is asked again every
+    // retry_interval, not every 22.5s, while the set is empty.
+    lookup.set(answer(&[], Duration::from_secs(3600)));
+    lookup.set_confirm(answer(&[], Duration::from_secs(3600)));
+    let _stale = next(&mut w).await;
+    let empty = next(&mut w).await;
+    assert!(empty.is_empty());
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(lookup.calls_ms(t0).await, [0, 1500, 3500, 4500, 5500]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_confirmation_keeps_the_stale_set_and_asks_again() {
+    let lookup = Scripted::new(answer(&["127.0.1.7"], Duration::from_secs(2)));
+    let (d, _rx, _t0) = start(&lookup).await;
+    let mut w = d.watch();
+    w.borrow_and_update();
+    lookup.set(answer(&[], Duration::from_secs(3600)));
+    lookup.set_confirm(failure());
+    let kept = next(&mut w).await;
+    assert!(kept.stale);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        addrs(&d.current()),
+        ["127.0.1.7:18081"],
+        "still served, stale"
     );
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(lookup.calls_ms(t0).await, [0]);
+    assert!(
+        lookup.confirming_calls.lock().await.len() >= 2,
+        "asks again"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -490,4 +586,99 @@ fn dns_error_lists_every_region() {
         "dns resolution of profile failed in every region: north (profile.north.lab.): timed out after 300ms; south (profile.south.lab.): SERVFAIL"
     );
     assert!(!e.is_timeout());
+}
+
+// === The task outlives its handle, and never ends silently (issue 14, B.2 and B.6) ===
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_handle_keeps_a_watched_set_fresh() {
+    // Before: dropping the handle aborted the task, and the balancer kept the old address
+    // forever, never stale, never expired, nothing logged.
+    let lookup = Scripted::new(answer(&["127.0.1.11"], Duration::from_secs(4)));
+    let (d, _events, _t0) = start(&lookup).await;
+    let mut watch = d.watch();
+    assert_eq!(
+        watch.borrow_and_update().endpoints[0].addr.ip(),
+        ips(&["127.0.1.11"])[0]
+    );
+    drop(d);
+    lookup.set(answer(&["127.0.1.12"], Duration::from_secs(4)));
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            watch.changed().await.expect("the task still publishes");
+            let set = watch.borrow_and_update().clone();
+            if set.endpoints.first().map(|e| e.addr.ip()) == Some(ips(&["127.0.1.12"])[0]) {
+                assert!(!set.stale);
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the new address is published after the handle was dropped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_task_ends_when_nobody_can_see_it_and_says_so() {
+    let lookup = Scripted::new(answer(&["127.0.1.11"], Duration::from_secs(4)));
+    let (d, mut events, _t0) = start(&lookup).await;
+    drop(d);
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(TopologyEvent::TaskEnded { task, reason, .. }) = events.recv().await {
+                return (task, reason);
+            }
+        }
+    })
+    .await
+    .expect("TaskEnded published");
+    assert_eq!(&*ended.0, "dns_refresh");
+    assert_eq!(&*ended.1, "every receiver dropped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_is_reported_and_marks_the_set_stale() {
+    let lookup = Scripted::new(answer(&["127.0.1.11"], Duration::from_secs(4)));
+    let (d, mut events, _t0) = start(&lookup).await;
+    let mut watch = d.watch();
+    watch.borrow_and_update();
+    d.stop();
+    watch.changed().await.unwrap();
+    assert!(watch.borrow().stale, "the frozen set is marked stale");
+    assert_eq!(d.ended().as_deref(), Some("stopped"));
+    let seen = drain(&mut events);
+    assert!(seen.iter().any(|e| e.kind() == "task_ended"), "{seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_durations_neither_panic_nor_kill_the_task() {
+    // Before: query_timeout = "5000000000000000h" panicked in start, and a huge
+    // serve_stale_for killed the task after the first answer (an Instant overflow).
+    let mut topo = (*topo()).clone();
+    let huge = Duration::from_secs(5_000_000_000_000_000 * 3600);
+    topo.dns_mut_for_tests(|d| {
+        d.query_timeout = huge;
+        d.serve_stale_for = huge;
+        d.max_ttl = huge;
+    });
+    let lookup = Scripted::new(answer(&["127.0.1.11"], Duration::from_secs(4)));
+    let d = DnsDiscovery::with_lookup(
+        Arc::new(topo),
+        "profile",
+        EventBus::default(),
+        lookup.clone(),
+    )
+    .await
+    .unwrap();
+    let mut watch = d.watch();
+    watch.borrow_and_update();
+    lookup.set(answer(&["127.0.1.12"], Duration::from_secs(4)));
+    tokio::time::timeout(Duration::from_secs(60), watch.changed())
+        .await
+        .expect("still refreshing")
+        .unwrap();
+    assert_eq!(d.ended(), None);
+    assert_eq!(
+        watch.borrow().endpoints[0].addr.ip(),
+        ips(&["127.0.1.12"])[0]
+    );
 }

@@ -24,7 +24,7 @@
 //!
 //! ```
 //! use ha_core::fail_fast::FailFastLayer;
-//! use ha_core::{BoxError, HaError};
+//! use ha_core::BoxError;
 //! use std::time::Duration;
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //!
@@ -39,7 +39,7 @@
 //! # _handle.allow(0);
 //! // After 500 ms of waiting, poll_ready gives up and the call is rejected at once.
 //! let err = svc.ready().await?.call("GET /").await.unwrap_err();
-//! assert!(HaError::find(&*err).is_some_and(HaError::is_unavailable));
+//! assert!(err.is_unavailable());
 //! # Ok(())
 //! # }
 //! ```
