@@ -332,3 +332,112 @@ pub fn static_endpoints(topology: &Topology, dependency: &str) -> Result<Endpoin
 pub fn channel(initial: EndpointSet) -> (watch::Sender<Arc<EndpointSet>>, EndpointWatch) {
     watch::channel(Arc::new(initial))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::locality::{IdcClassifier, Role};
+
+    fn ep(addr: &str) -> Endpoint {
+        IdcClassifier::new(&[], "bj-a").endpoint(addr.parse().unwrap())
+    }
+
+    fn kinds(rx: &mut tokio::sync::broadcast::Receiver<TopologyEvent>) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            out.push(e.kind());
+        }
+        out
+    }
+
+    #[test]
+    fn publish_diffs_versions_and_announces_before_the_set() {
+        let bus = EventBus::new(64);
+        let mut rx = bus.subscribe();
+        let p = Publisher::new("cache", bus);
+        let mut w = p.watch();
+        assert!(p.publish(vec![
+            ep("127.0.1.2:1"),
+            ep("127.0.1.1:1"),
+            ep("127.0.1.1:1")
+        ]));
+        let set = w.borrow_and_update().clone();
+        assert_eq!(set.version, 1);
+        assert_eq!(set.len(), 2, "sorted and deduplicated");
+        assert!(set.endpoints[0].addr < set.endpoints[1].addr);
+        assert_eq!(kinds(&mut rx), ["endpoint_added", "endpoint_added"]);
+        // The same list in another order: no change, no event, no wake-up.
+        assert!(!p.publish(vec![ep("127.0.1.1:1"), ep("127.0.1.2:1")]));
+        assert!(!w.has_changed().unwrap());
+        assert!(kinds(&mut rx).is_empty());
+        // One replaced.
+        assert!(p.publish(vec![ep("127.0.1.1:1"), ep("127.0.1.3:1")]));
+        assert_eq!(p.current().version, 2);
+        assert_eq!(kinds(&mut rx), ["endpoint_removed", "endpoint_added"]);
+    }
+
+    #[test]
+    fn a_role_change_is_a_change() {
+        let p = Publisher::new("cache", EventBus::new(16));
+        p.publish(vec![ep("127.0.1.1:1").with_role(Role::Replica)]);
+        assert!(p.publish(vec![ep("127.0.1.1:1").with_role(Role::Primary)]));
+        assert_eq!(p.current().endpoints[0].meta.role, Some(Role::Primary));
+        assert_eq!(p.current().version, 2);
+    }
+
+    #[test]
+    fn freshness_changes_keep_the_version_and_end_is_final() {
+        let p = Publisher::new("cache", EventBus::new(16));
+        p.publish(vec![ep("127.0.1.1:1")]);
+        p.mark_stale();
+        let s = p.current();
+        assert_eq!(
+            (s.version, s.stale, &s.freshness),
+            (1, true, &Freshness::Stale)
+        );
+        // Fresh again with the same endpoints: the flag changes, the version does not.
+        assert!(!p.publish(vec![ep("127.0.1.1:1")]));
+        let s = p.current();
+        assert_eq!(
+            (s.version, s.stale, &s.freshness),
+            (1, false, &Freshness::Fresh)
+        );
+        p.expire();
+        let s = p.current();
+        assert!(s.is_empty());
+        assert_eq!(
+            (s.version, s.stale, &s.freshness),
+            (2, false, &Freshness::Expired)
+        );
+        // Stale makes no sense for an expired (empty) set.
+        p.mark_stale();
+        assert_eq!(p.current().freshness, Freshness::Expired);
+        p.publish(vec![ep("127.0.1.1:1")]);
+        p.end("stopped");
+        let s = p.current();
+        assert!(s.is_ended() && s.stale);
+        assert_eq!(s.freshness, Freshness::Ended("stopped".into()));
+        // Nothing changes an ended set.
+        assert!(!p.publish(vec![ep("127.0.1.9:1")]));
+        p.end("again");
+        p.mark_stale();
+        assert_eq!(p.current(), s);
+    }
+
+    #[tokio::test]
+    async fn closed_resolves_when_every_receiver_is_gone_and_receivers_keep_the_last_set() {
+        let p = Publisher::new("cache", EventBus::new(16));
+        let w = p.watch();
+        assert_eq!(p.receiver_count(), 1);
+        let closed = tokio::time::timeout(std::time::Duration::from_millis(10), p.closed()).await;
+        assert!(closed.is_err(), "a receiver lives");
+        drop(w);
+        p.closed().await;
+        let w = p.watch();
+        p.publish(vec![ep("127.0.1.1:1")]);
+        drop(p);
+        assert!(w.has_changed().is_err(), "closed");
+        assert_eq!(w.borrow().len(), 1, "the last set stays readable");
+    }
+}

@@ -494,7 +494,13 @@ impl EventBus {
                 task,
                 reason,
             } => {
-                tracing::error!(%dependency, %task, %reason, "background task ended");
+                // Nobody watching any more is an orderly end; anything else (stopped, a panic)
+                // leaves something that no longer changes.
+                if &**reason == "every receiver dropped" {
+                    tracing::info!(%dependency, %task, %reason, "background task ended");
+                } else {
+                    tracing::error!(%dependency, %task, %reason, "background task ended");
+                }
             }
             TopologyEvent::ClusterFailedOver {
                 dependency,
