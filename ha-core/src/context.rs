@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 use crate::balance::{Builder as BalanceBuilder, LocalityBalance};
 use crate::config::{Source, Topology};
 use crate::control::Control;
-use crate::discovery::{EndpointWatch, static_endpoints};
+use crate::discovery::{EndpointWatch, Publisher, static_endpoints};
 use crate::dns::DnsDiscovery;
 use crate::error::HaError;
 use crate::events::EventBus;
@@ -71,6 +71,7 @@ struct Inner {
     control: Control,
     discoveries: tokio::sync::Mutex<HashMap<Arc<str>, Discovery>>,
     masters: Mutex<HashMap<Arc<str>, MasterWatch>>,
+    publishers: Mutex<HashMap<Arc<str>, Publisher>>,
 }
 
 /// The discovery of one dependency: its endpoint watch, and the DNS task when it has one.
@@ -126,6 +127,7 @@ impl HaContext {
                 control,
                 discoveries: tokio::sync::Mutex::new(HashMap::new()),
                 masters: Mutex::new(HashMap::new()),
+                publishers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -216,6 +218,19 @@ impl HaContext {
         map.insert(dependency.into(), w.clone());
         w
     }
+
+    /// A [`Publisher`] for a set a backend discovers itself (Sentinel replicas, RocketMQ
+    /// brokers), named `name`, publishing on this context's bus; one per name, shared by every
+    /// caller. Feed its [`Publisher::watch`] to [`HaContext::balancer_over`].
+    pub fn publisher(&self, name: &str) -> Publisher {
+        let mut map = self.inner.publishers.lock();
+        if let Some(p) = map.get(name) {
+            return p.clone();
+        }
+        let p = Publisher::new(name, self.inner.events.clone());
+        map.insert(name.into(), p.clone());
+        p
+    }
 }
 
 #[cfg(test)]
@@ -284,5 +299,25 @@ static_addrs = ["127.0.1.20:8080", "127.0.2.20:8080"]
             let got = bal.ready().await.unwrap().call(()).await.unwrap();
             assert_ne!(got, local);
         }
+    }
+
+    #[tokio::test]
+    async fn a_backend_publisher_is_shared_and_feeds_a_balancer() {
+        use tower::{Service, ServiceExt};
+        let ctx = HaContext::new(Topology::from_toml_str(TOPO, "t.toml").unwrap());
+        let replicas = ctx.publisher("cache-replicas");
+        let c = ctx.topology().classifier().clone();
+        let addr: std::net::SocketAddr = "127.0.2.21:6380".parse().unwrap();
+        ctx.publisher("cache-replicas")
+            .publish(vec![c.endpoint(addr).with_role(crate::Role::Replica)]);
+        assert_eq!(replicas.current().version, 1, "one publisher per name");
+        let mut bal = ctx
+            .balancer_over(replicas.watch())
+            .seed(1)
+            .build(|ep: &crate::Endpoint| {
+                let addr = ep.addr;
+                tower::service_fn(move |()| async move { Ok::<_, std::io::Error>(addr) })
+            });
+        assert_eq!(bal.ready().await.unwrap().call(()).await.unwrap(), addr);
     }
 }
