@@ -48,6 +48,20 @@ pub enum LabError {
         /// Its log file.
         log: PathBuf,
     },
+    /// Another process already serves the address a child was started for: the address answers,
+    /// but no socket of the child's process group listens on it (a leftover server, another
+    /// lab). The child was killed, or had exited with `status`.
+    #[error("{name}: {addr} is already in use by a process that is not ours (our child: {status}; log: {log})", log = log.display())]
+    AddressInUse {
+        /// The server name.
+        name: String,
+        /// The address that answered without our child listening on it.
+        addr: SocketAddr,
+        /// What became of our child: `pid N, not listening` or its exit status.
+        status: String,
+        /// Its log file.
+        log: PathBuf,
+    },
     /// A child process exited while it was being started.
     #[error("{name} exited during start-up with {status} (log: {log})", log = log.display())]
     Exited {
@@ -145,6 +159,11 @@ impl LabError {
     /// True when a program is missing from `PATH`.
     pub fn is_missing_binary(&self) -> bool {
         matches!(self, LabError::MissingBinary { .. })
+    }
+
+    /// True when a server's address was already taken by a process that is not ours.
+    pub fn is_address_in_use(&self) -> bool {
+        matches!(self, LabError::AddressInUse { .. })
     }
 
     /// True when a server name was not known.
