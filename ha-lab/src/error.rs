@@ -12,6 +12,16 @@ pub enum LabError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A port offset moves a server's port past 65535.
+    #[error("port offset {offset} moves {server}'s port {port} past 65535 (largest offset for it: {max})", max = u16::MAX - port)]
+    PortOverflow {
+        /// The offset asked for (the total, when offsets were added up).
+        offset: u32,
+        /// The server whose port overflows.
+        server: String,
+        /// Its port before any offset.
+        port: u16,
+    },
     /// A DNS name could not be parsed or lies outside the served zone.
     #[error("invalid dns name {name:?}: {reason}")]
     InvalidName {
@@ -164,6 +174,11 @@ impl LabError {
     /// True when a server's address was already taken by a process that is not ours.
     pub fn is_address_in_use(&self) -> bool {
         matches!(self, LabError::AddressInUse { .. })
+    }
+
+    /// True when a port offset moved a port past 65535.
+    pub fn is_port_overflow(&self) -> bool {
+        matches!(self, LabError::PortOverflow { .. })
     }
 
     /// True when a server name was not known.

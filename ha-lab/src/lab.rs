@@ -99,6 +99,9 @@ pub struct LabOptions {
     pub backends: Vec<BackendSpec>,
     /// External processes started through a [`Supervisor`] (logs in `dir/logs`). Default none.
     pub processes: Vec<ServerSpec>,
+    /// The offset [`LabOptions::with_port_offset`] added to the ports, recorded in `lab.json`
+    /// (it names the lab's own nftables table). Default 0.
+    pub port_offset: u16,
 }
 
 fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
@@ -159,23 +162,51 @@ impl LabOptions {
             ],
             backends,
             processes: Vec::new(),
+            port_offset: 0,
         }
     }
 
-    /// Adds `offset` to every non-zero port (to run a second lab beside the default one).
-    #[must_use]
-    pub fn with_port_offset(mut self, offset: u16) -> LabOptions {
-        let shift = |a: &mut SocketAddr| {
-            if a.port() != 0 {
-                a.set_port(a.port().saturating_add(offset));
-            }
+    /// Adds `offset` to every non-zero port of the DNS servers and backends (to run a second
+    /// lab beside the default one). Fails with [`LabError::PortOverflow`], naming the offset,
+    /// the server and its port, when a port would pass 65535.
+    ///
+    /// ```
+    /// let options = ha_lab::LabOptions::new("/tmp/lab").with_port_offset(1000)?;
+    /// assert_eq!(options.dns[0].addr.port(), 16353);
+    /// assert!(ha_lab::LabOptions::new("/tmp/lab").with_port_offset(60000).is_err());
+    /// # Ok::<(), ha_lab::LabError>(())
+    /// ```
+    pub fn with_port_offset(mut self, offset: u16) -> Result<LabOptions, LabError> {
+        let overflow = |server: &str, port: u16| LabError::PortOverflow {
+            offset: u32::from(self.port_offset) + u32::from(offset),
+            server: server.to_owned(),
+            port,
         };
-        self.dns.iter_mut().for_each(|d| shift(&mut d.addr));
-        for b in &mut self.backends {
-            shift(&mut b.http);
-            shift(&mut b.proxy);
+        let total = self
+            .port_offset
+            .checked_add(offset)
+            .ok_or_else(|| overflow("the lab", 0))?;
+        let shift = |server: String, a: &mut SocketAddr| {
+            if a.port() == 0 {
+                return Ok(());
+            }
+            let port = a
+                .port()
+                .checked_add(offset)
+                // Named as the default port, before any offset, with the total offset.
+                .ok_or_else(|| overflow(&server, a.port().saturating_sub(self.port_offset)))?;
+            a.set_port(port);
+            Ok::<(), LabError>(())
+        };
+        for d in &mut self.dns {
+            shift(format!("dns-{}", d.region), &mut d.addr)?;
         }
-        self
+        for b in &mut self.backends {
+            shift(format!("who-{}", b.name), &mut b.http)?;
+            shift(format!("proxy-{}", b.name), &mut b.proxy)?;
+        }
+        self.port_offset = total;
+        Ok(self)
     }
 }
 

@@ -124,6 +124,8 @@ fn absolute(dir: &Path) -> Result<PathBuf, LabError> {
 
 async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, LabError> {
     let dir = absolute(dir)?;
+    // Refused here, not in the daemon's log: the offset must leave every port below 65536.
+    LabOptions::new(&dir).with_port_offset(port_offset)?;
     if let Ok(m) = Manifest::read(&dir)
         && pid_alive(m.daemon_pid)
     {
@@ -207,7 +209,7 @@ async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, La
 
 async fn serve(dir: PathBuf, port_offset: u16) -> Result<ExitCode, LabError> {
     let dir = absolute(&dir)?;
-    let options = LabOptions::new(&dir).with_port_offset(port_offset);
+    let options = LabOptions::new(&dir).with_port_offset(port_offset)?;
     let lab = Lab::start(options).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| LabError::io("install SIGTERM handler", e))?;

@@ -107,3 +107,21 @@ fn up_status_fault_down() {
     assert!(!ok, "status without a lab fails: {err}");
     drop(guard);
 }
+
+#[test]
+fn up_refuses_a_port_offset_past_65535() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let guard = Down { dir, pid: None };
+    let (ok, out, err) = ha_lab(
+        dir,
+        &["up", "--port-offset", "60000", "--timeout-secs", "5"],
+    );
+    assert!(!ok, "up with an overflowing offset must fail: {out}\n{err}");
+    assert!(
+        err.contains("port offset 60000") && err.contains("15353"),
+        "names the offset and the port: {err}"
+    );
+    assert!(!Manifest::path(dir).exists(), "no daemon was started");
+    drop(guard);
+}
