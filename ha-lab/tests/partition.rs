@@ -74,3 +74,73 @@ fn heal_of_unpartitioned_range_is_ok() {
     }
     heal("127.0.1.222/32".parse().unwrap()).unwrap();
 }
+
+/// The rules of `table inet halab` whose source is `ip` (0 when the table is absent).
+fn rules_from(ip: &str) -> usize {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", ha_lab::partition::TABLE])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("ip saddr {ip} ")) && l.contains(" drop"))
+        .count()
+}
+
+#[test]
+fn concurrent_partitions_and_heals_of_two_idcs_stay_consistent() {
+    if !nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    let x: IpNet = "127.0.1.223/32".parse().unwrap();
+    let y: IpNet = "127.0.2.223/32".parse().unwrap();
+    let other: IpNet = "127.0.3.223/32".parse().unwrap();
+    let _heal_x = Healer(x);
+    let _heal_y = Healer(y);
+
+    // Partitioning twice replaces, it does not add.
+    partition(x, &[other]).unwrap();
+    let once = rules_from("127.0.1.223");
+    assert!(once > 0);
+    partition(x, &[other]).unwrap();
+    assert_eq!(
+        rules_from("127.0.1.223"),
+        once,
+        "a second partition replaces"
+    );
+    heal(x).unwrap();
+    assert_eq!(rules_from("127.0.1.223"), 0);
+
+    // Each thread only ever changes its own IDC: what it sees of its IDC must be what it did,
+    // whatever the other thread does to the other IDC at the same time.
+    let run = move |idc: IpNet, ip: &'static str| {
+        std::thread::spawn(move || -> Result<(), String> {
+            for round in 0..40 {
+                partition(idc, &[other]).map_err(|e| format!("round {round}: partition: {e}"))?;
+                if rules_from(ip) != once {
+                    return Err(format!(
+                        "round {round}: {idc} not partitioned after partition"
+                    ));
+                }
+                heal(idc).map_err(|e| format!("round {round}: heal: {e}"))?;
+                if rules_from(ip) != 0 {
+                    return Err(format!("round {round}: {idc} still partitioned after heal"));
+                }
+            }
+            partition(idc, &[other]).map_err(|e| format!("last partition: {e}"))
+        })
+    };
+    let a = run(x, "127.0.1.223");
+    let b = run(y, "127.0.2.223");
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(rules_from("127.0.1.223"), once);
+    assert_eq!(rules_from("127.0.2.223"), once);
+    heal(x).unwrap();
+    assert_eq!(rules_from("127.0.1.223"), 0);
+    assert_eq!(rules_from("127.0.2.223"), once, "healing x leaves y");
+    heal(y).unwrap();
+    assert_eq!(rules_from("127.0.2.223"), 0);
+}
