@@ -269,9 +269,23 @@ pub struct Manifest {
     pub service: String,
     /// The IDCs.
     pub idcs: Vec<IdcSpec>,
+    /// The port offset of the lab ([`LabOptions::port_offset`]); 0 in a `lab.json` written
+    /// before it was recorded.
+    #[serde(default)]
+    pub port_offset: u16,
 }
 
 impl Manifest {
+    /// The partition scope of this lab: its own table `halab_<offset>`, cutting only the
+    /// ports its servers serve on, so that a partition of this lab leaves every other lab on
+    /// the machine alone (see [`crate::partition`]).
+    pub fn partition_scope(&self) -> crate::partition::Scope {
+        crate::partition::Scope::lab(
+            self.port_offset,
+            self.servers.iter().map(|s| s.address.port()),
+        )
+    }
+
     /// Path of `lab.json` in `dir`.
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("lab.json")
@@ -432,6 +446,7 @@ impl Lab {
             zone: options.zone.clone(),
             service: options.service.clone(),
             idcs: options.idcs.clone(),
+            port_offset: options.port_offset,
         };
         let inner = Arc::new(Inner {
             dir: dir.clone(),

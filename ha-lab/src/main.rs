@@ -59,7 +59,7 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Stop the lab daemon and remove the lab's nftables rules.
+    /// Stop the lab daemon and remove the lab's nftables table (halab_<port offset>).
     Down {
         /// Lab directory.
         #[arg(long)]
@@ -322,10 +322,10 @@ async fn down(dir: &Path) -> Result<ExitCode, LabError> {
         }
     }
     if partition::nft_available() {
-        for idc in &m.idcs {
-            if let Err(e) = partition::heal(idc.cidr) {
-                eprintln!("ha-lab: heal {}: {e}", idc.name);
-            }
+        // This lab's own table only: another lab's partitions stay.
+        let scope = m.partition_scope();
+        if let Err(e) = scope.heal_all() {
+            eprintln!("ha-lab: heal table {}: {e}", scope.table());
         }
     }
     let _ = std::fs::remove_file(&m.control);
@@ -360,13 +360,19 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
                 .filter(|i| i.name != *idc)
                 .map(|i| i.cidr)
                 .collect();
-            partition::partition(me.cidr, &others)?;
-            println!("partitioned {} ({}) from the other IDCs", me.name, me.cidr);
+            let scope = m.partition_scope();
+            scope.partition(me.cidr, &others)?;
+            println!(
+                "partitioned {} ({}) from the other IDCs (this lab's ports only, nft table {})",
+                me.name,
+                me.cidr,
+                scope.table()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         [verb, idc] if verb == "heal" && m.idcs.iter().any(|i| i.name == *idc) => {
             if let Some(me) = m.idcs.iter().find(|i| i.name == *idc) {
-                partition::heal(me.cidr)?;
+                m.partition_scope().heal(me.cidr)?;
                 println!("healed {} ({})", me.name, me.cidr);
             }
             return Ok(ExitCode::SUCCESS);

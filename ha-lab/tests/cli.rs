@@ -99,12 +99,40 @@ fn up_status_fault_down() {
     let (ok, _, err) = ha_lab(dir, &["up", "--port-offset", "1200"]);
     assert!(!ok && err.contains("already running"), "{err}");
 
+    // A partition of this lab lives in its own table and cuts only its own ports; down
+    // removes that table.
+    let scope = m.partition_scope();
+    if ha_lab::partition::nft_available() {
+        assert_eq!(scope.table(), "halab_1200");
+        assert_eq!(scope.ports(), Some(&[16553, 19280, 19281][..]));
+        let (ok, out, err) = ha_lab(dir, &["fault", "partition", "bj-a"]);
+        assert!(ok, "partition: {out}\n{err}");
+        assert!(out.contains("halab_1200"), "{out}");
+        let bj_a: ipnet::IpNet = "127.0.1.0/24".parse().unwrap();
+        assert_eq!(scope.partitioned().unwrap(), vec![bj_a]);
+        let (ok, out, err) = ha_lab(dir, &["fault", "heal", "bj-a"]);
+        assert!(ok, "heal: {out}\n{err}");
+        assert!(scope.partitioned().unwrap().is_empty());
+        let (ok, out, err) = ha_lab(dir, &["fault", "partition", "sh-a"]);
+        assert!(ok, "partition: {out}\n{err}");
+    }
+
     let (ok, out, err) = ha_lab(dir, &["down"]);
     assert!(ok, "down: {out}\n{err}");
     wait_until("daemon gone", || !pid_alive(m.daemon_pid));
     assert!(!Manifest::path(dir).exists());
     let (ok, _, err) = ha_lab(dir, &["status"]);
     assert!(!ok, "status without a lab fails: {err}");
+    if ha_lab::partition::nft_available() {
+        let tables = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&tables.stdout).contains("halab_1200"),
+            "down removed the lab's table"
+        );
+    }
     drop(guard);
 }
 

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ha_lab::partition::{heal, nft_available, partition};
+use ha_lab::partition::{Scope, heal, nft_available, partition};
 use ipnet::IpNet;
 use tokio::{
     net::{TcpListener, TcpSocket},
@@ -143,4 +143,79 @@ fn concurrent_partitions_and_heals_of_two_idcs_stay_consistent() {
     assert_eq!(rules_from("127.0.2.223"), once, "healing x leaves y");
     heal(y).unwrap();
     assert_eq!(rules_from("127.0.2.223"), 0);
+}
+
+/// Deletes a scope's table on drop, so a failing assertion leaves nothing behind.
+struct TableGuard(Scope);
+
+impl Drop for TableGuard {
+    fn drop(&mut self) {
+        let _ = self.0.heal_all();
+    }
+}
+
+#[tokio::test]
+async fn a_partition_of_one_lab_leaves_another_labs_ports_alone() {
+    if !nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    // Two labs on the same address ranges, told apart by their ports (as two port offsets).
+    let a = TcpListener::bind("127.0.3.224:0").await.unwrap();
+    let b = TcpListener::bind("127.0.3.224:0").await.unwrap();
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let accept = |l: TcpListener| {
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    held.push(s);
+                }
+            }
+        })
+    };
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _a = Abort(accept(a));
+    let _b = Abort(accept(b));
+    let lab_a = Scope::lab(60001, [a_addr.port()]);
+    let lab_b = Scope::lab(60002, [b_addr.port()]);
+    assert_ne!(lab_a.table(), lab_b.table());
+    let _guard_a = TableGuard(lab_a.clone());
+    let _guard_b = TableGuard(lab_b.clone());
+
+    let idc: IpNet = "127.0.1.224/32".parse().unwrap();
+    let other: IpNet = "127.0.3.224/32".parse().unwrap();
+    lab_a.partition(idc, &[other]).unwrap();
+    assert_eq!(
+        connect_from("127.0.1.224", a_addr).await.unwrap_err(),
+        "timeout",
+        "lab a's own port is cut"
+    );
+    connect_from("127.0.1.224", b_addr)
+        .await
+        .expect("lab b's port between the same ranges still connects");
+    connect_from("127.0.2.224", a_addr)
+        .await
+        .expect("another range still reaches lab a");
+    assert_eq!(lab_a.partitioned().unwrap(), vec![idc]);
+    assert!(lab_b.partitioned().unwrap().is_empty());
+
+    // Lab b's heals touch only lab b's table.
+    lab_b.heal(idc).unwrap();
+    lab_b.heal_all().unwrap();
+    assert_eq!(lab_a.partitioned().unwrap(), vec![idc]);
+    assert_eq!(
+        connect_from("127.0.1.224", a_addr).await.unwrap_err(),
+        "timeout"
+    );
+
+    lab_a.heal(idc).unwrap();
+    connect_from("127.0.1.224", a_addr).await.unwrap();
+    lab_a.heal_all().unwrap();
+    assert!(lab_a.partitioned().unwrap().is_empty());
 }
