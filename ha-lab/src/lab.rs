@@ -263,6 +263,11 @@ pub struct Manifest {
     pub control: PathBuf,
     /// Pid of the process running the lab.
     pub daemon_pid: u32,
+    /// When that process started ([`crate::process::start_time`]): a pid that runs but started
+    /// at another time is not the daemon any more. `None` in a `lab.json` written before it was
+    /// recorded.
+    #[serde(default)]
+    pub daemon_start: Option<u64>,
     /// The zone served by the DNS servers.
     pub zone: String,
     /// The name published for the backends.
@@ -275,7 +280,60 @@ pub struct Manifest {
     pub port_offset: u16,
 }
 
+/// What became of the daemon recorded in a [`Manifest`] ([`Manifest::daemon_state`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DaemonState {
+    /// The recorded pid runs and is the daemon (same start time, or, for a `lab.json` without
+    /// one, a command line `... serve --dir <this lab's dir> ...`).
+    Running,
+    /// No process has the recorded pid.
+    Gone,
+    /// The pid runs but is another process (the daemon died and the pid was reused): it must
+    /// not be signalled.
+    Replaced {
+        /// Why it is not the daemon.
+        reason: String,
+    },
+}
+
 impl Manifest {
+    /// Whether the recorded daemon still runs, by pid *and* identity, so that a reused pid is
+    /// never mistaken for it.
+    pub fn daemon_state(&self) -> DaemonState {
+        let pid = self.daemon_pid;
+        if !crate::process::pid_alive(pid) {
+            return DaemonState::Gone;
+        }
+        if let Some(recorded) = self.daemon_start {
+            return match crate::process::start_time(pid) {
+                Some(now) if now == recorded => DaemonState::Running,
+                Some(now) => DaemonState::Replaced {
+                    reason: format!(
+                        "it started at tick {now} after boot, the daemon at tick {recorded}"
+                    ),
+                },
+                None => DaemonState::Gone,
+            };
+        }
+        // A lab.json without a start time: the daemon is `ha-lab serve --dir DIR ...`.
+        let Some(args) = crate::process::cmdline(pid) else {
+            return DaemonState::Gone;
+        };
+        let dir = self.control.parent().map(|d| d.display().to_string());
+        let serves_here = args.iter().any(|a| a == "serve")
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--dir" && Some(&w[1]) == dir.as_ref());
+        if serves_here {
+            DaemonState::Running
+        } else {
+            DaemonState::Replaced {
+                reason: format!("its command line is {:?}", args.join(" ")),
+            }
+        }
+    }
+
     /// The partition scope of this lab: its own table `halab_<offset>`, cutting only the
     /// ports its servers serve on, so that a partition of this lab leaves every other lab on
     /// the machine alone (see [`crate::partition`]).
@@ -443,6 +501,7 @@ impl Lab {
             servers,
             control: control_path,
             daemon_pid: pid,
+            daemon_start: crate::process::start_time(pid),
             zone: options.zone.clone(),
             service: options.service.clone(),
             idcs: options.idcs.clone(),

@@ -13,9 +13,8 @@ use clap::{Parser, Subcommand};
 use ha_lab::{
     Lab, LabError, LabOptions,
     control::{ControlRequest, FaultAction, request},
-    lab::{Manifest, probe},
+    lab::{DaemonState, Manifest, probe},
     partition,
-    process::pid_alive,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -127,7 +126,7 @@ async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, La
     // Refused here, not in the daemon's log: the offset must leave every port below 65536.
     LabOptions::new(&dir).with_port_offset(port_offset)?;
     if let Ok(m) = Manifest::read(&dir)
-        && pid_alive(m.daemon_pid)
+        && m.daemon_state() == DaemonState::Running
     {
         return Err(LabError::Control(format!(
             "a lab is already running in {} (pid {}); run `ha-lab down --dir {}` first",
@@ -264,7 +263,7 @@ fn print_table(m: &Manifest, states: Option<&[bool]>) {
 
 async fn status(dir: &Path) -> Result<ExitCode, LabError> {
     let m = Manifest::read(dir)?;
-    let daemon = pid_alive(m.daemon_pid);
+    let daemon = m.daemon_state() == DaemonState::Running;
     println!(
         "daemon pid {}: {}",
         m.daemon_pid,
@@ -280,15 +279,27 @@ async fn status(dir: &Path) -> Result<ExitCode, LabError> {
     })
 }
 
-async fn wait_gone(pid: u32, wait: Duration) -> bool {
+/// Waits (bounded) until the daemon of `m` no longer runs (gone, or its pid reused).
+async fn wait_gone(m: &Manifest, wait: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
-    while pid_alive(pid) {
+    while m.daemon_state() == DaemonState::Running {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+/// Sends `signal` to the daemon of `m`, after checking (again) that its pid is still the
+/// daemon's: a pid is only ever signalled while it is ours.
+fn signal_daemon(m: &Manifest, signal: Signal) {
+    if m.daemon_state() != DaemonState::Running {
+        return;
+    }
+    if let Ok(raw) = i32::try_from(m.daemon_pid) {
+        let _ = kill(Pid::from_raw(raw), signal);
+    }
 }
 
 async fn down(dir: &Path) -> Result<ExitCode, LabError> {
@@ -300,26 +311,34 @@ async fn down(dir: &Path) -> Result<ExitCode, LabError> {
         }
     };
     let pid = m.daemon_pid;
-    if let Err(e) = request(
-        &m.control,
-        &ControlRequest::Shutdown,
-        Duration::from_secs(3),
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "control shutdown failed; signalling the daemon");
-    }
-    if !wait_gone(pid, Duration::from_secs(10)).await {
-        let p = Pid::from_raw(pid as i32);
-        let _ = kill(p, Signal::SIGTERM);
-        if !wait_gone(pid, Duration::from_secs(5)).await {
-            let _ = kill(p, Signal::SIGKILL);
-            if !wait_gone(pid, Duration::from_secs(2)).await {
-                return Err(LabError::Control(format!(
-                    "daemon pid {pid} survived SIGKILL"
-                )));
+    match m.daemon_state() {
+        DaemonState::Running => {
+            if let Err(e) = request(
+                &m.control,
+                &ControlRequest::Shutdown,
+                Duration::from_secs(3),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "control shutdown failed; signalling the daemon");
+            }
+            if !wait_gone(&m, Duration::from_secs(10)).await {
+                signal_daemon(&m, Signal::SIGTERM);
+                if !wait_gone(&m, Duration::from_secs(5)).await {
+                    signal_daemon(&m, Signal::SIGKILL);
+                    if !wait_gone(&m, Duration::from_secs(2)).await {
+                        return Err(LabError::Control(format!(
+                            "daemon pid {pid} survived SIGKILL"
+                        )));
+                    }
+                }
             }
         }
+        DaemonState::Gone => println!("the daemon (pid {pid}) is already gone"),
+        DaemonState::Replaced { reason } => {
+            println!("pid {pid} is no longer this lab's daemon ({reason}): not signalled")
+        }
+        state => println!("daemon pid {pid}: {state:?}: not signalled"),
     }
     if partition::nft_available() {
         // This lab's own table only: another lab's partitions stay.

@@ -579,6 +579,23 @@ fn holds_socket(pid: u32, inodes: &[u64]) -> bool {
         .any(|inode| inodes.contains(&inode))
 }
 
+/// When `pid` started, in clock ticks after boot (field 22 of `/proc/<pid>/stat`): with the pid,
+/// it names one process for the life of the machine, since a reused pid starts later.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// The command line of `pid` (`/proc/<pid>/cmdline`), one string per argument.
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
 /// True when `pid` exists and is not a zombie (an exited child nobody reaped yet).
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {

@@ -153,3 +153,64 @@ fn up_refuses_a_port_offset_past_65535() {
     assert!(!Manifest::path(dir).exists(), "no daemon was started");
     drop(guard);
 }
+
+/// A process that is not a lab daemon (`sleep 300`), killed by pid and reaped on drop.
+struct Stranger(std::process::Child);
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn down_does_not_signal_a_pid_that_is_no_longer_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut stranger = Stranger(Command::new("sleep").arg("300").spawn().unwrap());
+    let pid = stranger.0.id();
+    let start = ha_lab::process::start_time(pid).expect("start time of a running pid");
+
+    // The daemon of this lab.json is gone and its pid was reused: the start time differs.
+    let manifest = Manifest {
+        servers: Vec::new(),
+        control: dir.join("control.sock"),
+        daemon_pid: pid,
+        daemon_start: Some(start + 1),
+        zone: "lab.".into(),
+        service: "profile.north.lab.".into(),
+        idcs: Vec::new(),
+        // A table no real lab uses, so that down's heal touches nothing of anyone's.
+        port_offset: 65000,
+    };
+    manifest.write(dir).unwrap();
+    let (ok, out, err) = ha_lab(dir, &["down"]);
+    assert!(ok, "down: {out}\n{err}");
+    assert!(
+        out.contains(&format!("pid {pid}")) && out.contains("not signalled"),
+        "{out}"
+    );
+    assert!(
+        stranger.0.try_wait().unwrap().is_none(),
+        "the stranger was not signalled"
+    );
+    assert!(!Manifest::path(dir).exists());
+
+    // A lab.json from before start times were recorded: the command line is checked instead.
+    let old = serde_json::json!({
+        "servers": [],
+        "control": dir.join("control.sock"),
+        "daemon_pid": pid,
+        "zone": "lab.",
+        "service": "profile.north.lab.",
+        "idcs": [],
+        "port_offset": 65000,
+    });
+    std::fs::write(Manifest::path(dir), old.to_string()).unwrap();
+    let (ok, out, err) = ha_lab(dir, &["down"]);
+    assert!(ok, "down: {out}\n{err}");
+    assert!(out.contains("not signalled"), "{out}");
+    assert!(stranger.0.try_wait().unwrap().is_none());
+    assert!(!Manifest::path(dir).exists());
+}
