@@ -631,7 +631,7 @@ impl Inner {
                     FaultAction::Freeze | FaultAction::Blackhole => d.set_mode(DnsMode::Silent),
                     FaultAction::Thaw | FaultAction::Heal => d.set_mode(DnsMode::Serve),
                     FaultAction::Restart => d.restart().await?,
-                    FaultAction::Latency { .. } => {
+                    FaultAction::Latency { .. } | FaultAction::RoundTripLatency { .. } => {
                         return Err(unsupported("; latency applies to proxies"));
                     }
                 }
@@ -646,6 +646,9 @@ impl Inner {
                     FaultAction::Latency { ms } => {
                         p.set_fault(Fault::Latency(Duration::from_millis(ms)))
                     }
+                    FaultAction::RoundTripLatency { ms } => {
+                        p.set_fault(Fault::RoundTrip(Duration::from_millis(ms)))
+                    }
                 }
             }
             ServerKind::Http => {
@@ -655,7 +658,10 @@ impl Inner {
                     FaultAction::Kill => w.stop().await,
                     FaultAction::Restart => w.restart().await?,
                     FaultAction::Thaw | FaultAction::Heal => {}
-                    FaultAction::Freeze | FaultAction::Blackhole | FaultAction::Latency { .. } => {
+                    FaultAction::Freeze
+                    | FaultAction::Blackhole
+                    | FaultAction::Latency { .. }
+                    | FaultAction::RoundTripLatency { .. } => {
                         return Err(unsupported(&hint));
                     }
                 }
@@ -672,7 +678,9 @@ impl Inner {
                     }
                     manifest.write(&self.dir)?;
                 }
-                FaultAction::Blackhole | FaultAction::Latency { .. } => {
+                FaultAction::Blackhole
+                | FaultAction::Latency { .. }
+                | FaultAction::RoundTripLatency { .. } => {
                     return Err(unsupported("; put a proxy in front of it"));
                 }
             },

@@ -64,7 +64,8 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Apply a fault: kill|freeze|thaw|restart|blackhole|heal <target>, latency <MS> <target>,
+    /// Apply a fault: kill|freeze|thaw|restart|blackhole|heal <target>, latency <MS> <target>
+    /// (a request/response round trip through the proxy gains MS: MS/2 each way),
     /// partition <idc>, heal <idc>.
     Fault {
         /// Lab directory.
@@ -357,7 +358,7 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
     let m = Manifest::read(dir)?;
     let usage = || {
         LabError::Control(
-            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS> <target> | partition <idc> | heal <idc>"
+            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS per round trip> <target> | partition <idc> | heal <idc>"
                 .into(),
         )
     };
@@ -400,7 +401,7 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
             let ms: u64 = ms.parse().map_err(|_| {
                 LabError::Control(format!("latency wants milliseconds, got {ms:?}"))
             })?;
-            (FaultAction::Latency { ms }, target)
+            (FaultAction::RoundTripLatency { ms }, target)
         }
         [verb, target] => {
             let action = match verb.as_str() {

@@ -50,6 +50,42 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// One keep-alive `GET /who` on `conn`, read to the end of its body; returns how long it took.
+#[allow(clippy::disallowed_types)] // a blocking test: no tokio clock to follow
+fn get_who(conn: &mut std::net::TcpStream) -> Duration {
+    use std::io::{Read, Write};
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = std::time::Instant::now();
+    conn.write_all(b"GET /who HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("content-length");
+            if body.len() >= len {
+                assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+                return t.elapsed();
+            }
+        }
+    }
+}
+
 #[test]
 fn up_status_fault_down() {
     let tmp = tempfile::tempdir().unwrap();
@@ -74,6 +110,17 @@ fn up_status_fault_down() {
     assert!(ok, "status: {out}\n{err}");
     assert!(out.contains("running") && !out.contains("DOWN"), "{out}");
 
+    // `fault latency MS`: what a request/response round trip through the proxy gains.
+    let proxy = m.server("proxy-bj-a-1").unwrap().address;
+    let mut conn = std::net::TcpStream::connect(proxy).unwrap();
+    get_who(&mut conn);
+    let (ok, out, err) = ha_lab(dir, &["fault", "latency", "300", "proxy-bj-a-1"]);
+    assert!(ok, "latency: {out}\n{err}");
+    assert!(out.contains("per round trip"), "{out}");
+    let took = get_who(&mut conn);
+    let ms = Duration::from_millis(300);
+    assert!(took >= ms, "a round trip gains the latency: {took:?}");
+    assert!(took < ms * 2, "not the latency in each direction: {took:?}");
     let (ok, out, err) = ha_lab(dir, &["fault", "latency", "100", "proxy-bj-a-1"]);
     assert!(ok, "latency: {out}\n{err}");
     let (ok, out, err) = ha_lab(dir, &["fault", "heal", "proxy-bj-a-1"]);
