@@ -12,6 +12,11 @@ fn ha_lab(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let (sub, rest) = args.split_first().unwrap();
     cmd.arg(sub).arg("--dir").arg(dir).args(rest);
     let out = cmd.output().unwrap();
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "no colour codes on a stderr that is not a terminal: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -104,6 +109,17 @@ fn up_status_fault_down() {
     assert_eq!(
         m.server("dns-south").unwrap().address.to_string(),
         "127.0.3.53:16553"
+    );
+
+    let log = std::fs::read(dir.join("daemon.log")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains("lab started"),
+        "the daemon logs to daemon.log"
+    );
+    assert!(
+        !log.contains(&0x1b),
+        "no colour codes in daemon.log: {:?}",
+        String::from_utf8_lossy(&log)
     );
 
     let (ok, out, err) = ha_lab(dir, &["status"]);
