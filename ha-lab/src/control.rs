@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! {"op":"ping"}
-//! {"op":"fault","target":"proxy-bj-a-1","action":{"latency":{"ms":200}}}
+//! {"op":"fault","target":"proxy-bj-a-1","action":{"round_trip_latency":{"ms":200}}}
+//! {"op":"fault","target":"proxy-bj-a-1","action":{"latency":{"ms":100}}}
 //! {"op":"fault","target":"dns-north","action":"freeze"}
 //! {"op":"shutdown"}
 //! -> {"ok":true} | {"ok":false,"error":"unknown server \"x\" (known: ...)"}
@@ -44,6 +45,7 @@ pub enum ControlRequest {
 /// | `freeze` | mode Silent | Blackhole | - | SIGSTOP |
 /// | `thaw`, `heal` | mode Serve | Pass | no-op | SIGCONT |
 /// | `restart` | restart | restart | restart | kill + start |
+/// | `round_trip_latency` | - | RoundTrip | - | - |
 /// | `latency` | - | Latency | - | - |
 /// | `blackhole` | mode Silent | Blackhole | - | - |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -57,9 +59,17 @@ pub enum FaultAction {
     Thaw,
     /// Restart it on the same address.
     Restart,
-    /// Add latency (proxies only).
+    /// Add latency in each direction (proxies only): a round trip gains `2 × ms`
+    /// ([`Fault::Latency`](crate::proxy::Fault::Latency)).
     Latency {
-        /// Milliseconds per forwarded chunk and direction.
+        /// Milliseconds added to each direction.
+        ms: u64,
+    },
+    /// Add latency to each request/response round trip (proxies only), half on the way there
+    /// and half on the way back ([`Fault::RoundTrip`](crate::proxy::Fault::RoundTrip)); what
+    /// `ha-lab fault latency MS` sends.
+    RoundTripLatency {
+        /// Milliseconds a round trip gains in total.
         ms: u64,
     },
     /// Accept, read and discard.
@@ -75,7 +85,10 @@ impl std::fmt::Display for FaultAction {
             FaultAction::Freeze => f.write_str("freeze"),
             FaultAction::Thaw => f.write_str("thaw"),
             FaultAction::Restart => f.write_str("restart"),
-            FaultAction::Latency { ms } => write!(f, "latency {ms}ms"),
+            FaultAction::Latency { ms } => write!(f, "latency {ms}ms each direction"),
+            FaultAction::RoundTripLatency { ms } => {
+                write!(f, "latency {ms}ms per round trip (half each way)")
+            }
             FaultAction::Blackhole => f.write_str("blackhole"),
             FaultAction::Heal => f.write_str("heal"),
         }

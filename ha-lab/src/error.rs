@@ -12,6 +12,16 @@ pub enum LabError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A port offset moves a server's port past 65535.
+    #[error("port offset {offset} moves {server}'s port {port} past 65535 (largest offset for it: {max})", max = u16::MAX - port)]
+    PortOverflow {
+        /// The offset asked for (the total, when offsets were added up).
+        offset: u32,
+        /// The server whose port overflows.
+        server: String,
+        /// Its port before any offset.
+        port: u16,
+    },
     /// A DNS name could not be parsed or lies outside the served zone.
     #[error("invalid dns name {name:?}: {reason}")]
     InvalidName {
@@ -45,6 +55,20 @@ pub enum LabError {
         name: String,
         /// How long we waited.
         timeout: Duration,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// Another process already serves the address a child was started for: the address answers,
+    /// but no socket of the child's process group listens on it (a leftover server, another
+    /// lab). The child was killed, or had exited with `status`.
+    #[error("{name}: {addr} is already in use by a process that is not ours (our child: {status}; log: {log})", log = log.display())]
+    AddressInUse {
+        /// The server name.
+        name: String,
+        /// The address that answered without our child listening on it.
+        addr: SocketAddr,
+        /// What became of our child: `pid N, not listening` or its exit status.
+        status: String,
         /// Its log file.
         log: PathBuf,
     },
@@ -145,6 +169,16 @@ impl LabError {
     /// True when a program is missing from `PATH`.
     pub fn is_missing_binary(&self) -> bool {
         matches!(self, LabError::MissingBinary { .. })
+    }
+
+    /// True when a server's address was already taken by a process that is not ours.
+    pub fn is_address_in_use(&self) -> bool {
+        matches!(self, LabError::AddressInUse { .. })
+    }
+
+    /// True when a port offset moved a port past 65535.
+    pub fn is_port_overflow(&self) -> bool {
+        matches!(self, LabError::PortOverflow { .. })
     }
 
     /// True when a server name was not known.

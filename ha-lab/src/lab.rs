@@ -99,6 +99,9 @@ pub struct LabOptions {
     pub backends: Vec<BackendSpec>,
     /// External processes started through a [`Supervisor`] (logs in `dir/logs`). Default none.
     pub processes: Vec<ServerSpec>,
+    /// The offset [`LabOptions::with_port_offset`] added to the ports, recorded in `lab.json`
+    /// (it names the lab's own nftables table). Default 0.
+    pub port_offset: u16,
 }
 
 fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
@@ -159,23 +162,51 @@ impl LabOptions {
             ],
             backends,
             processes: Vec::new(),
+            port_offset: 0,
         }
     }
 
-    /// Adds `offset` to every non-zero port (to run a second lab beside the default one).
-    #[must_use]
-    pub fn with_port_offset(mut self, offset: u16) -> LabOptions {
-        let shift = |a: &mut SocketAddr| {
-            if a.port() != 0 {
-                a.set_port(a.port().saturating_add(offset));
-            }
+    /// Adds `offset` to every non-zero port of the DNS servers and backends (to run a second
+    /// lab beside the default one). Fails with [`LabError::PortOverflow`], naming the offset,
+    /// the server and its port, when a port would pass 65535.
+    ///
+    /// ```
+    /// let options = ha_lab::LabOptions::new("/tmp/lab").with_port_offset(1000)?;
+    /// assert_eq!(options.dns[0].addr.port(), 16353);
+    /// assert!(ha_lab::LabOptions::new("/tmp/lab").with_port_offset(60000).is_err());
+    /// # Ok::<(), ha_lab::LabError>(())
+    /// ```
+    pub fn with_port_offset(mut self, offset: u16) -> Result<LabOptions, LabError> {
+        let overflow = |server: &str, port: u16| LabError::PortOverflow {
+            offset: u32::from(self.port_offset) + u32::from(offset),
+            server: server.to_owned(),
+            port,
         };
-        self.dns.iter_mut().for_each(|d| shift(&mut d.addr));
-        for b in &mut self.backends {
-            shift(&mut b.http);
-            shift(&mut b.proxy);
+        let total = self
+            .port_offset
+            .checked_add(offset)
+            .ok_or_else(|| overflow("the lab", 0))?;
+        let shift = |server: String, a: &mut SocketAddr| {
+            if a.port() == 0 {
+                return Ok(());
+            }
+            let port = a
+                .port()
+                .checked_add(offset)
+                // Named as the default port, before any offset, with the total offset.
+                .ok_or_else(|| overflow(&server, a.port().saturating_sub(self.port_offset)))?;
+            a.set_port(port);
+            Ok::<(), LabError>(())
+        };
+        for d in &mut self.dns {
+            shift(format!("dns-{}", d.region), &mut d.addr)?;
         }
-        self
+        for b in &mut self.backends {
+            shift(format!("who-{}", b.name), &mut b.http)?;
+            shift(format!("proxy-{}", b.name), &mut b.proxy)?;
+        }
+        self.port_offset = total;
+        Ok(self)
     }
 }
 
@@ -232,15 +263,87 @@ pub struct Manifest {
     pub control: PathBuf,
     /// Pid of the process running the lab.
     pub daemon_pid: u32,
+    /// When that process started ([`crate::process::start_time`]): a pid that runs but started
+    /// at another time is not the daemon any more. `None` in a `lab.json` written before it was
+    /// recorded.
+    #[serde(default)]
+    pub daemon_start: Option<u64>,
     /// The zone served by the DNS servers.
     pub zone: String,
     /// The name published for the backends.
     pub service: String,
     /// The IDCs.
     pub idcs: Vec<IdcSpec>,
+    /// The port offset of the lab ([`LabOptions::port_offset`]); 0 in a `lab.json` written
+    /// before it was recorded.
+    #[serde(default)]
+    pub port_offset: u16,
+}
+
+/// What became of the daemon recorded in a [`Manifest`] ([`Manifest::daemon_state`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DaemonState {
+    /// The recorded pid runs and is the daemon (same start time, or, for a `lab.json` without
+    /// one, a command line `... serve --dir <this lab's dir> ...`).
+    Running,
+    /// No process has the recorded pid.
+    Gone,
+    /// The pid runs but is another process (the daemon died and the pid was reused): it must
+    /// not be signalled.
+    Replaced {
+        /// Why it is not the daemon.
+        reason: String,
+    },
 }
 
 impl Manifest {
+    /// Whether the recorded daemon still runs, by pid *and* identity, so that a reused pid is
+    /// never mistaken for it.
+    pub fn daemon_state(&self) -> DaemonState {
+        let pid = self.daemon_pid;
+        if !crate::process::pid_alive(pid) {
+            return DaemonState::Gone;
+        }
+        if let Some(recorded) = self.daemon_start {
+            return match crate::process::start_time(pid) {
+                Some(now) if now == recorded => DaemonState::Running,
+                Some(now) => DaemonState::Replaced {
+                    reason: format!(
+                        "it started at tick {now} after boot, the daemon at tick {recorded}"
+                    ),
+                },
+                None => DaemonState::Gone,
+            };
+        }
+        // A lab.json without a start time: the daemon is `ha-lab serve --dir DIR ...`.
+        let Some(args) = crate::process::cmdline(pid) else {
+            return DaemonState::Gone;
+        };
+        let dir = self.control.parent().map(|d| d.display().to_string());
+        let serves_here = args.iter().any(|a| a == "serve")
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--dir" && Some(&w[1]) == dir.as_ref());
+        if serves_here {
+            DaemonState::Running
+        } else {
+            DaemonState::Replaced {
+                reason: format!("its command line is {:?}", args.join(" ")),
+            }
+        }
+    }
+
+    /// The partition scope of this lab: its own table `halab_<offset>`, cutting only the
+    /// ports its servers serve on, so that a partition of this lab leaves every other lab on
+    /// the machine alone (see [`crate::partition`]).
+    pub fn partition_scope(&self) -> crate::partition::Scope {
+        crate::partition::Scope::lab(
+            self.port_offset,
+            self.servers.iter().map(|s| s.address.port()),
+        )
+    }
+
     /// Path of `lab.json` in `dir`.
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("lab.json")
@@ -398,9 +501,11 @@ impl Lab {
             servers,
             control: control_path,
             daemon_pid: pid,
+            daemon_start: crate::process::start_time(pid),
             zone: options.zone.clone(),
             service: options.service.clone(),
             idcs: options.idcs.clone(),
+            port_offset: options.port_offset,
         };
         let inner = Arc::new(Inner {
             dir: dir.clone(),
@@ -526,7 +631,7 @@ impl Inner {
                     FaultAction::Freeze | FaultAction::Blackhole => d.set_mode(DnsMode::Silent),
                     FaultAction::Thaw | FaultAction::Heal => d.set_mode(DnsMode::Serve),
                     FaultAction::Restart => d.restart().await?,
-                    FaultAction::Latency { .. } => {
+                    FaultAction::Latency { .. } | FaultAction::RoundTripLatency { .. } => {
                         return Err(unsupported("; latency applies to proxies"));
                     }
                 }
@@ -541,6 +646,9 @@ impl Inner {
                     FaultAction::Latency { ms } => {
                         p.set_fault(Fault::Latency(Duration::from_millis(ms)))
                     }
+                    FaultAction::RoundTripLatency { ms } => {
+                        p.set_fault(Fault::RoundTrip(Duration::from_millis(ms)))
+                    }
                 }
             }
             ServerKind::Http => {
@@ -550,7 +658,10 @@ impl Inner {
                     FaultAction::Kill => w.stop().await,
                     FaultAction::Restart => w.restart().await?,
                     FaultAction::Thaw | FaultAction::Heal => {}
-                    FaultAction::Freeze | FaultAction::Blackhole | FaultAction::Latency { .. } => {
+                    FaultAction::Freeze
+                    | FaultAction::Blackhole
+                    | FaultAction::Latency { .. }
+                    | FaultAction::RoundTripLatency { .. } => {
                         return Err(unsupported(&hint));
                     }
                 }
@@ -567,7 +678,9 @@ impl Inner {
                     }
                     manifest.write(&self.dir)?;
                 }
-                FaultAction::Blackhole | FaultAction::Latency { .. } => {
+                FaultAction::Blackhole
+                | FaultAction::Latency { .. }
+                | FaultAction::RoundTripLatency { .. } => {
                     return Err(unsupported("; put a proxy in front of it"));
                 }
             },

@@ -13,9 +13,8 @@ use clap::{Parser, Subcommand};
 use ha_lab::{
     Lab, LabError, LabOptions,
     control::{ControlRequest, FaultAction, request},
-    lab::{Manifest, probe},
+    lab::{DaemonState, Manifest, probe},
     partition,
-    process::pid_alive,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -59,13 +58,14 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Stop the lab daemon and remove the lab's nftables rules.
+    /// Stop the lab daemon and remove the lab's nftables table (halab_<port offset>).
     Down {
         /// Lab directory.
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Apply a fault: kill|freeze|thaw|restart|blackhole|heal <target>, latency <MS> <target>,
+    /// Apply a fault: kill|freeze|thaw|restart|blackhole|heal <target>, latency <MS> <target>
+    /// (a request/response round trip through the proxy gains MS: MS/2 each way),
     /// partition <idc>, heal <idc>.
     Fault {
         /// Lab directory.
@@ -84,6 +84,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: never in daemon.log (the daemon's stderr) or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -124,8 +126,10 @@ fn absolute(dir: &Path) -> Result<PathBuf, LabError> {
 
 async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, LabError> {
     let dir = absolute(dir)?;
+    // Refused here, not in the daemon's log: the offset must leave every port below 65536.
+    LabOptions::new(&dir).with_port_offset(port_offset)?;
     if let Ok(m) = Manifest::read(&dir)
-        && pid_alive(m.daemon_pid)
+        && m.daemon_state() == DaemonState::Running
     {
         return Err(LabError::Control(format!(
             "a lab is already running in {} (pid {}); run `ha-lab down --dir {}` first",
@@ -207,7 +211,7 @@ async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, La
 
 async fn serve(dir: PathBuf, port_offset: u16) -> Result<ExitCode, LabError> {
     let dir = absolute(&dir)?;
-    let options = LabOptions::new(&dir).with_port_offset(port_offset);
+    let options = LabOptions::new(&dir).with_port_offset(port_offset)?;
     let lab = Lab::start(options).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| LabError::io("install SIGTERM handler", e))?;
@@ -262,7 +266,7 @@ fn print_table(m: &Manifest, states: Option<&[bool]>) {
 
 async fn status(dir: &Path) -> Result<ExitCode, LabError> {
     let m = Manifest::read(dir)?;
-    let daemon = pid_alive(m.daemon_pid);
+    let daemon = m.daemon_state() == DaemonState::Running;
     println!(
         "daemon pid {}: {}",
         m.daemon_pid,
@@ -278,15 +282,27 @@ async fn status(dir: &Path) -> Result<ExitCode, LabError> {
     })
 }
 
-async fn wait_gone(pid: u32, wait: Duration) -> bool {
+/// Waits (bounded) until the daemon of `m` no longer runs (gone, or its pid reused).
+async fn wait_gone(m: &Manifest, wait: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
-    while pid_alive(pid) {
+    while m.daemon_state() == DaemonState::Running {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+/// Sends `signal` to the daemon of `m`, after checking (again) that its pid is still the
+/// daemon's: a pid is only ever signalled while it is ours.
+fn signal_daemon(m: &Manifest, signal: Signal) {
+    if m.daemon_state() != DaemonState::Running {
+        return;
+    }
+    if let Ok(raw) = i32::try_from(m.daemon_pid) {
+        let _ = kill(Pid::from_raw(raw), signal);
+    }
 }
 
 async fn down(dir: &Path) -> Result<ExitCode, LabError> {
@@ -298,32 +314,40 @@ async fn down(dir: &Path) -> Result<ExitCode, LabError> {
         }
     };
     let pid = m.daemon_pid;
-    if let Err(e) = request(
-        &m.control,
-        &ControlRequest::Shutdown,
-        Duration::from_secs(3),
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "control shutdown failed; signalling the daemon");
-    }
-    if !wait_gone(pid, Duration::from_secs(10)).await {
-        let p = Pid::from_raw(pid as i32);
-        let _ = kill(p, Signal::SIGTERM);
-        if !wait_gone(pid, Duration::from_secs(5)).await {
-            let _ = kill(p, Signal::SIGKILL);
-            if !wait_gone(pid, Duration::from_secs(2)).await {
-                return Err(LabError::Control(format!(
-                    "daemon pid {pid} survived SIGKILL"
-                )));
+    match m.daemon_state() {
+        DaemonState::Running => {
+            if let Err(e) = request(
+                &m.control,
+                &ControlRequest::Shutdown,
+                Duration::from_secs(3),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "control shutdown failed; signalling the daemon");
+            }
+            if !wait_gone(&m, Duration::from_secs(10)).await {
+                signal_daemon(&m, Signal::SIGTERM);
+                if !wait_gone(&m, Duration::from_secs(5)).await {
+                    signal_daemon(&m, Signal::SIGKILL);
+                    if !wait_gone(&m, Duration::from_secs(2)).await {
+                        return Err(LabError::Control(format!(
+                            "daemon pid {pid} survived SIGKILL"
+                        )));
+                    }
+                }
             }
         }
+        DaemonState::Gone => println!("the daemon (pid {pid}) is already gone"),
+        DaemonState::Replaced { reason } => {
+            println!("pid {pid} is no longer this lab's daemon ({reason}): not signalled")
+        }
+        state => println!("daemon pid {pid}: {state:?}: not signalled"),
     }
     if partition::nft_available() {
-        for idc in &m.idcs {
-            if let Err(e) = partition::heal(idc.cidr) {
-                eprintln!("ha-lab: heal {}: {e}", idc.name);
-            }
+        // This lab's own table only: another lab's partitions stay.
+        let scope = m.partition_scope();
+        if let Err(e) = scope.heal_all() {
+            eprintln!("ha-lab: heal table {}: {e}", scope.table());
         }
     }
     let _ = std::fs::remove_file(&m.control);
@@ -336,7 +360,7 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
     let m = Manifest::read(dir)?;
     let usage = || {
         LabError::Control(
-            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS> <target> | partition <idc> | heal <idc>"
+            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS per round trip> <target> | partition <idc> | heal <idc>"
                 .into(),
         )
     };
@@ -358,13 +382,19 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
                 .filter(|i| i.name != *idc)
                 .map(|i| i.cidr)
                 .collect();
-            partition::partition(me.cidr, &others)?;
-            println!("partitioned {} ({}) from the other IDCs", me.name, me.cidr);
+            let scope = m.partition_scope();
+            scope.partition(me.cidr, &others)?;
+            println!(
+                "partitioned {} ({}) from the other IDCs (this lab's ports only, nft table {})",
+                me.name,
+                me.cidr,
+                scope.table()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         [verb, idc] if verb == "heal" && m.idcs.iter().any(|i| i.name == *idc) => {
             if let Some(me) = m.idcs.iter().find(|i| i.name == *idc) {
-                partition::heal(me.cidr)?;
+                m.partition_scope().heal(me.cidr)?;
                 println!("healed {} ({})", me.name, me.cidr);
             }
             return Ok(ExitCode::SUCCESS);
@@ -373,7 +403,7 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
             let ms: u64 = ms.parse().map_err(|_| {
                 LabError::Control(format!("latency wants milliseconds, got {ms:?}"))
             })?;
-            (FaultAction::Latency { ms }, target)
+            (FaultAction::RoundTripLatency { ms }, target)
         }
         [verb, target] => {
             let action = match verb.as_str() {

@@ -25,7 +25,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -45,7 +45,9 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How to tell that a started process is ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Readiness {
-    /// Ready once a TCP connect to this address succeeds.
+    /// Ready once a TCP connect to this address succeeds *and* the listening socket belongs to
+    /// the child's process group (read from `/proc`), with the child still running. An address
+    /// that answers for someone else fails the start with [`LabError::AddressInUse`].
     TcpConnect(SocketAddr),
     /// Ready as soon as it is spawned.
     Immediate,
@@ -187,7 +189,9 @@ impl Supervisor {
     }
 
     /// Starts `spec` and waits (bounded) until it is ready; returns its pid.
-    /// Fails with [`LabError::MissingBinary`] when the program is not on `PATH`.
+    /// Fails with [`LabError::MissingBinary`] when the program is not on `PATH`, with
+    /// [`LabError::AddressInUse`] when another process already serves `spec.ready`'s address,
+    /// with [`LabError::Exited`] or [`LabError::NotReady`] otherwise; the child is killed.
     pub async fn start(&self, spec: ServerSpec) -> Result<u32, LabError> {
         let name = spec.name.clone();
         if let Some(pid) = self.pid(&name) {
@@ -236,35 +240,58 @@ impl Supervisor {
                 pid: Some(pid),
             },
         );
-        if let Err(e) = self.wait_ready(&name, &ready, &log).await {
+        if let Err(e) = self.wait_ready(&name, pid, &ready, &log).await {
             let _ = self.kill(&name).await;
             return Err(e);
         }
         Ok(pid)
     }
 
-    async fn wait_ready(&self, name: &str, ready: &Readiness, log: &Path) -> Result<(), LabError> {
+    /// Waits until the address answers *and* a socket of our child's process group listens on
+    /// it. An address that answers without our child listening belongs to someone else (a
+    /// leftover server): that is [`LabError::AddressInUse`], whether our child then exits (its
+    /// bind failed) or stays alive without listening.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        pid: u32,
+        ready: &Readiness,
+        log: &Path,
+    ) -> Result<(), LabError> {
         let Readiness::TcpConnect(addr) = ready else {
             return Ok(());
         };
+        let addr = *addr;
+        let in_use = |status: String| LabError::AddressInUse {
+            name: name.to_owned(),
+            addr,
+            status,
+            log: log.to_owned(),
+        };
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
+        let mut stranger = false;
         loop {
             if let Some(status) = self.exited(name) {
+                // A server whose bind failed exits: tell "address taken" from any other exit.
+                if stranger || answers(addr).await {
+                    return Err(in_use(format!("exited with {status}")));
+                }
                 return Err(LabError::Exited {
                     name: name.to_owned(),
                     status,
                     log: log.to_owned(),
                 });
             }
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(());
+            if answers(addr).await {
+                if group_listens_on(pid, addr) && self.exited(name).is_none() {
+                    return Ok(());
+                }
+                stranger = true;
             }
             if tokio::time::Instant::now() >= deadline {
+                if stranger {
+                    return Err(in_use(format!("pid {pid}, alive but not listening")));
+                }
                 return Err(LabError::NotReady {
                     name: name.to_owned(),
                     timeout: self.ready_timeout,
@@ -422,6 +449,153 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// True when a TCP connect to `addr` succeeds within 500 ms.
+async fn answers(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+// === who listens: /proc ===
+
+/// True when a TCP socket listening on `addr` (or on the unspecified address, same port) is
+/// open in a process of the process group `pgid` (our children lead their own group, so this
+/// covers a child that forks or runs its server under `sh -c`). Linux only: reads
+/// `/proc/<pgid>/net/tcp{,6}` for the listening sockets' inodes and `/proc/<pid>/fd` of the
+/// group's processes for those inodes.
+fn group_listens_on(pgid: u32, addr: SocketAddr) -> bool {
+    let inodes = listening_inodes(pgid, addr);
+    if inodes.is_empty() {
+        return false;
+    }
+    group_members(pgid)
+        .into_iter()
+        .any(|pid| holds_socket(pid, &inodes))
+}
+
+/// Inodes of the sockets in state LISTEN on `addr`'s port whose local address is `addr`'s IP,
+/// the unspecified address, or (for IPv4) its IPv4-mapped IPv6 form, in the network namespace
+/// of `pid`.
+fn listening_inodes(pid: u32, addr: SocketAddr) -> Vec<u64> {
+    let mut out = Vec::new();
+    for file in ["tcp", "tcp6"] {
+        let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            const LISTEN: &str = "0A";
+            if *state != LISTEN {
+                continue;
+            }
+            let Some((ip, port)) = parse_proc_addr(local) else {
+                continue;
+            };
+            if port != addr.port() || !same_listen_ip(ip, addr.ip()) {
+                continue;
+            }
+            if let Ok(inode) = inode.parse::<u64>() {
+                out.push(inode);
+            }
+        }
+    }
+    out
+}
+
+fn same_listen_ip(listening: IpAddr, wanted: IpAddr) -> bool {
+    if listening == wanted || listening.is_unspecified() {
+        return true;
+    }
+    match (listening, wanted) {
+        (IpAddr::V6(l), IpAddr::V4(w)) => l.to_ipv4_mapped() == Some(w),
+        _ => false,
+    }
+}
+
+/// Parses a `/proc/net/tcp{,6}` address: hex words in host byte order, then `:PORT` in hex.
+fn parse_proc_addr(text: &str) -> Option<(IpAddr, u16)> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = ip.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// The pids whose process group is `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| stat_fields(*pid).and_then(|f| f.get(2)?.parse::<u32>().ok()) == Some(pgid))
+        .collect()
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name: `[0]` is the state (field 3 of
+/// proc(5)), `[2]` the process group, `[19]` the start time in clock ticks since boot.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// True when one of `pid`'s open file descriptors is a socket with one of `inodes`.
+fn holds_socket(pid: u32, inodes: &[u64]) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse::<u64>()
+                .ok()
+        })
+        .any(|inode| inodes.contains(&inode))
+}
+
+/// When `pid` started, in clock ticks after boot (field 22 of `/proc/<pid>/stat`): with the pid,
+/// it names one process for the life of the machine, since a reused pid starts later.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// The command line of `pid` (`/proc/<pid>/cmdline`), one string per argument.
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
 /// True when `pid` exists and is not a zombie (an exited child nobody reaped yet).
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {
@@ -435,5 +609,57 @@ pub fn pid_alive(pid: u32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        // 127.0.1.1:16379 as the kernel prints it on a little-endian machine.
+        let v4 = u32::from_ne_bytes([127, 0, 1, 1]);
+        let text = format!("{v4:08X}:3FFB");
+        assert_eq!(
+            parse_proc_addr(&text),
+            Some(("127.0.1.1".parse().unwrap(), 16379))
+        );
+        let v6 = format!(
+            "{:08X}{:08X}{:08X}{:08X}",
+            0,
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0, 1])
+        );
+        assert_eq!(
+            parse_proc_addr(&format!("{v6}:0050")),
+            Some(("::1".parse().unwrap(), 80))
+        );
+        assert_eq!(parse_proc_addr("zz:1"), None);
+        assert!(same_listen_ip(
+            "0.0.0.0".parse().unwrap(),
+            "127.0.1.1".parse().unwrap()
+        ));
+        assert!(same_listen_ip(
+            "::ffff:127.0.1.1".parse().unwrap(),
+            "127.0.1.1".parse().unwrap()
+        ));
+        assert!(!same_listen_ip(
+            "127.0.1.2".parse().unwrap(),
+            "127.0.1.1".parse().unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn our_own_listener_is_found_and_a_port_without_one_is_not() {
+        let l = std::net::TcpListener::bind("127.0.1.217:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let me = std::process::id();
+        assert!(!listening_inodes(me, addr).is_empty());
+        assert!(holds_socket(me, &listening_inodes(me, addr)));
+        drop(l);
+        assert!(listening_inodes(me, addr).is_empty());
     }
 }

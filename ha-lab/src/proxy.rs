@@ -4,17 +4,23 @@
 //! A fault set with [`FaultProxy::set_fault`] applies at once to new *and* existing connections:
 //! every relay task watches a `tokio::sync::watch` channel.
 //!
+//! Latency is a delay line per direction: each chunk read is written out once its delay has
+//! passed since it arrived, so delays do not accumulate over chunks. [`Fault::RoundTrip`]`(d)`
+//! makes a request/response round trip `d` slower; [`Fault::Latency`]`(d)` delays each
+//! direction by `d` (a round trip gains `2 × d`).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), ha_lab::LabError> {
 //! use std::time::Duration;
 //! use ha_lab::proxy::{Fault, FaultProxy};
 //! let proxy = FaultProxy::start("127.0.1.11:0".parse().unwrap(), "127.0.1.11:18080".parse().unwrap()).await?;
-//! proxy.set_fault(Fault::Latency(Duration::from_millis(200)));
+//! proxy.set_fault(Fault::RoundTrip(Duration::from_millis(200))); // +200 ms per round trip
 //! proxy.set_fault(Fault::Pass);
 //! # Ok(()) }
 //! ```
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
         Arc,
@@ -28,6 +34,7 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinSet,
+    time::Instant,
 };
 
 use crate::LabError;
@@ -38,8 +45,14 @@ use crate::listener::{self, AcceptTask};
 pub enum Fault {
     /// Forward unchanged.
     Pass,
-    /// Add this delay once per forwarded chunk, in each direction.
+    /// Delay every forwarded byte by this much **in each direction**: a request/response round
+    /// trip gains twice this. (A delay line: bytes that arrive together leave together, and
+    /// chunks in flight do not add up.)
     Latency(Duration),
+    /// Delay the forwarded bytes so that a request/response round trip gains this much in
+    /// total: half of it on the way to the upstream, the rest on the way back. What
+    /// `ha-lab fault latency MS` sets.
+    RoundTrip(Duration),
     /// Accept and read, discard everything, never answer and never close.
     Blackhole,
     /// Reset new and existing connections (RST via `SO_LINGER` 0).
@@ -188,7 +201,7 @@ async fn relay(
                     changed = fault.changed() => if changed.is_err() { return },
                 }
             }
-            Fault::Pass | Fault::Latency(_) => break,
+            Fault::Pass | Fault::Latency(_) | Fault::RoundTrip(_) => break,
         }
     }
     let mut upstream = match connect_upstream(local, shared.upstream).await {
@@ -202,8 +215,8 @@ async fn relay(
     let end = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let a = pump(cr, uw, fault.clone());
-        let b = pump(ur, cw, fault);
+        let a = pump(cr, uw, fault.clone(), Direction::ToUpstream);
+        let b = pump(ur, cw, fault, Direction::ToClient);
         tokio::pin!(a, b);
         tokio::select! {
             r = &mut a => if r == End::Eof { b.await } else { r },
@@ -243,28 +256,72 @@ enum End {
     Error,
 }
 
-/// Copies one direction, applying the current fault to every chunk.
-async fn pump<R, W>(mut r: R, mut w: W, mut fault: watch::Receiver<Fault>) -> End
+/// Which way a [`pump`] copies.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Direction {
+    /// Client to upstream: the request.
+    ToUpstream,
+    /// Upstream to client: the answer.
+    ToClient,
+}
+
+impl Direction {
+    /// The delay `fault` puts on this direction (`None`: forward at once).
+    fn delay(self, fault: Fault) -> Option<Duration> {
+        match fault {
+            Fault::Latency(d) => Some(d),
+            // Split so that the two halves add up to exactly `d`.
+            Fault::RoundTrip(d) => Some(match self {
+                Direction::ToUpstream => d / 2,
+                Direction::ToClient => d - d / 2,
+            }),
+            Fault::Pass | Fault::Blackhole | Fault::Reset => None,
+        }
+    }
+}
+
+/// Most bytes held in one direction's delay line; reading pauses beyond it (back-pressure).
+const MAX_DELAYED: usize = 1024 * 1024;
+
+/// Copies one direction, applying the current fault to every chunk. Under a latency fault the
+/// chunks wait in a delay line (each until its arrival + delay), so a burst of chunks is delayed
+/// once, not once per chunk. Queued chunks are dropped when the fault becomes `Blackhole`, and
+/// sent at once when it becomes `Pass`.
+async fn pump<R, W>(mut r: R, mut w: W, mut fault: watch::Receiver<Fault>, dir: Direction) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
+    let mut line: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+    let mut delayed = 0usize;
+    let mut eof = false;
     loop {
-        if *fault.borrow_and_update() == Fault::Reset {
-            return End::Reset;
-        }
-        let n = tokio::select! {
-            res = r.read(&mut buf) => match res {
-                Ok(n) => n,
-                Err(_) => return End::Error,
-            },
-            changed = fault.changed() => {
-                if changed.is_err() { return End::Error; }
-                continue;
+        let current = *fault.borrow_and_update();
+        match current {
+            Fault::Reset => return End::Reset,
+            Fault::Blackhole => {
+                line.clear();
+                delayed = 0;
             }
-        };
-        if n == 0 {
+            Fault::Pass | Fault::Latency(_) | Fault::RoundTrip(_) => {}
+        }
+        // Send what is due: everything when the fault no longer delays this direction.
+        let undelayed = dir.delay(current).is_none();
+        let now = Instant::now();
+        while let Some((due, _)) = line.front() {
+            if !undelayed && *due > now {
+                break;
+            }
+            let Some((_, chunk)) = line.pop_front() else {
+                break;
+            };
+            delayed -= chunk.len();
+            if w.write_all(&chunk).await.is_err() {
+                return End::Error;
+            }
+        }
+        if eof && line.is_empty() {
             // Under Blackhole the peer must not see the close: hold until the fault changes.
             while *fault.borrow_and_update() == Fault::Blackhole {
                 if fault.changed().await.is_err() {
@@ -277,19 +334,41 @@ where
             let _ = w.shutdown().await;
             return End::Eof;
         }
-        let mut current = *fault.borrow_and_update();
-        if let Fault::Latency(d) = current {
-            tokio::time::sleep(d).await;
-            current = *fault.borrow_and_update();
-        }
-        match current {
-            Fault::Reset => return End::Reset,
-            Fault::Blackhole => {}
-            Fault::Pass | Fault::Latency(_) => {
-                if w.write_all(&buf[..n]).await.is_err() {
-                    return End::Error;
+        let next_due = line.front().map(|(due, _)| *due);
+        let can_read = !eof && delayed < MAX_DELAYED;
+        tokio::select! {
+            res = r.read(&mut buf), if can_read => match res {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    // The fault may have changed while the read was pending.
+                    let current = *fault.borrow_and_update();
+                    match (current, dir.delay(current)) {
+                        (Fault::Reset, _) => return End::Reset,
+                        (Fault::Blackhole, _) => {}
+                        (_, None) if line.is_empty() => {
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return End::Error;
+                            }
+                        }
+                        (_, delay) => {
+                            let due = Instant::now() + delay.unwrap_or_default();
+                            line.push_back((due, buf[..n].to_vec()));
+                            delayed += n;
+                        }
+                    }
                 }
-            }
+                Err(_) => return End::Error,
+            },
+            () = sleep_until_due(next_due) => {}
+            changed = fault.changed() => if changed.is_err() { return End::Error },
         }
+    }
+}
+
+/// Sleeps until `due`, or forever when there is nothing queued.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }

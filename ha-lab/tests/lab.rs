@@ -64,7 +64,7 @@ async fn lab_starts_publishes_and_takes_faults() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(LabOptions {
         dir: dir.path().to_owned(),
-        ..LabOptions::default().with_port_offset(1100)
+        ..LabOptions::default().with_port_offset(1100).unwrap()
     })
     .await
     .unwrap();
@@ -172,4 +172,25 @@ async fn lab_starts_publishes_and_takes_faults() {
             s.name
         );
     }
+}
+
+#[test]
+fn a_port_offset_past_65535_is_an_error_naming_offset_and_port() {
+    let err = LabOptions::new("unused")
+        .with_port_offset(60000)
+        .unwrap_err();
+    assert!(err.is_port_overflow(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("60000") && text.contains("15353") && text.contains("dns-north"),
+        "{err}"
+    );
+    // The largest offset that fits the highest default port (18081) is fine.
+    let options = LabOptions::new("unused")
+        .with_port_offset(65535 - 18081)
+        .unwrap();
+    assert!(options.backends.iter().all(|b| b.proxy.port() == 65535));
+    assert_eq!(options.port_offset, 65535 - 18081);
+    let err = options.with_port_offset(1).unwrap_err();
+    assert!(err.to_string().contains("18081"), "{err}");
 }

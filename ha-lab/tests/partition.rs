@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ha_lab::partition::{heal, nft_available, partition};
+use ha_lab::partition::{Scope, heal, nft_available, partition};
 use ipnet::IpNet;
 use tokio::{
     net::{TcpListener, TcpSocket},
@@ -73,4 +73,149 @@ fn heal_of_unpartitioned_range_is_ok() {
         return;
     }
     heal("127.0.1.222/32".parse().unwrap()).unwrap();
+}
+
+/// The rules of `table inet halab` whose source is `ip` (0 when the table is absent).
+fn rules_from(ip: &str) -> usize {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", ha_lab::partition::TABLE])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("ip saddr {ip} ")) && l.contains(" drop"))
+        .count()
+}
+
+#[test]
+fn concurrent_partitions_and_heals_of_two_idcs_stay_consistent() {
+    if !nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    let x: IpNet = "127.0.1.223/32".parse().unwrap();
+    let y: IpNet = "127.0.2.223/32".parse().unwrap();
+    let other: IpNet = "127.0.3.223/32".parse().unwrap();
+    let _heal_x = Healer(x);
+    let _heal_y = Healer(y);
+
+    // Partitioning twice replaces, it does not add.
+    partition(x, &[other]).unwrap();
+    let once = rules_from("127.0.1.223");
+    assert!(once > 0);
+    partition(x, &[other]).unwrap();
+    assert_eq!(
+        rules_from("127.0.1.223"),
+        once,
+        "a second partition replaces"
+    );
+    heal(x).unwrap();
+    assert_eq!(rules_from("127.0.1.223"), 0);
+
+    // Each thread only ever changes its own IDC: what it sees of its IDC must be what it did,
+    // whatever the other thread does to the other IDC at the same time.
+    let run = move |idc: IpNet, ip: &'static str| {
+        std::thread::spawn(move || -> Result<(), String> {
+            for round in 0..40 {
+                partition(idc, &[other]).map_err(|e| format!("round {round}: partition: {e}"))?;
+                if rules_from(ip) != once {
+                    return Err(format!(
+                        "round {round}: {idc} not partitioned after partition"
+                    ));
+                }
+                heal(idc).map_err(|e| format!("round {round}: heal: {e}"))?;
+                if rules_from(ip) != 0 {
+                    return Err(format!("round {round}: {idc} still partitioned after heal"));
+                }
+            }
+            partition(idc, &[other]).map_err(|e| format!("last partition: {e}"))
+        })
+    };
+    let a = run(x, "127.0.1.223");
+    let b = run(y, "127.0.2.223");
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(rules_from("127.0.1.223"), once);
+    assert_eq!(rules_from("127.0.2.223"), once);
+    heal(x).unwrap();
+    assert_eq!(rules_from("127.0.1.223"), 0);
+    assert_eq!(rules_from("127.0.2.223"), once, "healing x leaves y");
+    heal(y).unwrap();
+    assert_eq!(rules_from("127.0.2.223"), 0);
+}
+
+/// Deletes a scope's table on drop, so a failing assertion leaves nothing behind.
+struct TableGuard(Scope);
+
+impl Drop for TableGuard {
+    fn drop(&mut self) {
+        let _ = self.0.heal_all();
+    }
+}
+
+#[tokio::test]
+async fn a_partition_of_one_lab_leaves_another_labs_ports_alone() {
+    if !nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    // Two labs on the same address ranges, told apart by their ports (as two port offsets).
+    let a = TcpListener::bind("127.0.3.224:0").await.unwrap();
+    let b = TcpListener::bind("127.0.3.224:0").await.unwrap();
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let accept = |l: TcpListener| {
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    held.push(s);
+                }
+            }
+        })
+    };
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _a = Abort(accept(a));
+    let _b = Abort(accept(b));
+    let lab_a = Scope::lab(60001, [a_addr.port()]);
+    let lab_b = Scope::lab(60002, [b_addr.port()]);
+    assert_ne!(lab_a.table(), lab_b.table());
+    let _guard_a = TableGuard(lab_a.clone());
+    let _guard_b = TableGuard(lab_b.clone());
+
+    let idc: IpNet = "127.0.1.224/32".parse().unwrap();
+    let other: IpNet = "127.0.3.224/32".parse().unwrap();
+    lab_a.partition(idc, &[other]).unwrap();
+    assert_eq!(
+        connect_from("127.0.1.224", a_addr).await.unwrap_err(),
+        "timeout",
+        "lab a's own port is cut"
+    );
+    connect_from("127.0.1.224", b_addr)
+        .await
+        .expect("lab b's port between the same ranges still connects");
+    connect_from("127.0.2.224", a_addr)
+        .await
+        .expect("another range still reaches lab a");
+    assert_eq!(lab_a.partitioned().unwrap(), vec![idc]);
+    assert!(lab_b.partitioned().unwrap().is_empty());
+
+    // Lab b's heals touch only lab b's table.
+    lab_b.heal(idc).unwrap();
+    lab_b.heal_all().unwrap();
+    assert_eq!(lab_a.partitioned().unwrap(), vec![idc]);
+    assert_eq!(
+        connect_from("127.0.1.224", a_addr).await.unwrap_err(),
+        "timeout"
+    );
+
+    lab_a.heal(idc).unwrap();
+    connect_from("127.0.1.224", a_addr).await.unwrap();
+    lab_a.heal_all().unwrap();
+    assert!(lab_a.partitioned().unwrap().is_empty());
 }

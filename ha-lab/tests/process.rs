@@ -179,3 +179,81 @@ async fn redis_freeze_thaw_kill_restart() {
     sup.stop_all().await;
     assert!(gone(pid2).await);
 }
+
+/// A plain listener holding `ip:0`, closed on drop.
+fn occupy(ip: &str) -> (std::net::TcpListener, SocketAddr) {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+#[tokio::test]
+async fn a_stranger_on_the_port_is_not_our_child_being_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_held, addr) = occupy("127.0.1.214");
+    let sup = Supervisor::new(dir.path()).with_ready_timeout(Duration::from_secs(1));
+
+    // Alive but never listening: the port answers, but not from our child.
+    let mut spec = ServerSpec::new("idle", "sleep", "coreutils", addr);
+    spec.args = vec!["300".into()];
+    let err = sup.start(spec).await.unwrap_err();
+    assert!(err.is_address_in_use(), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert_eq!(sup.pid("idle"), None, "the failed child is killed");
+
+    // Dies at once, as a server does when its address is taken.
+    let mut spec = ServerSpec::new("dies", "sh", "dash", addr);
+    spec.args = vec![
+        "-c".into(),
+        "echo 'bind: Address already in use' >&2; exit 1".into(),
+    ];
+    let err = sup.start(spec).await.unwrap_err();
+    assert!(err.is_address_in_use(), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(err.to_string().contains("exit status: 1"), "{err}");
+}
+
+#[tokio::test]
+async fn redis_on_a_taken_port_is_an_error_naming_the_address() {
+    if ha_lab::process::find_program("redis-server").is_none() {
+        eprintln!("skipped: redis-server not installed (Debian package redis-server)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_held, addr) = occupy("127.0.1.215");
+    let sup = Supervisor::new(dir.path());
+    let err = sup
+        .start(ServerSpec::redis("redis-taken", addr, dir.path()))
+        .await
+        .unwrap_err();
+    assert!(err.is_address_in_use(), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn a_listener_in_the_childs_process_group_is_ready() {
+    if ha_lab::process::find_program("redis-server").is_none() {
+        eprintln!("skipped: redis-server not installed (Debian package redis-server)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sup = Supervisor::new(dir.path());
+    let addr: SocketAddr = "127.0.1.216:16380".parse().unwrap();
+    // `sh` without `exec`: the listening socket belongs to a grandchild of the same group.
+    let redis = ServerSpec::redis("redis-sh", addr, dir.path());
+    let mut spec = ServerSpec::new("redis-sh", "sh", "dash", addr);
+    spec.args = vec![
+        "-c".into(),
+        "redis-server \"$@\"; echo redis exited".into(),
+        "sh".into(),
+    ];
+    spec.args.extend(redis.args);
+    let pid = sup.start(spec).await.unwrap();
+    assert_eq!(
+        ping(addr, Duration::from_secs(3)).await.unwrap(),
+        "+PONG\r\n"
+    );
+    sup.kill("redis-sh").await.unwrap();
+    assert!(gone(pid).await);
+    assert!(ping(addr, Duration::from_secs(1)).await.is_err());
+}

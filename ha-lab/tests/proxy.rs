@@ -121,6 +121,37 @@ async fn latency_adds_delay_each_direction() {
 }
 
 #[tokio::test]
+async fn round_trip_latency_is_what_a_request_and_its_answer_gain() {
+    let up = echo("127.0.1.211").await;
+    let proxy = FaultProxy::start("127.0.1.212:0".parse().unwrap(), up.addr)
+        .await
+        .unwrap();
+    let mut c = connect(proxy.addr()).await;
+    roundtrip(&mut c, b"warm").await;
+    let d = Duration::from_millis(300);
+    proxy.set_fault(Fault::RoundTrip(d));
+    for (conn, what) in [
+        (&mut c, "existing"),
+        (&mut connect(proxy.addr()).await, "new"),
+    ] {
+        let t = Instant::now();
+        roundtrip(conn, b"slow").await;
+        let took = t.elapsed();
+        // The semantics, not a speed: 1x the fault per round trip (half each way), not 2x.
+        assert!(
+            took >= d,
+            "{what} connection: a round trip gains the fault: {took:?}"
+        );
+        assert!(
+            took < d * 2,
+            "{what} connection: not the fault each way: {took:?}"
+        );
+    }
+    proxy.set_fault(Fault::Pass);
+    roundtrip(&mut c, b"fast").await;
+}
+
+#[tokio::test]
 async fn blackhole_existing_and_new_then_heal() {
     let up = echo("127.0.1.211").await;
     let proxy = FaultProxy::start("127.0.1.212:0".parse().unwrap(), up.addr)

@@ -2,6 +2,7 @@
 //! a service reads its file).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::DemoError;
@@ -161,6 +162,51 @@ pub fn write_topology(dir: &Path, ports: Ports, tuning: &Tuning) -> Result<PathB
     Ok(path)
 }
 
+/// A directory of the demo's own under the system's temp dir (`locality-demo-<pid>-<n>`, created
+/// new, never reused), removed with its contents on drop: no run leaves one behind, whether it
+/// ends, fails to start or is interrupted.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a new, empty directory.
+    pub fn create() -> Result<TempDir, DemoError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        let pid = std::process::id();
+        for _ in 0..1000 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("locality-demo-{pid}-{n}"));
+            // create_dir, not create_dir_all: an existing name (or a planted link) is skipped.
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(TempDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(DemoError::Io { path, source }),
+            }
+        }
+        Err(DemoError::Io {
+            path: base,
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "no free locality-demo-<pid>-<n> name",
+            ),
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -179,5 +225,17 @@ mod tests {
         let dep = topo.dependency("profile").unwrap();
         assert!(!dep.allows(crate::lab::POISON_IP.into()));
         assert!(dep.allows("127.0.2.12".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_temp_dir_is_new_and_removed_on_drop() {
+        let a = TempDir::create().unwrap();
+        let b = TempDir::create().unwrap();
+        assert_ne!(a.path(), b.path());
+        std::fs::write(a.path().join("topology.toml"), "x").unwrap();
+        let path = a.path().to_owned();
+        drop(a);
+        assert!(!path.exists());
+        assert!(b.path().is_dir());
     }
 }

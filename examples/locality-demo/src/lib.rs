@@ -31,11 +31,11 @@ use std::time::Duration;
 
 use ha_core::EventBus;
 
-pub use phases::Phase;
-pub use report::{Check, PhaseRow, Report};
+pub use phases::{MIN_SECONDS_PER_PHASE, Phase};
+pub use report::{Check, JsonOut, PhaseRow, Report};
 
 use crate::client::DemoClient;
-use crate::config::{Tuning, write_topology};
+use crate::config::{TempDir, Tuning, write_topology};
 use crate::lab::{DemoLab, Ports};
 use crate::load::{EventLog, Load};
 use crate::progress::Progress;
@@ -71,8 +71,8 @@ pub enum DemoError {
 pub struct Options {
     /// The phases, in order (default: all of [`Phase::ALL`]).
     pub phases: Vec<Phase>,
-    /// Length of each phase in seconds (default 5; a few phases have a minimum, see
-    /// [`Phase::duration`]).
+    /// Length of each phase in seconds (default 5, at least [`MIN_SECONDS_PER_PHASE`]; a few
+    /// phases need longer and run longer, see [`Phase::duration`], noted in their rows).
     pub seconds_per_phase: f64,
     /// Calls per second (default 300).
     pub rate: u32,
@@ -80,7 +80,8 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Added to every port of the lab (default 0: DNS 15353, backends 18080, proxies 18081).
     pub port_offset: u16,
-    /// Where to write `topology.toml` (default: a directory under the system's temp dir).
+    /// Where to write `topology.toml`, kept after the run (default: a new directory under the
+    /// system's temp dir, removed when [`run`] returns, see [`config::TempDir`]).
     pub config_dir: Option<PathBuf>,
     /// Show progress on stderr.
     pub progress: bool,
@@ -111,7 +112,15 @@ pub async fn run(opts: Options) -> Result<Report, DemoError> {
         && opts.seconds_per_phase <= 600.0)
     {
         return Err(DemoError::Usage(format!(
-            "--seconds-per-phase must be in (0, 600], got {}",
+            "--seconds-per-phase must be in [{MIN_SECONDS_PER_PHASE}, 600], got {}",
+            opts.seconds_per_phase
+        )));
+    }
+    if opts.seconds_per_phase < MIN_SECONDS_PER_PHASE {
+        return Err(DemoError::Usage(format!(
+            "--seconds-per-phase must be at least {MIN_SECONDS_PER_PHASE} (the shortest a phase \
+             can measure; blackhole and the DNS phases run at least 3, recovery at least 7, \
+             whatever the value), got {}",
             opts.seconds_per_phase
         )));
     }
@@ -125,14 +134,41 @@ pub async fn run(opts: Options) -> Result<Report, DemoError> {
     let started_at = report::utc_now();
     let ports = Ports::with_offset(opts.port_offset)?;
     let tuning = Tuning::for_phase(opts.seconds_per_phase);
-    let dir = opts.config_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("locality-demo-{}", std::process::id()))
-    });
+    // Without --config-dir the file goes to a directory of our own that is removed when this
+    // function returns or its future is dropped (an error, a failed start, Ctrl-C).
+    let temp = match &opts.config_dir {
+        Some(_) => None,
+        None => Some(TempDir::create()?),
+    };
+    let dir = match (&opts.config_dir, &temp) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(temp)) => temp.path().to_owned(),
+        (None, None) => std::env::temp_dir(),
+    };
     let config = write_topology(&dir, ports, &tuning)?;
     progress.info(&format!(
-        "topology written to {} (copy it)",
-        config.display()
+        "topology written to {} ({})",
+        config.display(),
+        if temp.is_some() {
+            "copy it now: it is removed at exit; --config-dir DIR keeps it"
+        } else {
+            "copy it"
+        }
     ));
+    let longer: Vec<String> = opts
+        .phases
+        .iter()
+        .map(|p| (p, p.duration(opts.seconds_per_phase, &tuning).as_secs_f64()))
+        .filter(|(_, d)| *d > opts.seconds_per_phase)
+        .map(|(p, d)| format!("{} {d:.1}s", p.name()))
+        .collect();
+    if !longer.is_empty() {
+        progress.info(&format!(
+            "phases that need longer than {}s run their minimum: {}",
+            opts.seconds_per_phase,
+            longer.join(", ")
+        ));
+    }
     let lab = DemoLab::start(ports).await?;
     progress.info(&format!(
         "lab up: dns north {} south {}, 6 backends behind fault proxies on :{} ({} calls/s)",
@@ -148,6 +184,7 @@ pub async fn run(opts: Options) -> Result<Report, DemoError> {
     Ok(Report {
         started_at,
         config,
+        config_kept: temp.is_none(),
         rate: opts.rate,
         rows,
         pass,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use locality_demo::{Options, Phase};
+use locality_demo::{JsonOut, Options, Phase};
 
 /// HTTP downstreams in three IDCs, followed through drain, death, DNS failure and poisoning.
 ///
@@ -20,10 +20,12 @@ struct Cli {
     /// Phases to run, in order, comma-separated.
     #[arg(long, value_delimiter = ',', value_enum, default_values_t = Phase::ALL.to_vec())]
     phases: Vec<Phase>,
-    /// Seconds per phase (recovery runs at least 7s, a few others at least 2-3s).
+    /// Seconds per phase, at least 2 (blackhole and the DNS phases run at least 3s, recovery at
+    /// least 7s; the table shows what each ran).
     #[arg(long, default_value_t = 5.0)]
     seconds_per_phase: f64,
-    /// Write the table as JSON to this file.
+    /// Write the table as JSON to this file (opened at start: a path that cannot be written
+    /// fails before the run).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Calls per second.
@@ -32,7 +34,8 @@ struct Cli {
     /// Added to every lab port (DNS 15353, backends 18080, proxies 18081).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
-    /// Directory for topology.toml (default: a new directory under the temp dir).
+    /// Directory for topology.toml, kept after the run (default: a new directory under the temp
+    /// dir, removed at exit).
     #[arg(long)]
     config_dir: Option<PathBuf>,
     /// No progress lines on stderr.
@@ -47,9 +50,19 @@ async fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            // Colours only on a terminal, never in a file or a pipe.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let cli = Cli::parse();
+    // Opened now, so that a path that cannot be written fails before the run, not after it.
+    let json = match cli.json.as_deref().map(JsonOut::create).transpose() {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("locality-demo: --json: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = Options {
         phases: cli.phases,
         seconds_per_phase: cli.seconds_per_phase,
@@ -59,19 +72,32 @@ async fn main() -> ExitCode {
         progress: !cli.quiet,
         ..Options::default()
     };
-    let report = match locality_demo::run(opts).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("locality-demo: {e}");
-            return ExitCode::from(2);
+    // On Ctrl-C the run's future is dropped: the lab stops and the temporary directory goes
+    // (their Drops), and an unwritten --json file is removed.
+    let report = tokio::select! {
+        r = locality_demo::run(opts) => match r {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("locality-demo: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("locality-demo: interrupted");
+            return ExitCode::from(130);
         }
     };
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "\nlocality-demo, {}; topology: {}\n",
+            "\nlocality-demo, {}; topology: {}{}\n",
             report.started_at,
-            report.config.display()
+            report.config.display(),
+            if report.config_kept {
+                ""
+            } else {
+                " (removed at exit; --config-dir DIR keeps it)"
+            }
         );
         print!("{}", report.table());
         println!(
@@ -83,12 +109,10 @@ async fn main() -> ExitCode {
             }
         );
     }
-    if let Some(path) = cli.json {
-        let written = serde_json::to_string_pretty(&report)
-            .map_err(std::io::Error::other)
-            .and_then(|text| std::fs::write(&path, text + "\n"));
-        if let Err(e) = written {
-            eprintln!("locality-demo: cannot write {}: {e}", path.display());
+    if let Some(json) = json {
+        let path = json.path().display().to_string();
+        if let Err(e) = json.write(&report) {
+            eprintln!("locality-demo: cannot write --json {path}: {e}");
             return ExitCode::from(2);
         }
     }

@@ -23,6 +23,9 @@ use crate::report::{Check, PhaseRow};
 pub const DEADLINE_SLACK: Duration = Duration::from_millis(100);
 /// Samples this close after a drain or undrain are not judged (the switch and the picks race).
 pub const SWITCH_GRACE: Duration = Duration::from_millis(25);
+/// The shortest `--seconds-per-phase` accepted: the shortest a phase can measure anything in.
+/// Some phases need longer ([`Phase::duration`]) and run longer, which the row's notes say.
+pub const MIN_SECONDS_PER_PHASE: f64 = 2.0;
 /// How long to wait for a healthy, undrained, fresh picture before a phase.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -80,7 +83,9 @@ impl Phase {
     /// hold, then a second to measure).
     pub fn duration(self, secs: f64, tuning: &Tuning) -> Duration {
         let min = match self {
-            Phase::Steady | Phase::Drain | Phase::DnsPoison | Phase::KillOne => 2.0,
+            Phase::Steady | Phase::Drain | Phase::DnsPoison | Phase::KillOne => {
+                MIN_SECONDS_PER_PHASE
+            }
             Phase::Blackhole | Phase::DnsNorthDown | Phase::DnsAllDown => 3.0,
             Phase::Recovery => (tuning.max_ejection + tuning.failback_hold).as_secs_f64() + 2.0,
         };
@@ -202,6 +207,12 @@ pub(crate) async fn run_phase(
     }
 
     let dur = phase.duration(secs, &env.tuning);
+    if dur.as_secs_f64() > secs {
+        notes.push(format!(
+            "ran {:.1}s, the phase's minimum, instead of --seconds-per-phase {secs}",
+            dur.as_secs_f64()
+        ));
+    }
     let bar = env.progress.phase(phase, dur);
     let live0 = env.load.live().snapshot();
     let t0 = Instant::now();

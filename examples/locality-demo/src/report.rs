@@ -142,6 +142,9 @@ pub struct Report {
     pub started_at: String,
     /// The topology file the client read.
     pub config: PathBuf,
+    /// False when `config` was in the run's temporary directory, removed when the run ended
+    /// (no `--config-dir`).
+    pub config_kept: bool,
     /// Requested load, calls per second.
     pub rate: u32,
     /// One row per phase, in order.
@@ -244,6 +247,75 @@ pub fn utc_now() -> String {
     )
 }
 
+// === --json ===
+
+/// The `--json` file, opened (created if missing) before the run, so that a path that cannot
+/// be written fails at once instead of after the whole run. [`JsonOut::write`] replaces its
+/// content; a file this created and never wrote is removed on drop (a failed or interrupted
+/// run leaves no empty file behind).
+#[derive(Debug)]
+pub struct JsonOut {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    created: bool,
+}
+
+impl JsonOut {
+    /// Opens `path` for writing without truncating it yet (an existing file keeps its content
+    /// until [`JsonOut::write`]).
+    pub fn create(path: &std::path::Path) -> Result<JsonOut, crate::DemoError> {
+        let io = |source| crate::DemoError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let created = !path.exists();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        Ok(JsonOut {
+            path: path.to_path_buf(),
+            file: Some(file),
+            created,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Replaces the file's content with `report` as pretty JSON.
+    pub fn write(mut self, report: &Report) -> Result<(), crate::DemoError> {
+        use std::io::Write as _;
+        let io = |source| crate::DemoError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let text =
+            serde_json::to_string_pretty(report).map_err(|e| io(std::io::Error::other(e)))?;
+        let Some(mut file) = self.file.take() else {
+            return Ok(());
+        };
+        file.set_len(0).map_err(io)?;
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.write_all(b"\n").map_err(io)?;
+        file.sync_all().map_err(io)?;
+        self.created = false;
+        Ok(())
+    }
+}
+
+impl Drop for JsonOut {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -290,5 +362,81 @@ mod tests {
         let s = utc_now();
         assert_eq!(s.len(), "2025-01-01 00:00:00 UTC".len());
         assert!(s.starts_with("20"));
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            started_at: "2026-12-03 00:00:00".into(),
+            config: "/tmp/topology.toml".into(),
+            config_kept: false,
+            rate: 300,
+            rows: Vec::new(),
+            pass: true,
+        }
+    }
+
+    /// A file name of this test process under the temp dir, removed on drop.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
+        Scratch(
+            std::env::temp_dir().join(format!("locality-demo-json-{}-{name}", std::process::id())),
+        )
+    }
+
+    #[test]
+    fn json_out_fails_early_on_a_bad_path_and_writes_the_report() {
+        let bad = std::env::temp_dir()
+            .join("locality-demo-no-such-dir")
+            .join("x.json");
+        let err = JsonOut::create(&bad).unwrap_err();
+        assert!(
+            err.to_string().contains(&bad.display().to_string()),
+            "{err}"
+        );
+
+        let f = scratch("new.json");
+        let out = JsonOut::create(&f.0).unwrap();
+        assert!(f.0.exists(), "created at once");
+        out.write(&report()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f.0).unwrap()).unwrap();
+        assert_eq!(v["rate"], 300);
+
+        // A file created but never written (the run failed) is removed again.
+        let g = scratch("unused.json");
+        drop(JsonOut::create(&g.0).unwrap());
+        assert!(!g.0.exists());
+
+        // An existing file keeps its content until the write, and is not removed on failure.
+        let h = scratch("old.json");
+        std::fs::write(
+            &h.0,
+            "old content that is longer than the report will be, surely, yes, ".repeat(40),
+        )
+        .unwrap();
+        drop(JsonOut::create(&h.0).unwrap());
+        assert!(
+            std::fs::read_to_string(&h.0)
+                .unwrap()
+                .starts_with("old content")
+        );
+        JsonOut::create(&h.0).unwrap().write(&report()).unwrap();
+        let text = std::fs::read_to_string(&h.0).unwrap();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "{text}"
+        );
     }
 }
