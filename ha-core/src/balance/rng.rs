@@ -13,6 +13,13 @@ use rand::{RngCore, SeedableRng};
 pub trait ForkRng: RngCore {
     /// A generator for clone number `stream`, independent of `self`'s own stream.
     fn fork(&self, stream: u64) -> Self;
+
+    /// False when [`ForkRng::fork`] ignores `stream` (a per-thread generator): cloning the
+    /// balancer then skips counting its clones (one shared atomic less per call through
+    /// `Failover`, which clones it for a possible retry).
+    fn uses_stream(&self) -> bool {
+        true
+    }
 }
 
 impl ForkRng for SmallRng {
@@ -64,6 +71,10 @@ impl ForkRng for PickRng {
         PickRng {
             seeded: self.seeded.as_ref().map(|r| r.fork(stream)),
         }
+    }
+
+    fn uses_stream(&self) -> bool {
+        self.seeded.is_some()
     }
 }
 

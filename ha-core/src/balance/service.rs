@@ -442,8 +442,13 @@ const CLOCK_EVERY: u32 = 32;
 
 impl<S, R: ForkRng> Clone for LocalityBalance<S, R> {
     fn clone(&self) -> Self {
-        // Each clone draws its own stream (free for the default per-thread RNG).
-        let n = self.shared.clones.fetch_add(1, Ordering::Relaxed);
+        // Each clone draws its own stream (free for the default per-thread RNG, which needs no
+        // clone number).
+        let n = if self.rng.uses_stream() {
+            self.shared.clones.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
         LocalityBalance {
             shared: self.shared.clone(),
             rng: self.rng.fork(n),
