@@ -232,12 +232,15 @@ pub struct Share {
     pub fraction: f64,
 }
 
-/// A configuration value that was refused: which field, what value, why.
+/// A configuration value that was refused: which field, what value, why, and for a limit line's
+/// field, which `[[limit]]` (its index and name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     field: String,
     value: String,
     reason: String,
+    /// The `[[limit]]` the field belongs to: its index and name (empty when it has none).
+    limit: Option<(usize, String)>,
 }
 
 impl ConfigError {
@@ -250,7 +253,14 @@ impl ConfigError {
             field: field.into(),
             value: value.to_string(),
             reason: reason.into(),
+            limit: None,
         }
+    }
+
+    /// The same error, said to be about the `[[limit]]` at `index` named `name`.
+    pub(crate) fn in_limit(mut self, index: usize, name: impl Into<String>) -> Self {
+        self.limit = Some((index, name.into()));
+        self
     }
 
     /// The field, e.g. `limit[1].rate`.
@@ -267,18 +277,30 @@ impl ConfigError {
     pub fn reason(&self) -> &str {
         &self.reason
     }
+
+    /// The name of the `[[limit]]` the refused field belongs to (`None` for a setting outside
+    /// the limit lines; `Some("")` for a line without a name).
+    pub fn limit(&self) -> Option<&str> {
+        self.limit.as_ref().map(|(_, name)| name.as_str())
+    }
+
+    /// The index of the `[[limit]]` the refused field belongs to, counted from 0 in the order
+    /// written.
+    pub fn limit_index(&self) -> Option<usize> {
+        self.limit.as_ref().map(|(i, _)| *i)
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid rate-limit config: ")?;
+        if let Some((i, name)) = &self.limit {
+            write!(f, "limit[{i}] {name:?}: ")?;
+        }
         if self.field.is_empty() {
-            write!(f, "invalid rate-limit config: {}", self.reason)
+            write!(f, "{}", self.reason)
         } else {
-            write!(
-                f,
-                "invalid rate-limit config: {} = {:?}: {}",
-                self.field, self.value, self.reason
-            )
+            write!(f, "{} = {:?}: {}", self.field, self.value, self.reason)
         }
     }
 }
@@ -347,85 +369,100 @@ pub(crate) fn validate(cfg: &RateLimitConfig) -> Result<Vec<LineSpec>, ConfigErr
     }
     let mut out: Vec<LineSpec> = Vec::with_capacity(cfg.limits.len());
     for (i, l) in cfg.limits.iter().enumerate() {
-        let f = |name: &str| format!("limit[{i}].{name}");
-        if l.name.trim().is_empty() {
-            return Err(ConfigError::new(f("name"), &l.name, "must not be empty"));
-        }
-        if out.iter().any(|o| *o.name == *l.name) {
-            return Err(ConfigError::new(f("name"), &l.name, "duplicate limit name"));
-        }
-        if l.key.trim().is_empty() {
-            return Err(ConfigError::new(f("key"), &l.key, "must not be empty"));
-        }
-        let source = match (&l.rate, &l.share) {
-            (Some(r), None) => RateSource::Fixed(*r),
-            (None, Some(s)) => {
-                if s.idc.trim().is_empty() {
-                    return Err(ConfigError::new(
-                        f("share.idc"),
-                        &s.idc,
-                        "must not be empty",
-                    ));
-                }
-                if !(s.fraction > 0.0 && s.fraction <= 1.0) {
-                    return Err(ConfigError::new(
-                        f("share.fraction"),
-                        s.fraction,
-                        "must be in (0, 1]",
-                    ));
-                }
-                RateSource::Share(s.clone())
-            }
-            (Some(r), Some(_)) => {
-                return Err(ConfigError::new(
-                    f("rate"),
-                    r,
-                    "give either rate or share, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::new(
-                    f("rate"),
-                    "",
-                    "give rate (\"10r/s\") or share",
-                ));
-            }
-        };
-        if l.burst > MAX_BURST {
+        let spec = validate_line(i, l, &out).map_err(|e| e.in_limit(i, &l.name))?;
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// One `[[limit]]`, given the lines before it (for duplicate names).
+fn validate_line(i: usize, l: &LimitConfig, before: &[LineSpec]) -> Result<LineSpec, ConfigError> {
+    let f = |name: &str| format!("limit[{i}].{name}");
+    if l.name.trim().is_empty() {
+        return Err(ConfigError::new(f("name"), &l.name, "must not be empty"));
+    }
+    if before.iter().any(|o| *o.name == *l.name) {
+        return Err(ConfigError::new(f("name"), &l.name, "duplicate limit name"));
+    }
+    if l.key.trim().is_empty() {
+        return Err(ConfigError::new(f("key"), &l.key, "must not be empty"));
+    }
+    let source = match (&l.rate, &l.share) {
+        // Rate::per_second(0) and Rate::per_minute(0) are values of the type (so that they
+        // can be const); a zero rate would divide by zero in the hold and the wait.
+        (Some(r), None) if r.milli_per_sec() == 0 => {
             return Err(ConfigError::new(
-                f("burst"),
-                l.burst,
+                f("rate"),
+                r,
+                "the rate must be positive (at least 1r/m)",
+            ));
+        }
+        (Some(r), None) => RateSource::Fixed(*r),
+        (None, Some(s)) => {
+            if s.idc.trim().is_empty() {
+                return Err(ConfigError::new(
+                    f("share.idc"),
+                    &s.idc,
+                    "must not be empty",
+                ));
+            }
+            if !(s.fraction > 0.0 && s.fraction <= 1.0) {
+                return Err(ConfigError::new(
+                    f("share.fraction"),
+                    s.fraction,
+                    "must be in (0, 1]",
+                ));
+            }
+            RateSource::Share(s.clone())
+        }
+        (Some(r), Some(_)) => {
+            return Err(ConfigError::new(
+                f("rate"),
+                r,
+                "give either rate or share, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                f("rate"),
+                "",
+                "give rate (\"10r/s\") or share",
+            ));
+        }
+    };
+    if l.burst > MAX_BURST {
+        return Err(ConfigError::new(
+            f("burst"),
+            l.burst,
+            format!("at most {MAX_BURST}"),
+        ));
+    }
+    let delay_m = match (l.delay, l.nodelay) {
+        (Some(d), true) => {
+            return Err(ConfigError::new(
+                f("delay"),
+                d,
+                "delay and nodelay exclude each other",
+            ));
+        }
+        (Some(d), false) if d > MAX_BURST => {
+            return Err(ConfigError::new(
+                f("delay"),
+                d,
                 format!("at most {MAX_BURST}"),
             ));
         }
-        let delay_m = match (l.delay, l.nodelay) {
-            (Some(d), true) => {
-                return Err(ConfigError::new(
-                    f("delay"),
-                    d,
-                    "delay and nodelay exclude each other",
-                ));
-            }
-            (Some(d), false) if d > MAX_BURST => {
-                return Err(ConfigError::new(
-                    f("delay"),
-                    d,
-                    format!("at most {MAX_BURST}"),
-                ));
-            }
-            (Some(d), false) => d * 1000,
-            (None, true) => u64::MAX,
-            (None, false) => 0,
-        };
-        out.push(LineSpec {
-            name: l.name.as_str().into(),
-            key: l.key.as_str().into(),
-            source,
-            burst_m: l.burst * 1000,
-            delay_m,
-        });
-    }
-    Ok(out)
+        (Some(d), false) => d * 1000,
+        (None, true) => u64::MAX,
+        (None, false) => 0,
+    };
+    Ok(LineSpec {
+        name: l.name.as_str().into(),
+        key: l.key.as_str().into(),
+        source,
+        burst_m: l.burst * 1000,
+        delay_m,
+    })
 }
 
 fn default_max_keys() -> usize {

@@ -238,44 +238,8 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
     let mut lines = Vec::with_capacity(specs.len());
     let mut states = BTreeMap::new();
     for (i, spec) in specs.into_iter().enumerate() {
-        let (rate, share) = match &spec.source {
-            RateSource::Fixed(rate) => (*rate, None),
-            RateSource::Share(share) => {
-                let field = format!("limit[{i}].share.idc");
-                let capacity = match inputs.capacity_overrides.get(&share.idc) {
-                    Some(c) => *c,
-                    None => {
-                        let topo = inputs.topology.as_ref().ok_or_else(|| {
-                            ConfigError::new(&field, &share.idc, "a share limit needs a topology")
-                        })?;
-                        let idc = topo.idc(&share.idc).ok_or_else(|| {
-                            ConfigError::new(&field, &share.idc, "no such IDC in the topology")
-                        })?;
-                        idc.capacity_rps.ok_or_else(|| {
-                            ConfigError::new(&field, &share.idc, "the IDC has no capacity_rps")
-                        })?
-                    }
-                };
-                let rate =
-                    share_rate(capacity, share.fraction, inputs.instances).ok_or_else(|| {
-                        ConfigError::new(
-                            &field,
-                            &share.idc,
-                            format!(
-                                "capacity {capacity} r/s x {} / {} instances is below 0.001 r/s",
-                                share.fraction, inputs.instances
-                            ),
-                        )
-                    })?;
-                (
-                    rate,
-                    Some(ShareInfo {
-                        idc: share.idc.as_str().into(),
-                        instances: inputs.instances,
-                    }),
-                )
-            }
-        };
+        let (rate, share) =
+            derive_rate(inputs, i, &spec).map_err(|e| e.in_limit(i, &*spec.name))?;
         let max_keys = inputs.config.max_keys;
         let state = match inputs.states.get(&spec.name) {
             // The same table layout: keep the keys' state in place.
@@ -312,6 +276,51 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
         near_capacity: a.near_capacity,
         window_ms: a.window.as_millis().try_into().unwrap_or(u64::MAX),
         sweep_every: inputs.config.idle_sweep,
+    })
+}
+
+/// A line's rate: fixed, or derived from its IDC share.
+fn derive_rate(
+    inputs: &Inputs,
+    i: usize,
+    spec: &LineSpec,
+) -> Result<(Rate, Option<ShareInfo>), ConfigError> {
+    Ok(match &spec.source {
+        RateSource::Fixed(rate) => (*rate, None),
+        RateSource::Share(share) => {
+            let field = format!("limit[{i}].share.idc");
+            let capacity = match inputs.capacity_overrides.get(&share.idc) {
+                Some(c) => *c,
+                None => {
+                    let topo = inputs.topology.as_ref().ok_or_else(|| {
+                        ConfigError::new(&field, &share.idc, "a share limit needs a topology")
+                    })?;
+                    let idc = topo.idc(&share.idc).ok_or_else(|| {
+                        ConfigError::new(&field, &share.idc, "no such IDC in the topology")
+                    })?;
+                    idc.capacity_rps.ok_or_else(|| {
+                        ConfigError::new(&field, &share.idc, "the IDC has no capacity_rps")
+                    })?
+                }
+            };
+            let rate = share_rate(capacity, share.fraction, inputs.instances).ok_or_else(|| {
+                ConfigError::new(
+                    &field,
+                    &share.idc,
+                    format!(
+                        "capacity {capacity} r/s x {} / {} instances is below 0.001 r/s",
+                        share.fraction, inputs.instances
+                    ),
+                )
+            })?;
+            (
+                rate,
+                Some(ShareInfo {
+                    idc: share.idc.as_str().into(),
+                    instances: inputs.instances,
+                }),
+            )
+        }
     })
 }
 
