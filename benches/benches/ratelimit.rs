@@ -1,7 +1,8 @@
 //! ha-ratelimit against bare governor, as ratios measured in the same run.
 //!
 //! Run: `cargo bench -p benches --bench ratelimit -- --warm-up-time 2 --measurement-time 5`
-//! (`-- nomatch` skips criterion and prints only the summary).
+//! (`-- nomatch` skips criterion and prints only the summary; `RATELIMIT_SUMMARY=existing` stops
+//! the summary after the existing-key figures).
 //! Criterion reports each check on three working sets (1, 1 024 and 65 536 keys); the summary
 //! at the end prints the ratios the issue asks for: existing-key check vs governor's keyed
 //! check (best of 7 rounds, each limiter measured alone), 2-thread scaling of both,
@@ -208,6 +209,11 @@ fn summary() {
         );
     }
 
+    // RATELIMIT_SUMMARY=existing: only the figures above (a quick look at one change).
+    if std::env::var("RATELIMIT_SUMMARY").is_ok_and(|v| v == "existing") {
+        return;
+    }
+
     // 2. Allocations per existing-key check.
     let g = bare();
     let l = ours(ha_ratelimit::TokioClock::new(), 100_000);
@@ -386,28 +392,50 @@ fn cluster_vs_bare_redis() {
 /// `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*profile_loop*'`
 /// (instruction counts do not depend on the machine's load).
 #[inline(never)]
-fn profile_loop(check: &dyn Fn(u64)) {
-    for i in 0..1_000_000u64 {
-        check(i & (KEYS - 1));
+fn profile_loop(check: &dyn Fn(u64), keys: u64, n: u64) {
+    for i in 0..n {
+        check(i & (keys - 1));
     }
 }
 
+/// `RATELIMIT_PROFILE_KEYS` (a power of two, default 1 024) sets the working set and
+/// `RATELIMIT_PROFILE_CHECKS` the number of checks (default 10^6; more for `perf stat`).
 fn profile(which: &str) {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let keys = env("RATELIMIT_PROFILE_KEYS", KEYS).next_power_of_two();
+    let n = env("RATELIMIT_PROFILE_CHECKS", 1_000_000);
     let g = bare();
     let l = ours(QuantaClock::default(), 100_000);
     let lt = ours(ha_ratelimit::TokioClock::new(), 100_000);
-    warm(&l, &g, 0..KEYS);
-    warm(&lt, &g, 0..KEYS);
+    warm(&l, &g, 0..keys);
+    warm(&lt, &g, 0..keys);
     match which {
-        "governor" => profile_loop(&|k| {
-            black_box(g.check_key(&k).is_ok());
-        }),
-        "tokio" => profile_loop(&|k| {
-            black_box(lt.check(Key::u64(k)));
-        }),
-        _ => profile_loop(&|k| {
-            black_box(l.check(Key::u64(k)));
-        }),
+        "governor" => profile_loop(
+            &|k| {
+                black_box(g.check_key(&k).is_ok());
+            },
+            keys,
+            n,
+        ),
+        "tokio" => profile_loop(
+            &|k| {
+                black_box(lt.check(Key::u64(k)));
+            },
+            keys,
+            n,
+        ),
+        _ => profile_loop(
+            &|k| {
+                black_box(l.check(Key::u64(k)));
+            },
+            keys,
+            n,
+        ),
     }
 }
 

@@ -37,7 +37,8 @@ use crate::rate::Rate;
 /// the per-request key table on the stack).
 pub const MAX_LINES: usize = 16;
 
-/// The largest `max_keys` accepted (about 1 GB of key state per limit at the cap).
+/// The largest `max_keys` accepted (at the cap, about 650 MB of key state per limit: a table of
+/// 256 MB, the most lines a table has, and the keys beyond three per line in the overflow store).
 pub const MAX_KEYS: usize = 16 * 1024 * 1024;
 
 /// The largest `burst` (and `delay`) accepted, in requests.
@@ -50,8 +51,10 @@ pub const MAX_BURST: u64 = 1_000_000_000;
 pub struct RateLimitConfig {
     /// The most keys each limit tracks (an nginx zone's size, counted in keys). Default 100000,
     /// at most [`MAX_KEYS`]. Like an nginx zone, each limit's table is allocated when the limit
-    /// is built: 64 bytes per key of the cap (the shard count rounded up to a power of two: 8 MB
-    /// at the default), plus 40 bytes for each key that does not get a shard of its own.
+    /// is built: a 64-byte line of three keys per 1.5 keys of the cap (rounded up to 1/8 of an
+    /// octave: 4.7 MB at the default), plus 32 bytes for each key that overflows a full line
+    /// (about 6% of them at the cap). Keys are kept as a fixed-size hash, so this bound holds in
+    /// bytes whatever the keys' length.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
     /// Count and alert as usual, but never reject or delay (nginx `limit_req_dry_run on`).
@@ -336,7 +339,7 @@ pub(crate) fn validate(cfg: &RateLimitConfig) -> Result<Vec<LineSpec>, ConfigErr
         return Err(ConfigError::new(
             "max_keys",
             cfg.max_keys,
-            format!("must be at most {MAX_KEYS} (64 bytes per key are allocated up front)"),
+            format!("must be at most {MAX_KEYS} (the key table is allocated up front)"),
         ));
     }
     if cfg.idle_sweep.is_zero() {

@@ -14,7 +14,7 @@ use crate::clock::DefaultClock;
 use crate::config::{ConfigError, LineSpec, MAX_LINES, RateLimitConfig, RateSource, validate};
 use crate::key::Key;
 use crate::rate::Rate;
-use crate::zone::{Evicted, Look, Params, Probe, Zone};
+use crate::zone::{Evicted, Ident, Locked, Look, Params, Zone, judge};
 
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +247,7 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
                 state.zone.set_max_keys(max_keys);
                 state.clone()
             }
-            // A cap that needs another number of shards: a new table with the old keys (the
+            // A cap that needs another number of lines: a new table with the old keys (the
             // most recently seen ones, up to the new cap). A request checked while the reload
             // runs may be charged to the old table only.
             Some(state) => Arc::new(LineState::new(&spec.name, state.zone.rebuilt(max_keys))),
@@ -365,7 +365,9 @@ impl<C: Clock> Limiter<C> {
     ///
     /// Every line with a key is looked up first, reading only; if all admit, all are charged
     /// with the same `now`; a rejection charges no line. The hold is the largest of the lines'.
-    /// For a key already tracked this does not allocate.
+    /// With several lines this happens under all their locks at once (taken in a fixed global
+    /// order), so concurrent requests are decided exactly as nginx would decide them one after
+    /// the other. For a key already tracked this does not allocate.
     pub fn check_with<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
         let plan = self.plan.load();
         match plan.lines.as_slice() {
@@ -376,12 +378,12 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    /// Several lines: look every one up, then charge them all (rule 11).
+    /// Several lines: look every one up, then charge them all (rule 11), under all their line
+    /// locks at once, so that concurrent requests are decided exactly as in some serial order.
     #[inline(never)]
     fn check_lines<'k>(&self, plan: &Plan, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
         // Fixed-size tables keep the per-request work off the heap (MAX_LINES is validated).
-        let mut keys = [Key::NONE; MAX_LINES];
-        let mut hashes = [0u64; MAX_LINES];
+        let mut ids = [Ident::NONE; MAX_LINES];
         let mut active = [0usize; MAX_LINES];
         let mut m = 0;
         for (i, line) in plan.lines.iter().enumerate().take(MAX_LINES) {
@@ -390,65 +392,50 @@ impl<C: Clock> Limiter<C> {
                 // Rule 10: an empty key skips the line, neither checked nor counted.
                 continue;
             }
-            hashes[m] = line.state.zone.hash(key.as_bytes());
-            keys[m] = key;
+            ids[m] = line.state.zone.ident(&key.probe());
             active[m] = i;
             m += 1;
         }
         if m == 0 {
             return Decision::Allow;
         }
-        let mut probes = [Probe::new(&[]); MAX_LINES];
-        for (probe, key) in probes.iter_mut().zip(&keys[..m]) {
-            *probe = key.probe();
+        let lines = &plan.lines;
+        let zone = |j: usize| &lines[active[j]].state.zone;
+        // Every zone has a unique id: taking the locks in id order means two requests never
+        // wait for each other in a cycle, whatever their lines' order in a plan (a reload may
+        // reorder them) and whichever lines they share.
+        let mut order = [0usize; MAX_LINES];
+        for (j, o) in order.iter_mut().enumerate().take(m) {
+            *o = j;
+        }
+        order[..m].sort_unstable_by_key(|&j| zone(j).id());
+        let mut locked: [Option<Locked<'_>>; MAX_LINES] = [const { None }; MAX_LINES];
+        for &j in &order[..m] {
+            locked[j] = Some(zone(j).lock(zone(j).line_of(ids[j])));
         }
         let now = self.now_ms();
-        let lines = &plan.lines;
-        let last = m - 1;
 
-        // Look-up: every line but the last is only read.
+        // Look-up: every line is read; none is written unless all admit.
+        let mut found = [None; MAX_LINES];
+        let mut excess = [0u64; MAX_LINES];
         let mut rejected_by: Option<usize> = None;
         let mut wait = 0u64;
-        for j in 0..last {
-            let line = &lines[active[j]];
-            if let Look::Reject { wait_ms } =
-                line.state
-                    .zone
-                    .peek(hashes[j], &probes[j], now, &line.params)
-            {
-                rejected_by.get_or_insert(active[j]);
-                wait = wait.max(wait_ms);
-            }
-        }
-        let line = &lines[active[last]];
-        let excess = if rejected_by.is_some() {
-            // Read the last line too, only for an exact retry_after over all lines.
-            if let Look::Reject { wait_ms } =
-                line.state
-                    .zone
-                    .peek(hashes[last], &probes[last], now, &line.params)
-            {
-                wait = wait.max(wait_ms);
-            }
-            None
-        } else {
-            // The last line is checked and charged under one lock, as nginx's lookup(account=1).
-            let (look, ev) =
-                line.state
-                    .zone
-                    .check_commit(hashes[last], &probes[last], now, &line.params);
-            self.note_evictions(line, ev, now, plan);
-            match look {
-                Look::Pass { excess } => Some(excess),
+        for j in 0..m {
+            let Some(line) = &locked[j] else { continue };
+            found[j] = line.find(ids[j]);
+            let params = &lines[active[j]].params;
+            match judge(found[j].map(|(_, s)| s), now, params) {
+                Look::Pass { excess: e } => excess[j] = e,
                 Look::Reject { wait_ms } => {
-                    rejected_by = Some(active[last]);
-                    wait = wait_ms;
-                    None
+                    // The first line in order that rejects is the one counted; the wait is
+                    // the longest, for an exact retry_after over all lines.
+                    rejected_by.get_or_insert(active[j]);
+                    wait = wait.max(wait_ms);
                 }
             }
-        };
-        let Some(excess) = excess else {
-            let by = rejected_by.unwrap_or(active[last]);
+        }
+        if let Some(by) = rejected_by {
+            drop(locked);
             self.rejected(&lines[by], now, plan);
             if plan.dry_run {
                 return Decision::Allow;
@@ -456,22 +443,25 @@ impl<C: Clock> Limiter<C> {
             return Decision::Reject {
                 retry_after: Duration::from_millis(wait),
             };
-        };
-
-        // Commit: charge the earlier lines at the same `now`; the largest hold wins (rule 12).
-        let mut hold = line.params.hold_ms(excess);
-        for j in 0..last {
-            let line = &lines[active[j]];
-            let (excess, ev) = line
-                .state
-                .zone
-                .commit(hashes[j], &probes[j], now, &line.params);
-            self.note_evictions(line, ev, now, plan);
-            hold = hold.max(line.params.hold_ms(excess));
         }
-        for &i in &active[..m] {
-            if lines[i].share.is_some() {
-                self.measure_load(&lines[i], now, plan);
+
+        // Commit: charge every line at the same `now`, still under all the locks.
+        let mut evicted = [Evicted::default(); MAX_LINES];
+        let mut hold = 0;
+        for j in 0..m {
+            let Some(line) = &locked[j] else { continue };
+            let l = &lines[active[j]];
+            evicted[j] = zone(j).commit(line, ids[j], found[j], excess[j], now, &l.params);
+            // Rule 12: the largest hold wins.
+            hold = hold.max(l.params.hold_ms(excess[j]));
+        }
+        drop(locked);
+        // Alerts and metrics only once every lock is released (an alert hook may check).
+        for j in 0..m {
+            let line = &lines[active[j]];
+            self.note_evictions(line, evicted[j], now, plan);
+            if line.share.is_some() {
+                self.measure_load(line, now, plan);
             }
         }
         if hold == 0 || plan.dry_run {
@@ -481,19 +471,15 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    /// The common case of one line: the same rules without the look-up/commit tables.
+    /// The common case of one line: the same rules under one lock, without the tables.
     #[inline]
     fn check_one(&self, line: &Line, key: Key<'_>, plan: &Plan) -> Decision {
         if key.is_skip() {
             return Decision::Allow;
         }
-        let probe = key.probe();
-        let hash = line.state.zone.hash(probe.bytes());
+        let id = line.state.zone.ident(&key.probe());
         let now = self.now_ms();
-        let (look, ev) = line
-            .state
-            .zone
-            .check_commit(hash, &probe, now, &line.params);
+        let (look, ev) = line.state.zone.check_commit(id, now, &line.params);
         if ev.inserted {
             self.note_evictions(line, ev, now, plan);
         }
@@ -723,9 +709,10 @@ impl<C: Clock> Limiter<C> {
             .map(|l| l.state.zone.len())
     }
 
-    /// Bytes a limit's key state holds now: its shards and the arrays of keys that are not a
-    /// shard's first (keys longer than 16 bytes add one allocation each, not counted). Bounded
-    /// by `max_keys`, however many distinct keys have been seen.
+    /// Bytes a limit's key state holds now: its table of lines and its overflow store, all of
+    /// it (keys are kept as a fixed-size hash, never as their bytes, so a long key costs what a
+    /// short one does). Bounded by `max_keys`, however many distinct keys have been seen and
+    /// however long they are.
     pub fn state_bytes(&self, limit: &str) -> Option<usize> {
         let plan = self.plan.load();
         plan.lines
