@@ -107,8 +107,7 @@ impl RateLimitConfig {
     /// assert_eq!(cfg.limits[0].burst, 5);
     /// ```
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let cfg: RateLimitConfig =
-            toml::from_str(text).map_err(|e| ConfigError::new("", "", e.message().to_string()))?;
+        let cfg: RateLimitConfig = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -236,7 +235,23 @@ pub struct Share {
 }
 
 /// A configuration value that was refused: which field, what value, why, and for a limit line's
-/// field, which `[[limit]]` (its index and name).
+/// field, which `[[limit]]` (its index and name). Errors of the TOML text (an unknown field, a
+/// value of the wrong type) are as precise as those of validation.
+///
+/// ```
+/// let e = ha_ratelimit::RateLimitConfig::from_toml_str(
+///     "[[limit]]\nname = \"per_ip\"\nkey = \"client_ip\"\nrate = \"10r/s\"\nburst = -1\n",
+/// )
+/// .unwrap_err();
+/// assert_eq!(e.field(), "limit[0].burst");
+/// assert_eq!(e.value(), "-1");
+/// assert_eq!((e.limit_index(), e.limit()), (Some(0), Some("per_ip")));
+/// assert_eq!(
+///     e.to_string(),
+///     "invalid rate-limit config: limit[0] \"per_ip\": limit[0].burst = \"-1\": \
+///      invalid value: integer `-1`, expected u64"
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     field: String,
@@ -468,6 +483,163 @@ fn validate_line(i: usize, l: &LimitConfig, before: &[LineSpec]) -> Result<LineS
     })
 }
 
+// === errors of the TOML text ===
+
+/// A TOML error as a [`ConfigError`]: the error's span is looked up in the document (parsed again
+/// with spans) to name the field's path (`limit[1].burst`), the value as written and the
+/// `[[limit]]`; a text that is not TOML at all says the line and column, and the `[[limit]]` it
+/// is in.
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let reason = e.message().trim().to_string();
+    let span = e.span().unwrap_or(0..0);
+    let doc = match toml::de::DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(_) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let err = ConfigError::new("", "", format!("{reason} (line {line}, column {column})"));
+            // The `[[limit]]` headers before the error tell which line it is in; its `name`
+            // is read from the text of that table, if it is written plainly.
+            let header = |l: &str| l.trim_start().starts_with("[[limit]]");
+            let headers = before.lines().filter(|l| header(l)).count();
+            let Some(i) = headers.checked_sub(1) else {
+                return err;
+            };
+            let name = text
+                .lines()
+                .skip_while(|l| !header(l))
+                .scan(0, |seen, l| {
+                    *seen += usize::from(header(l));
+                    (*seen <= headers).then_some((*seen, l))
+                })
+                .filter(|(seen, _)| *seen == headers)
+                .find_map(|(_, l)| {
+                    let rest = l
+                        .trim()
+                        .strip_prefix("name")?
+                        .trim_start()
+                        .strip_prefix('=')?;
+                    let quoted = rest.trim().strip_prefix('"')?;
+                    Some(quoted.split('"').next()?.to_string())
+                })
+                .unwrap_or_default();
+            return err.in_limit(i, name);
+        }
+    };
+    let mut at = Located::default();
+    if !locate(text, doc.get_ref(), &span, &mut at, true) {
+        at = Located::default();
+    }
+    // A missing field's error points at the table it is missing from.
+    if let Some(missing) = reason
+        .strip_prefix("missing field `")
+        .and_then(|r| r.split('`').next())
+    {
+        if !at.path.is_empty() {
+            at.path.push('.');
+        }
+        at.path.push_str(missing);
+    }
+    let err = ConfigError::new(at.path, at.value, reason);
+    match at.limit {
+        Some((i, name)) => err.in_limit(i, name),
+        None => err,
+    }
+}
+
+/// Where in the document an error's span is.
+#[derive(Default)]
+struct Located {
+    path: String,
+    value: String,
+    limit: Option<(usize, String)>,
+}
+
+fn within(outer: &std::ops::Range<usize>, inner: &std::ops::Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end && outer.start < outer.end
+}
+
+/// Finds the key, value or table whose span holds `span`, filling `at` with its path. Every
+/// table is searched (the span of an array of tables' item only covers its `[[header]]`).
+fn locate(
+    text: &str,
+    table: &toml::de::DeTable<'_>,
+    span: &std::ops::Range<usize>,
+    at: &mut Located,
+    top: bool,
+) -> bool {
+    for (key, value) in table {
+        let depth = at.path.len();
+        if !at.path.is_empty() {
+            at.path.push('.');
+        }
+        at.path.push_str(key.get_ref());
+        if within(&key.span(), span) {
+            // The key itself (an unknown field): its value as written.
+            at.value = shown(text, value);
+            return true;
+        }
+        let found = match value.get_ref() {
+            toml::de::DeValue::Table(inner) => {
+                locate(text, inner, span, at, false) || within(&value.span(), span)
+            }
+            toml::de::DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                let depth = at.path.len();
+                at.path.push_str(&format!("[{i}]"));
+                let found = match item.get_ref() {
+                    toml::de::DeValue::Table(inner) => {
+                        let found =
+                            locate(text, inner, span, at, false) || within(&item.span(), span);
+                        if found && top && key.get_ref() == "limit" {
+                            let name = inner
+                                .get("name")
+                                .and_then(|n| match n.get_ref() {
+                                    toml::de::DeValue::String(s) => Some(s.to_string()),
+                                    _ => None,
+                                })
+                                .unwrap_or_default();
+                            at.limit = Some((i, name));
+                        }
+                        found
+                    }
+                    _ if within(&item.span(), span) => {
+                        at.value = shown(text, item);
+                        true
+                    }
+                    _ => false,
+                };
+                if !found {
+                    at.path.truncate(depth);
+                }
+                found
+            }),
+            _ if within(&value.span(), span) => {
+                at.value = shown(text, value);
+                true
+            }
+            _ => false,
+        };
+        if found {
+            return true;
+        }
+        at.path.truncate(depth);
+    }
+    false
+}
+
+/// A value as written: a string's contents, anything else's text.
+fn shown(text: &str, value: &toml::Spanned<toml::de::DeValue<'_>>) -> String {
+    match value.get_ref() {
+        toml::de::DeValue::String(s) => s.to_string(),
+        _ => text
+            .get(value.span())
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
 fn default_max_keys() -> usize {
     100_000
 }
@@ -525,6 +697,79 @@ mod tests {
         assert_eq!(cfg.limits[0].delay, Some(5));
         assert_eq!(cfg.limits[1].share.as_ref().unwrap().fraction, 0.8);
         assert_eq!(cfg.alerts.interval, Duration::from_secs(10));
+    }
+
+    /// Errors of the TOML text itself (an unknown field, a value of the wrong type or out of
+    /// range) name the field, the value as written and the `[[limit]]` (index and name), like
+    /// the errors of validation.
+    #[test]
+    fn parse_errors_name_field_value_and_limit() {
+        let two = |second: &str| {
+            format!(
+                "[[limit]]\nname = \"first\"\nkey = \"ip\"\nrate = \"1r/s\"\n\n[[limit]]\nname = \"second\"\nkey = \"ip\"\n{second}\n"
+            )
+        };
+        let cases = [
+            (
+                "rate = \"1r/s\"\nbrust = 5",
+                "limit[1].brust",
+                "5",
+                "unknown field",
+            ),
+            ("rate = \"10r/h\"", "limit[1].rate", "10r/h", "r/s or r/m"),
+            ("rate = \"1r/s\"\nburst = -1", "limit[1].burst", "-1", "-1"),
+            (
+                "rate = \"1r/s\"\nnodelay = \"yes\"",
+                "limit[1].nodelay",
+                "yes",
+                "bool",
+            ),
+            (
+                "rate = \"1r/s\"\nshare = { idc = \"bj-a\", fraction = \"half\" }",
+                "limit[1].share.fraction",
+                "half",
+                "f64",
+            ),
+        ];
+        for (second, field, value, reason) in cases {
+            let e = RateLimitConfig::from_toml_str(&two(second)).unwrap_err();
+            assert_eq!(e.field(), field, "{e}");
+            assert_eq!(e.value(), value, "{e}");
+            assert_eq!(e.limit_index(), Some(1), "{e}");
+            assert_eq!(e.limit(), Some("second"), "{e}");
+            assert!(e.reason().contains(reason), "{e}");
+            assert!(e.to_string().contains("second"), "{e}");
+        }
+        // A missing field names the field, with the limit it is missing from.
+        let e = RateLimitConfig::from_toml_str(
+            &two("rate = \"1r/s\"")
+                .replace("key = \"ip\"\nrate = \"1r/s\"\n\n", "rate = \"1r/s\"\n\n"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.field(), e.limit_index(), e.limit()),
+            ("limit[0].key", Some(0), Some("first")),
+            "{e}"
+        );
+        // Settings outside the lines name no limit.
+        let e = RateLimitConfig::from_toml_str("max_keys = -3\n").unwrap_err();
+        assert_eq!(
+            (e.field(), e.value(), e.limit()),
+            ("max_keys", "-3", None),
+            "{e}"
+        );
+        let e = RateLimitConfig::from_toml_str("[alerts]\nintervall = \"1s\"\n").unwrap_err();
+        assert_eq!((e.field(), e.value()), ("alerts.intervall", "1s"), "{e}");
+        let e = RateLimitConfig::from_toml_str("idle_sweep = \"soon\"\n").unwrap_err();
+        assert_eq!((e.field(), e.value()), ("idle_sweep", "soon"), "{e}");
+        // Broken TOML says where.
+        let e = RateLimitConfig::from_toml_str(&two("rate = \"1r/s")).unwrap_err();
+        assert!(e.reason().contains("line 9"), "{e}");
+        assert_eq!(
+            (e.limit_index(), e.limit()),
+            (Some(1), Some("second")),
+            "{e}"
+        );
     }
 
     #[test]
