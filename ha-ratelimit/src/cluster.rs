@@ -55,7 +55,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use ha_core::{BoxError, HaError, Topology};
+use ha_core::{BoxError, Topology};
 use metrics::Counter;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use tower_layer::Layer;
@@ -67,7 +67,7 @@ use crate::alert::{Alert, AlertHook, AlertKind, Debounce};
 use crate::clock::DefaultClock;
 use crate::config::{ConfigError, RateLimitConfig};
 use crate::key::Key;
-use crate::layer::KeyFn;
+use crate::layer::{KeyFn, Rejected};
 use crate::limiter::{Decision, Limiter, Plan};
 use crate::rate::Rate;
 
@@ -135,6 +135,7 @@ pub struct ClusterLimiterBuilder<R, C: Clock = DefaultClock> {
     timeout: Duration,
     retry_after: Duration,
     on_alert: Option<AlertHook>,
+    keys: Option<Vec<String>>,
 }
 
 impl<R, C: Clock> std::fmt::Debug for ClusterLimiterBuilder<R, C> {
@@ -199,6 +200,7 @@ where
             timeout: Duration::from_millis(50),
             retry_after: Duration::from_secs(1),
             on_alert: None,
+            keys: None,
         }
     }
 }
@@ -243,6 +245,18 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
         self
     }
 
+    /// The key names the key function answers (as [`LimiterBuilder::keys`](crate::LimiterBuilder::keys)):
+    /// a cluster or derived fallback line whose `key` is not one of them is an error at build
+    /// and reload, naming the limit and the key.
+    pub fn keys<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.keys = Some(names.into_iter().map(|n| n.as_ref().to_string()).collect());
+        self
+    }
+
     /// A fallback of your own instead of the derived one (its lines may differ; its key
     /// function is the same).
     pub fn fallback<C2: Clock>(self, fallback: Arc<Limiter<C2>>) -> ClusterLimiterBuilder<R, C2> {
@@ -256,6 +270,7 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
             timeout: self.timeout,
             retry_after: self.retry_after,
             on_alert: self.on_alert,
+            keys: self.keys,
         }
     }
 }
@@ -277,7 +292,8 @@ where
         if self.instances == 0 {
             return Err(ConfigError::new("instances", 0, "must be at least 1"));
         }
-        let spec = build_spec(&self.config, self.topology.as_ref())?;
+        let keys = self.keys.as_deref();
+        let spec = build_spec(&self.config, self.topology.as_ref(), keys)?;
         let (fallback, derived) = match self.fallback {
             Some(f) => (f, None),
             None => {
@@ -286,6 +302,7 @@ where
                     self.topology.as_ref(),
                     self.instances,
                     self.on_alert.clone(),
+                    keys,
                 )?;
                 (
                     Arc::new(f),
@@ -325,12 +342,16 @@ where
 fn build_spec(
     config: &RateLimitConfig,
     topology: Option<&Topology>,
+    keys: Option<&[String]>,
 ) -> Result<Limiter, ConfigError> {
     let mut spec = config.clone();
     spec.max_keys = 1;
     let mut b = Limiter::builder(spec).instances(1);
     if let Some(t) = topology {
         b = b.topology(t);
+    }
+    if let Some(keys) = keys {
+        b = b.keys(keys);
     }
     b.build()
 }
@@ -353,12 +374,16 @@ fn build_fallback<C: Clock + Default>(
     topology: Option<&Topology>,
     instances: u32,
     on_alert: Option<AlertHook>,
+    keys: Option<&[String]>,
 ) -> Result<Limiter<C>, ConfigError> {
     let mut b = Limiter::builder(fallback_config(config, instances))
         .instances(instances)
         .clock(C::default());
     if let Some(t) = topology {
         b = b.topology(t);
+    }
+    if let Some(keys) = keys {
+        b = b.keys(keys);
     }
     if let Some(hook) = on_alert {
         b = b.on_alert(move |a| hook(a));
@@ -487,6 +512,17 @@ where
     }
 
     pub(crate) fn prepare<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Prepared {
+        match self.try_prepare(|source| Ok::<_, std::convert::Infallible>(key_of(source))) {
+            Ok(prepared) => prepared,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`prepare`](Self::prepare) with a key function that may fail.
+    pub(crate) fn try_prepare<'k, E>(
+        &self,
+        mut key_of: impl FnMut(&str) -> Result<Key<'k>, E>,
+    ) -> Result<Prepared, E> {
         let plan = self.spec.plan();
         let fallback = self.fallback.plan();
         let mut keys: Vec<(Arc<str>, Vec<u8>)> = Vec::with_capacity(plan.lines.len());
@@ -494,10 +530,16 @@ where
             if keys.iter().any(|(s, _)| *s == line.key) {
                 continue;
             }
-            let key = key_of(&line.key);
+            let key = key_of(&line.key)?;
             keys.push((line.key.clone(), key.as_bytes().to_vec()));
         }
-        Prepared { plan, keys }
+        Ok(Prepared { plan, keys })
+    }
+
+    /// The HTTP status the cluster-wide lines' rejections are answered with (the
+    /// configuration's `status`).
+    pub fn status(&self) -> u16 {
+        self.spec.status()
     }
 
     fn now_ms(&self) -> u64 {
@@ -741,7 +783,13 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         // The keys are copied out of the request now, so nothing borrows it across the await.
         let keys = &self.keys;
-        let prepared = self.limiter.prepare(|source| keys.key(source, &req));
+        let prepared = match self
+            .limiter
+            .try_prepare(|source| keys.try_key(source, &req))
+        {
+            Ok(prepared) => prepared,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
         let limiter = self.limiter.clone();
         // The instance that was polled ready goes into the future; a clone takes its place.
         let clone = self.inner.clone();
@@ -754,7 +802,7 @@ where
                     ready.call(req).await.map_err(Into::into)
                 }
                 Decision::Reject { retry_after } => {
-                    Err(HaError::RateLimited { retry_after }.into())
+                    Err(Rejected::new(retry_after, limiter.status()).into())
                 }
             }
         })

@@ -3,6 +3,7 @@
 //! ```toml
 //! max_keys = 100000          # per limit; default 100000
 //! dry_run = false            # nginx `limit_req_dry_run`; default false
+//! status = 429               # nginx `limit_req_status` (whose default is 503); default 429
 //! idle_sweep = "10s"         # how often `Limiter::spawn_sweeper` drops drained keys; default "10s"
 //!
 //! [alerts]
@@ -61,6 +62,12 @@ pub struct RateLimitConfig {
     /// Default false.
     #[serde(default)]
     pub dry_run: bool,
+    /// The HTTP status a rejected request is answered with (nginx `limit_req_status`, whose
+    /// default is 503), 400 to 599. Default 429 (Too Many Requests), always with `Retry-After`.
+    /// The tower layers' [`Rejected`](crate::Rejected) error carries it, and
+    /// `axum::handle_error` answers with it.
+    #[serde(default = "default_status")]
+    pub status: u16,
     /// How often the background sweeper drops drained keys. Default 10 s.
     #[serde(default = "default_sweep", with = "duration_str")]
     pub idle_sweep: Duration,
@@ -77,6 +84,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             max_keys: default_max_keys(),
             dry_run: false,
+            status: default_status(),
             idle_sweep: default_sweep(),
             alerts: AlertConfig::default(),
             limits: Vec::new(),
@@ -355,6 +363,13 @@ pub(crate) fn validate(cfg: &RateLimitConfig) -> Result<Vec<LineSpec>, ConfigErr
             "max_keys",
             cfg.max_keys,
             format!("must be at most {MAX_KEYS} (the key table is allocated up front)"),
+        ));
+    }
+    if !(400..=599).contains(&cfg.status) {
+        return Err(ConfigError::new(
+            "status",
+            cfg.status,
+            "must be an HTTP error status, 400 to 599 (nginx limit_req_status; 429 or 503)",
         ));
     }
     if cfg.idle_sweep.is_zero() {
@@ -640,6 +655,9 @@ fn shown(text: &str, value: &toml::Spanned<toml::de::DeValue<'_>>) -> String {
     }
 }
 
+fn default_status() -> u16 {
+    429
+}
 fn default_max_keys() -> usize {
     100_000
 }

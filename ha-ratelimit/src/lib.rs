@@ -47,6 +47,7 @@ mod alert;
 mod clock;
 pub mod config;
 mod key;
+mod keys;
 pub mod layer;
 mod limiter;
 mod rate;
@@ -61,7 +62,8 @@ pub use alert::{Alert, AlertHook, AlertKind};
 pub use clock::{DefaultClock, TokioClock};
 pub use config::{AlertConfig, ConfigError, LimitConfig, RateLimitConfig, Share};
 pub use key::{Key, MAX_KEY_LEN};
-pub use layer::{KeyFn, RateLimit, RateLimitLayer};
+pub use keys::{KeyError, Keys, key_fn};
+pub use layer::{KeyFn, RateLimit, RateLimitLayer, Rejected};
 pub use limiter::{Decision, Limiter, LimiterBuilder, share_rate};
 pub use rate::{Rate, RateParseError};
 

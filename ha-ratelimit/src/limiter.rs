@@ -99,6 +99,7 @@ pub(crate) struct Line {
 pub(crate) struct Plan {
     pub(crate) lines: Vec<Line>,
     pub(crate) dry_run: bool,
+    pub(crate) status: u16,
     alert_interval_ms: u64,
     near_capacity: f64,
     window_ms: u64,
@@ -112,7 +113,13 @@ struct Inputs {
     capacity_overrides: BTreeMap<String, f64>,
     instances: u32,
     states: BTreeMap<Arc<str>, Arc<LineState>>,
+    /// The key names the key function answers, when it said (`LimiterBuilder::keys`): each
+    /// with why a line may not use it after all (`None`: it may).
+    keys: Option<KnownKeys>,
 }
+
+/// Key names a key function answers; a name mapped to a reason may not be used by a line.
+pub(crate) type KnownKeys = BTreeMap<Arc<str>, Option<Arc<str>>>;
 
 /// A set of limit lines applied to every request (one nginx `location`'s `limit_req` lines),
 /// with hot reload, IDC capacity shares, alerts and bounded memory.
@@ -158,6 +165,7 @@ pub struct LimiterBuilder<C: Clock = DefaultClock> {
     instances: u32,
     clock: C,
     on_alert: Option<AlertHook>,
+    keys: Option<KnownKeys>,
 }
 
 impl Limiter<DefaultClock> {
@@ -171,6 +179,7 @@ impl Limiter<DefaultClock> {
             instances: 1,
             clock: DefaultClock::default(),
             on_alert: None,
+            keys: None,
         }
     }
 }
@@ -197,12 +206,38 @@ impl<C: Clock> LimiterBuilder<C> {
             instances: self.instances,
             clock,
             on_alert: self.on_alert,
+            keys: self.keys,
         }
     }
 
     /// Called on every emitted (debounced) alert, besides the log line and the metric.
     pub fn on_alert(mut self, hook: impl Fn(&Alert) + Send + Sync + 'static) -> Self {
         self.on_alert = Some(Arc::new(hook));
+        self
+    }
+
+    /// The key names the key function answers (e.g. [`Keys::names`](crate::Keys::names)): a
+    /// line whose `key` is not one of them is then an error when the limiter is built or
+    /// reloaded (naming the limit and the key), instead of a line that never applies. Not
+    /// given, any key name is accepted.
+    pub fn keys<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.keys = Some(
+            names
+                .into_iter()
+                .map(|n| (Arc::from(n.as_ref()), None))
+                .collect(),
+        );
+        self
+    }
+
+    /// The HTTP status rejected requests are answered with, 400 to 599 (the configuration's
+    /// `status`, nginx's `limit_req_status`; default 429, nginx's default is 503).
+    pub fn status(mut self, status: u16) -> Self {
+        self.config.status = status;
         self
     }
 
@@ -216,6 +251,7 @@ impl<C: Clock> LimiterBuilder<C> {
             capacity_overrides: BTreeMap::new(),
             instances: self.instances,
             states: BTreeMap::new(),
+            keys: self.keys,
         };
         let plan = derive(&mut inputs)?;
         let start = self.clock.now();
@@ -234,6 +270,23 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
     let specs: Vec<LineSpec> = validate(&inputs.config)?;
     if inputs.instances == 0 {
         return Err(ConfigError::new("instances", 0, "must be at least 1"));
+    }
+    if let Some(known) = &inputs.keys {
+        for (i, spec) in specs.iter().enumerate() {
+            let why = match known.get(&spec.key) {
+                Some(None) => continue,
+                Some(Some(why)) => why.to_string(),
+                None => {
+                    let names: Vec<&str> = known.keys().map(|k| &**k).collect();
+                    format!(
+                        "no key function answers this key (it knows: {})",
+                        names.join(", ")
+                    )
+                }
+            };
+            return Err(ConfigError::new(format!("limit[{i}].key"), &spec.key, why)
+                .in_limit(i, &*spec.name));
+        }
     }
     let mut lines = Vec::with_capacity(specs.len());
     let mut states = BTreeMap::new();
@@ -272,6 +325,7 @@ fn derive(inputs: &mut Inputs) -> Result<Plan, ConfigError> {
     Ok(Plan {
         lines,
         dry_run: inputs.config.dry_run,
+        status: inputs.config.status,
         alert_interval_ms: a.interval.as_millis().try_into().unwrap_or(u64::MAX),
         near_capacity: a.near_capacity,
         window_ms: a.window.as_millis().try_into().unwrap_or(u64::MAX),
@@ -369,25 +423,46 @@ impl<C: Clock> Limiter<C> {
     /// order), so concurrent requests are decided exactly as nginx would decide them one after
     /// the other. For a key already tracked this does not allocate.
     pub fn check_with<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
+        match self.try_check_with(|source| Ok::<_, std::convert::Infallible>(key_of(source))) {
+            Ok(decision) => decision,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`check_with`](Self::check_with) with a key function that may fail: its error is
+    /// returned as is, before any line is looked at (nothing is charged).
+    pub fn try_check_with<'k, E>(
+        &self,
+        mut key_of: impl FnMut(&str) -> Result<Key<'k>, E>,
+    ) -> Result<Decision, E> {
         let plan = self.plan.load();
-        match plan.lines.as_slice() {
+        Ok(match plan.lines.as_slice() {
             [] => Decision::Allow,
             // The common case, on a path of its own.
-            [line] => self.check_one(line, key_of(&line.key), &plan),
-            _ => self.check_lines(&plan, key_of),
-        }
+            [line] => self.check_one(line, key_of(&line.key)?, &plan),
+            _ => self.check_lines(&plan, key_of)?,
+        })
+    }
+
+    /// The HTTP status rejections are answered with (the configuration's `status`).
+    pub fn status(&self) -> u16 {
+        self.plan.load().status
     }
 
     /// Several lines: look every one up, then charge them all (rule 11), under all their line
     /// locks at once, so that concurrent requests are decided exactly as in some serial order.
     #[inline(never)]
-    fn check_lines<'k>(&self, plan: &Plan, mut key_of: impl FnMut(&str) -> Key<'k>) -> Decision {
+    fn check_lines<'k, E>(
+        &self,
+        plan: &Plan,
+        mut key_of: impl FnMut(&str) -> Result<Key<'k>, E>,
+    ) -> Result<Decision, E> {
         // Fixed-size tables keep the per-request work off the heap (MAX_LINES is validated).
         let mut ids = [Ident::NONE; MAX_LINES];
         let mut active = [0usize; MAX_LINES];
         let mut m = 0;
         for (i, line) in plan.lines.iter().enumerate().take(MAX_LINES) {
-            let key = key_of(&line.key);
+            let key = key_of(&line.key)?;
             if key.is_skip() {
                 // Rule 10: an empty key skips the line, neither checked nor counted.
                 continue;
@@ -397,7 +472,7 @@ impl<C: Clock> Limiter<C> {
             m += 1;
         }
         if m == 0 {
-            return Decision::Allow;
+            return Ok(Decision::Allow);
         }
         let lines = &plan.lines;
         let zone = |j: usize| &lines[active[j]].state.zone;
@@ -438,11 +513,11 @@ impl<C: Clock> Limiter<C> {
             drop(locked);
             self.rejected(&lines[by], now, plan);
             if plan.dry_run {
-                return Decision::Allow;
+                return Ok(Decision::Allow);
             }
-            return Decision::Reject {
+            return Ok(Decision::Reject {
                 retry_after: Duration::from_millis(wait),
-            };
+            });
         }
 
         // Commit: charge every line at the same `now`, still under all the locks.
@@ -464,11 +539,11 @@ impl<C: Clock> Limiter<C> {
                 self.measure_load(line, now, plan);
             }
         }
-        if hold == 0 || plan.dry_run {
+        Ok(if hold == 0 || plan.dry_run {
             Decision::Allow
         } else {
             Decision::Delay(Duration::from_millis(hold))
-        }
+        })
     }
 
     /// The common case of one line: the same rules under one lock, without the tables.
@@ -636,6 +711,7 @@ impl<C: Clock> Limiter<C> {
             inputs.topology.clone(),
             inputs.capacity_overrides.clone(),
             inputs.instances,
+            inputs.keys.clone(),
         );
         change(&mut inputs);
         match derive(&mut inputs) {
@@ -649,10 +725,31 @@ impl<C: Clock> Limiter<C> {
                     inputs.topology,
                     inputs.capacity_overrides,
                     inputs.instances,
+                    inputs.keys,
                 ) = saved;
                 Err(e)
             }
         }
+    }
+
+    /// The key names the key function answers, as [`LimiterBuilder::keys`] but on a running
+    /// limiter: the lines in force are checked now (on error nothing changes), every reload
+    /// from then on.
+    pub fn set_keys<I, S>(&self, names: I) -> Result<(), ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let known = names
+            .into_iter()
+            .map(|n| (Arc::from(n.as_ref()), None))
+            .collect();
+        self.set_known_keys(known)
+    }
+
+    /// Key names with, for those a line may not use, why.
+    pub(crate) fn set_known_keys(&self, known: KnownKeys) -> Result<(), ConfigError> {
+        self.update(|i| i.keys = Some(known))
     }
 
     /// Replaces the configuration at run time. Limits keep their keys' state by name; a new
