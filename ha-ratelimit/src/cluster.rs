@@ -50,12 +50,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use ha_core::{BoxError, Topology};
+use ha_core::{BoxError, EventBus, Topology, TopologyEvent};
 use metrics::Counter;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use tower_layer::Layer;
@@ -105,6 +105,10 @@ pub struct ClusterLimiter<R = ConnectionManager, C: Clock = DefaultClock> {
     next_try_ms: AtomicU64,
     unavailable: Debounce,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
+    /// How many instances share the cluster-wide lines (the builder's, then `set_instances`):
+    /// a share line's load on this instance is compared with its even part of the share.
+    instances: AtomicU32,
     checks_cluster: Counter,
     checks_fallback: Counter,
     unavailable_error: Counter,
@@ -135,6 +139,7 @@ pub struct ClusterLimiterBuilder<R, C: Clock = DefaultClock> {
     timeout: Duration,
     retry_after: Duration,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
     keys: Option<Vec<String>>,
 }
 
@@ -200,6 +205,7 @@ where
             timeout: Duration::from_millis(50),
             retry_after: Duration::from_secs(1),
             on_alert: None,
+            events: None,
             keys: None,
         }
     }
@@ -238,10 +244,18 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
         self
     }
 
-    /// Called on every emitted (debounced) alert of the cluster limiter and of a derived
-    /// fallback.
+    /// Called on every emitted (debounced) alert of the cluster limiter (the cluster lines'
+    /// `rejected` and `near_capacity`, `cluster_unavailable`) and of a derived fallback.
     pub fn on_alert(mut self, hook: impl Fn(&Alert) + Send + Sync + 'static) -> Self {
         self.on_alert = Some(Arc::new(hook));
+        self
+    }
+
+    /// Publishes the same alerts on ha-core's event bus as
+    /// [`TopologyEvent::RateLimitAlert`] (a fallback
+    /// of your own publishes where its own builder says).
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.events = Some(bus);
         self
     }
 
@@ -270,6 +284,7 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
             timeout: self.timeout,
             retry_after: self.retry_after,
             on_alert: self.on_alert,
+            events: self.events,
             keys: self.keys,
         }
     }
@@ -293,7 +308,11 @@ where
             return Err(ConfigError::new("instances", 0, "must be at least 1"));
         }
         let keys = self.keys.as_deref();
-        let spec = build_spec(&self.config, self.topology.as_ref(), keys)?;
+        let alerts = Sinks {
+            hook: self.on_alert.clone(),
+            events: self.events.clone(),
+        };
+        let spec = build_spec(&self.config, self.topology.as_ref(), keys, &alerts)?;
         let (fallback, derived) = match self.fallback {
             Some(f) => (f, None),
             None => {
@@ -301,7 +320,7 @@ where
                     &self.config,
                     self.topology.as_ref(),
                     self.instances,
-                    self.on_alert.clone(),
+                    &alerts,
                     keys,
                 )?;
                 (
@@ -327,6 +346,8 @@ where
             next_try_ms: AtomicU64::new(0),
             unavailable: Debounce::default(),
             on_alert: self.on_alert,
+            events: self.events,
+            instances: AtomicU32::new(self.instances),
             checks_cluster: metrics::counter!("ha_ratelimit_cluster_checks_total", "prefix" => label.clone(), "source" => "cluster"),
             checks_fallback: metrics::counter!("ha_ratelimit_cluster_checks_total", "prefix" => label.clone(), "source" => "fallback"),
             unavailable_error: metrics::counter!("ha_ratelimit_cluster_unavailable_total", "prefix" => label.clone(), "reason" => "error"),
@@ -343,10 +364,11 @@ fn build_spec(
     config: &RateLimitConfig,
     topology: Option<&Topology>,
     keys: Option<&[String]>,
+    alerts: &Sinks,
 ) -> Result<Limiter, ConfigError> {
     let mut spec = config.clone();
     spec.max_keys = 1;
-    let mut b = Limiter::builder(spec).instances(1);
+    let mut b = alerts.on(Limiter::builder(spec).instances(1));
     if let Some(t) = topology {
         b = b.topology(t);
     }
@@ -373,22 +395,38 @@ fn build_fallback<C: Clock + Default>(
     config: &RateLimitConfig,
     topology: Option<&Topology>,
     instances: u32,
-    on_alert: Option<AlertHook>,
+    alerts: &Sinks,
     keys: Option<&[String]>,
 ) -> Result<Limiter<C>, ConfigError> {
-    let mut b = Limiter::builder(fallback_config(config, instances))
+    let b = Limiter::builder(fallback_config(config, instances))
         .instances(instances)
         .clock(C::default());
+    let mut b = alerts.on(b);
     if let Some(t) = topology {
         b = b.topology(t);
     }
     if let Some(keys) = keys {
         b = b.keys(keys);
     }
-    if let Some(hook) = on_alert {
-        b = b.on_alert(move |a| hook(a));
-    }
     b.build()
+}
+
+/// Where the cluster limiter's alerts go, handed on to the limiters it builds.
+struct Sinks {
+    hook: Option<AlertHook>,
+    events: Option<EventBus>,
+}
+
+impl Sinks {
+    fn on<C: Clock>(&self, mut b: crate::LimiterBuilder<C>) -> crate::LimiterBuilder<C> {
+        if let Some(hook) = self.hook.clone() {
+            b = b.on_alert(move |a| hook(a));
+        }
+        if let Some(bus) = self.events.clone() {
+            b = b.events(bus);
+        }
+        b
+    }
 }
 
 /// A request's keys, copied out of the request before anything is awaited: one per key source
@@ -508,6 +546,7 @@ where
             return Err(e);
         }
         derived.1 = instances;
+        self.instances.store(instances, Ordering::Relaxed);
         Ok(())
     }
 
@@ -630,6 +669,11 @@ where
         };
         let decision = match reply.as_slice() {
             [1, hold] => {
+                // Share lines measure their load as local lines do (near_capacity).
+                let instances = self.instances.load(Ordering::Relaxed);
+                for &i in &active {
+                    self.spec.note_admitted(&plan.lines[i], plan, instances);
+                }
                 let hold = u64::try_from(*hold).unwrap_or(0);
                 if hold == 0 || plan.dry_run {
                     Decision::Allow
@@ -692,6 +736,14 @@ where
                 "cluster rate limit: Redis unavailable, the local fallback decides"
             );
             self.alerts_total.increment(1);
+            if let Some(bus) = &self.events {
+                bus.publish(TopologyEvent::rate_limit_alert(
+                    self.prefix.clone(),
+                    AlertKind::ClusterUnavailable.as_str(),
+                    suppressed,
+                    format!("Redis unavailable ({why}): the local fallback decides"),
+                ));
+            }
             if let Some(hook) = &self.on_alert {
                 hook(&Alert {
                     limit: self.prefix.clone(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::clock::{Clock, Reference};
-use ha_core::Topology;
+use ha_core::{EventBus, Topology, TopologyEvent};
 use metrics::{Counter, Gauge};
 
 use crate::alert::{Alert, AlertHook, AlertKind, Debounce, LoadWindow};
@@ -143,6 +143,7 @@ pub struct Limiter<C: Clock = DefaultClock> {
     clock: C,
     start: C::Instant,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
 }
 
 impl<C: Clock> std::fmt::Debug for Limiter<C> {
@@ -165,6 +166,7 @@ pub struct LimiterBuilder<C: Clock = DefaultClock> {
     instances: u32,
     clock: C,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
     keys: Option<KnownKeys>,
 }
 
@@ -179,6 +181,7 @@ impl Limiter<DefaultClock> {
             instances: 1,
             clock: DefaultClock::default(),
             on_alert: None,
+            events: None,
             keys: None,
         }
     }
@@ -206,6 +209,7 @@ impl<C: Clock> LimiterBuilder<C> {
             instances: self.instances,
             clock,
             on_alert: self.on_alert,
+            events: self.events,
             keys: self.keys,
         }
     }
@@ -213,6 +217,14 @@ impl<C: Clock> LimiterBuilder<C> {
     /// Called on every emitted (debounced) alert, besides the log line and the metric.
     pub fn on_alert(mut self, hook: impl Fn(&Alert) + Send + Sync + 'static) -> Self {
         self.on_alert = Some(Arc::new(hook));
+        self
+    }
+
+    /// Publishes every emitted (debounced) alert on ha-core's event bus as
+    /// [`TopologyEvent::RateLimitAlert`] (limit, kind, suppressed count and a readable detail),
+    /// besides the log line, the metric and the [`on_alert`](Self::on_alert) hook.
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.events = Some(bus);
         self
     }
 
@@ -261,6 +273,7 @@ impl<C: Clock> LimiterBuilder<C> {
             clock: self.clock,
             start,
             on_alert: self.on_alert,
+            events: self.events,
         })
     }
 }
@@ -587,16 +600,23 @@ impl<C: Clock> Limiter<C> {
     fn rejected(&self, line: &Line, now: u64, plan: &Plan) {
         line.state.rejected_total.increment(1);
         if let Some(suppressed) = line.state.rejected_alert.fire(now, plan.alert_interval_ms) {
+            let rate = Rate::from_milli_per_sec(line.params.rate_m)
+                .map(|r| r.to_string())
+                .unwrap_or_default();
+            let burst = line.params.burst_m / 1000;
             tracing::warn!(
                 limit = &*line.name,
                 kind = "rejected",
                 suppressed,
-                rate = %Rate::from_milli_per_sec(line.params.rate_m).map(|r| r.to_string()).unwrap_or_default(),
-                burst = line.params.burst_m / 1000,
+                rate = %rate,
+                burst,
                 dry_run = plan.dry_run,
                 "rate limit rejecting requests"
             );
-            self.emit(line, AlertKind::Rejected, suppressed, None);
+            self.emit(line, AlertKind::Rejected, suppressed, None, || {
+                let dry = if plan.dry_run { " (dry run)" } else { "" };
+                format!("rejecting requests at rate {rate} burst {burst}{dry}")
+            });
         }
     }
 
@@ -612,29 +632,45 @@ impl<C: Clock> Limiter<C> {
         if ev.forced > 0 {
             line.state.evicted_forced.increment(ev.forced as u64);
             if let Some(suppressed) = line.state.evicted_alert.fire(now, plan.alert_interval_ms) {
+                let tracked = line.state.zone.len();
                 tracing::warn!(
                     limit = &*line.name,
                     kind = "keys_evicted",
                     suppressed,
-                    tracked = line.state.zone.len(),
+                    tracked,
                     "rate limit key table full: dropping the least recently seen keys"
                 );
-                self.emit(line, AlertKind::KeysEvicted, suppressed, None);
+                self.emit(line, AlertKind::KeysEvicted, suppressed, None, || {
+                    format!(
+                        "key table full ({tracked} keys tracked): dropping the least recently \
+                         seen keys by force"
+                    )
+                });
             }
         }
     }
 
     fn measure_load(&self, line: &Line, now: u64, plan: &Plan) {
+        self.measure_load_of(line, now, plan, 1);
+    }
+
+    /// Counts an admitted request of a share line and alerts when the line's load over the
+    /// window reaches `near_capacity` of its rate. `divide` is how many instances the line's
+    /// rate is for: 1 for a local line (its rate is already this instance's part of the
+    /// share), the instance count for a cluster line (its rate is the IDC's whole share), so
+    /// both compare this instance's load with its even part of the share.
+    pub(crate) fn measure_load_of(&self, line: &Line, now: u64, plan: &Plan, divide: u32) {
         let Some(share) = &line.share else { return };
         let Some(measured) = line.state.load.record(now, plan.window_ms) else {
             return;
         };
-        let limit = line.params.rate_m as f64 / 1000.0;
+        let divide = divide.max(1);
+        let limit = line.params.rate_m as f64 / 1000.0 / f64::from(divide);
         if measured < plan.near_capacity * limit {
             return;
         }
         if let Some(suppressed) = line.state.near_alert.fire(now, plan.alert_interval_ms) {
-            let instances = f64::from(share.instances);
+            let instances = f64::from(share.instances.max(1)) * f64::from(divide);
             tracing::warn!(
                 limit = &*line.name,
                 kind = "near_capacity",
@@ -652,6 +688,16 @@ impl<C: Clock> Limiter<C> {
                 AlertKind::NearCapacity,
                 suppressed,
                 Some((share.idc.clone(), measured, limit)),
+                || {
+                    format!(
+                        "idc {}: {measured:.1} r/s of {limit:.1} r/s on this instance \
+                         ({:.1} of {:.1} r/s for the IDC share), over {} of it",
+                        share.idc,
+                        measured * instances,
+                        limit * instances,
+                        plan.near_capacity
+                    )
+                },
             );
         }
     }
@@ -662,6 +708,7 @@ impl<C: Clock> Limiter<C> {
         kind: AlertKind,
         suppressed: u64,
         load: Option<(Arc<str>, f64, f64)>,
+        detail: impl FnOnce() -> String,
     ) {
         let i = match kind {
             AlertKind::Rejected => Some(0),
@@ -672,6 +719,14 @@ impl<C: Clock> Limiter<C> {
         };
         if let Some(i) = i {
             line.state.alerts_total[i].increment(1);
+        }
+        if let Some(bus) = &self.events {
+            bus.publish(TopologyEvent::rate_limit_alert(
+                line.name.clone(),
+                kind.as_str(),
+                suppressed,
+                detail(),
+            ));
         }
         if let Some(hook) = &self.on_alert {
             hook(&Alert {
@@ -700,6 +755,15 @@ impl<C: Clock> Limiter<C> {
     #[cfg(feature = "redis")]
     pub(crate) fn note_rejected(&self, line: &Line, plan: &Plan) {
         self.rejected(line, self.now_ms(), plan);
+    }
+
+    /// Counts a request admitted by `line` elsewhere (in Redis) towards its share's load,
+    /// `instances` sharing the line's rate.
+    #[cfg(feature = "redis")]
+    pub(crate) fn note_admitted(&self, line: &Line, plan: &Plan, instances: u32) {
+        if line.share.is_some() {
+            self.measure_load_of(line, self.now_ms(), plan, instances);
+        }
     }
 
     // --- reload ---

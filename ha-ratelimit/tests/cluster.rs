@@ -12,7 +12,7 @@ use ha_core::HaError;
 use ha_lab::process::{ServerSpec, Supervisor};
 use ha_ratelimit::cluster::redis::aio::ConnectionManager;
 use ha_ratelimit::cluster::{ClusterLimiter, ClusterLimiterBuilder, ClusterRateLimitLayer, Source};
-use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig};
+use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig, Share};
 use tokio::time::{Instant, timeout};
 use tower::{Service, ServiceExt};
 
@@ -443,4 +443,93 @@ async fn reload_and_instances_rederive_the_fallback() {
         .unwrap();
     let err = l.set_instances(3).unwrap_err();
     assert!(err.to_string().contains("fallback"), "{err}");
+}
+
+fn topology(capacity_rps: u32) -> ha_core::Topology {
+    ha_core::Topology::from_toml_str(
+        &format!(
+            r#"
+local_idc = "bj-a"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53:15353"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+capacity_rps = {capacity_rps}
+[dependencies.profile]
+static_addrs = ["127.0.1.11:8080"]
+"#
+        ),
+        "t.toml",
+    )
+    .unwrap()
+}
+
+/// A share line decided in Redis raises `near_capacity` like a local one (this instance's load
+/// against its even part of the IDC's share), and every alert of the cluster limiter reaches
+/// both the hook and ha-core's event bus.
+#[tokio::test]
+async fn cluster_share_lines_alert_near_capacity_on_the_hook_and_the_bus() {
+    let redis = Redis::start(42, 16412).await;
+    let bus = ha_core::EventBus::new(256);
+    let mut rx = bus.subscribe();
+    let alerts = Arc::new(parking_lot::Mutex::new(Vec::<Alert>::new()));
+    let seen = alerts.clone();
+    // The IDC's share is 8 r/s, two instances: 4 r/s each; a burst that admits everything
+    // this test sends, and a short window so that it measures soon.
+    let share = Share {
+        idc: "bj-a".into(),
+        fraction: 0.8,
+    };
+    let mut cfg = one_line(
+        LimitConfig::share("route", "route", share)
+            .burst(1_000_000)
+            .nodelay(),
+    );
+    cfg.alerts.window = Duration::from_millis(20);
+    let l = redis
+        .builder(cfg, "t12:")
+        .topology(&topology(10))
+        .instances(2)
+        .events(bus.clone())
+        .on_alert(move |a| seen.lock().push(a.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(l.rate("route"), Some(Rate::per_second(8)));
+    // Requests as fast as Redis answers them (thousands a second, far over 0.8 x 4 r/s): the
+    // alert comes with the first full window. The bound is a count, not a time.
+    let mut sent = 0;
+    while alerts.lock().is_empty() && sent < 200_000 {
+        let (d, src) = l.check_with_source(|_| Key::str("/members")).await;
+        assert_eq!((d, src), (Decision::Allow, Source::Cluster));
+        sent += 1;
+    }
+    let got = alerts.lock().clone();
+    assert_eq!(got.len(), 1, "after {sent} requests: {got:?}");
+    assert_eq!(got[0].kind, AlertKind::NearCapacity);
+    assert_eq!(&*got[0].limit, "route");
+    let (idc, measured, limit) = got[0].load.clone().unwrap();
+    assert_eq!((&*idc, limit), ("bj-a", 4.0));
+    assert!(measured >= 0.8 * 4.0, "{measured}");
+    let event = rx.try_recv().unwrap();
+    let ha_core::TopologyEvent::RateLimitAlert { limit, kind, .. } = event else {
+        panic!("{event:?}")
+    };
+    assert_eq!((&*limit, kind), ("route", "near_capacity"));
+
+    // Redis going away is an alert on the bus too.
+    redis.sup.kill("redis").await.unwrap();
+    assert_eq!(
+        l.check_with_source(|_| Key::str("/members")).await.1,
+        Source::Fallback
+    );
+    let kinds: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok())
+        .filter_map(|e| match e {
+            ha_core::TopologyEvent::RateLimitAlert { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert!(kinds.contains(&"cluster_unavailable"), "{kinds:?}");
 }
