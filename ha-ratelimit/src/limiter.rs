@@ -44,6 +44,40 @@ impl Decision {
     }
 }
 
+/// A decision packed in one word (the kind in the top two bits, whole ms below), the way the
+/// check returns it internally: a `Decision` (24 bytes) returned through the plan cache's
+/// closures by memory and copied with wider loads than its fields were stored with stalled
+/// store forwarding, ~8 ns of a ~35 ns check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Verdict(u64);
+
+impl Verdict {
+    const DELAY: u64 = 1 << 62;
+    const REJECT: u64 = 2 << 62;
+    const MS: u64 = (1 << 62) - 1;
+    pub(crate) const ALLOW: Verdict = Verdict(0);
+
+    #[inline]
+    fn delay(ms: u64) -> Verdict {
+        Verdict(Self::DELAY | ms.min(Self::MS))
+    }
+
+    #[inline]
+    fn reject(ms: u64) -> Verdict {
+        Verdict(Self::REJECT | ms.min(Self::MS))
+    }
+
+    #[inline]
+    pub(crate) fn decision(self) -> Decision {
+        let ms = Duration::from_millis(self.0 & Self::MS);
+        match self.0 & !Self::MS {
+            Self::DELAY => Decision::Delay(ms),
+            Self::REJECT => Decision::Reject { retry_after: ms },
+            _ => Decision::Allow,
+        }
+    }
+}
+
 // === state kept across reloads ===
 
 /// Everything of one limit that survives a reload: its keys, alert debouncers, metrics.
@@ -495,12 +529,13 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<Decision, E> {
         self.with_plan(|plan| {
             Ok(match plan.lines.as_slice() {
-                [] => Decision::Allow,
+                [] => Verdict::ALLOW,
                 // The common case, on a path of its own.
                 [line] => self.check_one(line, key_of(&line.key)?, plan),
                 _ => self.check_lines(plan, key_of)?,
             })
         })
+        .map(Verdict::decision)
     }
 
     /// Runs `f` on the plan in force, from this thread's plan cache while the limiter's
@@ -576,7 +611,7 @@ impl<C: Clock> Limiter<C> {
         &self,
         plan: &Plan,
         mut key_of: impl FnMut(&str) -> Result<Key<'k>, E>,
-    ) -> Result<Decision, E> {
+    ) -> Result<Verdict, E> {
         // Fixed-size tables keep the per-request work off the heap (MAX_LINES is validated).
         let mut ids = [Ident::NONE; MAX_LINES];
         let mut active = [0usize; MAX_LINES];
@@ -592,7 +627,7 @@ impl<C: Clock> Limiter<C> {
             m += 1;
         }
         if m == 0 {
-            return Ok(Decision::Allow);
+            return Ok(Verdict::ALLOW);
         }
         let lines = &plan.lines;
         let zone = |j: usize| &lines[active[j]].state.zone;
@@ -633,11 +668,9 @@ impl<C: Clock> Limiter<C> {
             drop(locked);
             self.rejected(&lines[by], now, plan);
             if plan.dry_run {
-                return Ok(Decision::Allow);
+                return Ok(Verdict::ALLOW);
             }
-            return Ok(Decision::Reject {
-                retry_after: Duration::from_millis(wait),
-            });
+            return Ok(Verdict::reject(wait));
         }
 
         // Commit: charge every line at the same `now`, still under all the locks.
@@ -660,17 +693,20 @@ impl<C: Clock> Limiter<C> {
             }
         }
         Ok(if hold == 0 || plan.dry_run {
-            Decision::Allow
+            Verdict::ALLOW
         } else {
-            Decision::Delay(Duration::from_millis(hold))
+            Verdict::delay(hold)
         })
     }
 
     /// The common case of one line: the same rules under one lock, without the tables.
-    #[inline]
-    fn check_one(&self, line: &Line, key: Key<'_>, plan: &Plan) -> Decision {
+    /// Inlined into the check so that the key is read where it was built, with the loads of
+    /// its words (a key copied through the stack with one 16-byte load just after it was
+    /// written with two 8-byte stores stalls store forwarding, ~4 ns).
+    #[inline(always)]
+    fn check_one(&self, line: &Line, key: Key<'_>, plan: &Plan) -> Verdict {
         if key.is_skip() {
-            return Decision::Allow;
+            return Verdict::ALLOW;
         }
         let id = line.state.zone.ident(&key.probe());
         let now = self.now_ms();
@@ -685,19 +721,17 @@ impl<C: Clock> Limiter<C> {
                 }
                 let hold = line.params.hold_ms(excess);
                 if hold == 0 || plan.dry_run {
-                    Decision::Allow
+                    Verdict::ALLOW
                 } else {
-                    Decision::Delay(Duration::from_millis(hold))
+                    Verdict::delay(hold)
                 }
             }
             Look::Reject { wait_ms } => {
                 self.rejected(line, now, plan);
                 if plan.dry_run {
-                    Decision::Allow
+                    Verdict::ALLOW
                 } else {
-                    Decision::Reject {
-                        retry_after: Duration::from_millis(wait_ms),
-                    }
+                    Verdict::reject(wait_ms)
                 }
             }
         }
