@@ -54,7 +54,7 @@ pub struct RateLimitConfig {
     /// at most [`MAX_KEYS`]. Like an nginx zone, each limit's table is allocated when the limit
     /// is built: a 64-byte line of three keys per 1.5 keys of the cap (rounded up to 1/8 of an
     /// octave: 4.7 MB at the default), plus 32 bytes for each key that overflows a full line
-    /// (about 6% of them at the cap). Keys are kept as a fixed-size hash, so this bound holds in
+    /// (about 5% of them at the cap). Keys are kept as a fixed-size hash, so this bound holds in
     /// bytes whatever the keys' length.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,

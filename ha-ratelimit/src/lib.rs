@@ -14,7 +14,7 @@
 //!   answer in time, and its tower layer.
 //!
 //! A limit's keys live three to a 64-byte cache line (lock, key hashes and state together, 20
-//! bytes a key), allocated when the limit is built like an nginx zone: about 43 bytes per key of
+//! bytes a key), allocated when the limit is built like an nginx zone: about 47 bytes per key of
 //! `max_keys`, whatever the keys' length. A request's lines are checked and charged under all
 //! their locks at once, so concurrent requests get exactly what serial nginx gives. See the
 //! README for the layout and the measured figures.

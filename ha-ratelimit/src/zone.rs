@@ -25,8 +25,8 @@
 //! follow and nothing to allocate. Keys of a full line go to a small overflow store (a few
 //! arrays shared by neighbouring lines, each behind its own lock, only looked at when the line
 //! says it has keys there). The table has about two lines per three keys of the cap (rounded up
-//! to 1/8 of an octave), so at the cap a line holds 1.5 keys on average and about 6% of the keys
-//! are in the overflow store; 43 bytes per key of the cap (4.7 MB at the default 100 000).
+//! to 1/8 of an octave), so at the cap a line holds about 1.4 keys on average and about 5% of the
+//! keys are in the overflow store; 47 bytes per key of the cap (4.7 MB at the default 100 000).
 //!
 //! # Identity
 //!

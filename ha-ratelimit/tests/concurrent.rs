@@ -35,7 +35,7 @@ impl Lockstep {
         let mut spins = 0u32;
         while self.round.load(Ordering::Acquire) == round {
             spins += 1;
-            if spins < 20_000 {
+            if spins < 2_000 {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -90,21 +90,21 @@ fn lockstep(lines: Vec<LimitConfig>, per_thread: usize) -> Vec<Vec<Decision>> {
 #[test]
 fn two_threads_never_pass_more_than_serial_nginx() {
     let _one = ONE_AT_A_TIME.lock();
-    // A per-key line with burst 2 and a server-wide line that never rejects here: 4 requests per
+    // A per-key line with burst 2 and a server-wide line that never rejects here: 6 requests per
     // key on a frozen clock, of which serial nginx admits exactly 1 + 2 (either line order).
     for per_key_first in [true, false] {
         let per_key = LimitConfig::new("per_key", "member", Rate::per_second(1))
             .burst(2)
             .nodelay();
         let server = LimitConfig::new("server", "server", Rate::per_second(1))
-            .burst(4 * KEYS)
+            .burst(6 * KEYS)
             .nodelay();
         let lines = if per_key_first {
             vec![per_key, server]
         } else {
             vec![server, per_key]
         };
-        let got = lockstep(lines, 2);
+        let got = lockstep(lines, 3);
         let wrong: Vec<(usize, usize)> = got
             .iter()
             .map(|d| d.iter().filter(|d| d.is_admitted()).count())
