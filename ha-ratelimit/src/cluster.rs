@@ -50,12 +50,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use ha_core::{BoxError, HaError, Topology};
+use ha_core::{BoxError, EventBus, Topology, TopologyEvent};
 use metrics::Counter;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use tower_layer::Layer;
@@ -67,7 +67,7 @@ use crate::alert::{Alert, AlertHook, AlertKind, Debounce};
 use crate::clock::DefaultClock;
 use crate::config::{ConfigError, RateLimitConfig};
 use crate::key::Key;
-use crate::layer::KeyFn;
+use crate::layer::{KeyFn, Rejected};
 use crate::limiter::{Decision, Limiter, Plan};
 use crate::rate::Rate;
 
@@ -105,6 +105,10 @@ pub struct ClusterLimiter<R = ConnectionManager, C: Clock = DefaultClock> {
     next_try_ms: AtomicU64,
     unavailable: Debounce,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
+    /// How many instances share the cluster-wide lines (the builder's, then `set_instances`):
+    /// a share line's load on this instance is compared with its even part of the share.
+    instances: AtomicU32,
     checks_cluster: Counter,
     checks_fallback: Counter,
     unavailable_error: Counter,
@@ -135,6 +139,8 @@ pub struct ClusterLimiterBuilder<R, C: Clock = DefaultClock> {
     timeout: Duration,
     retry_after: Duration,
     on_alert: Option<AlertHook>,
+    events: Option<EventBus>,
+    keys: Option<Vec<String>>,
 }
 
 impl<R, C: Clock> std::fmt::Debug for ClusterLimiterBuilder<R, C> {
@@ -199,6 +205,8 @@ where
             timeout: Duration::from_millis(50),
             retry_after: Duration::from_secs(1),
             on_alert: None,
+            events: None,
+            keys: None,
         }
     }
 }
@@ -236,10 +244,30 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
         self
     }
 
-    /// Called on every emitted (debounced) alert of the cluster limiter and of a derived
-    /// fallback.
+    /// Called on every emitted (debounced) alert of the cluster limiter (the cluster lines'
+    /// `rejected` and `near_capacity`, `cluster_unavailable`) and of a derived fallback.
     pub fn on_alert(mut self, hook: impl Fn(&Alert) + Send + Sync + 'static) -> Self {
         self.on_alert = Some(Arc::new(hook));
+        self
+    }
+
+    /// Publishes the same alerts on ha-core's event bus as
+    /// [`TopologyEvent::RateLimitAlert`] (a fallback
+    /// of your own publishes where its own builder says).
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.events = Some(bus);
+        self
+    }
+
+    /// The key names the key function answers (as [`LimiterBuilder::keys`](crate::LimiterBuilder::keys)):
+    /// a cluster or derived fallback line whose `key` is not one of them is an error at build
+    /// and reload, naming the limit and the key.
+    pub fn keys<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.keys = Some(names.into_iter().map(|n| n.as_ref().to_string()).collect());
         self
     }
 
@@ -256,6 +284,8 @@ impl<R, C: Clock> ClusterLimiterBuilder<R, C> {
             timeout: self.timeout,
             retry_after: self.retry_after,
             on_alert: self.on_alert,
+            events: self.events,
+            keys: self.keys,
         }
     }
 }
@@ -277,7 +307,12 @@ where
         if self.instances == 0 {
             return Err(ConfigError::new("instances", 0, "must be at least 1"));
         }
-        let spec = build_spec(&self.config, self.topology.as_ref())?;
+        let keys = self.keys.as_deref();
+        let alerts = Sinks {
+            hook: self.on_alert.clone(),
+            events: self.events.clone(),
+        };
+        let spec = build_spec(&self.config, self.topology.as_ref(), keys, &alerts)?;
         let (fallback, derived) = match self.fallback {
             Some(f) => (f, None),
             None => {
@@ -285,7 +320,8 @@ where
                     &self.config,
                     self.topology.as_ref(),
                     self.instances,
-                    self.on_alert.clone(),
+                    &alerts,
+                    keys,
                 )?;
                 (
                     Arc::new(f),
@@ -310,6 +346,8 @@ where
             next_try_ms: AtomicU64::new(0),
             unavailable: Debounce::default(),
             on_alert: self.on_alert,
+            events: self.events,
+            instances: AtomicU32::new(self.instances),
             checks_cluster: metrics::counter!("ha_ratelimit_cluster_checks_total", "prefix" => label.clone(), "source" => "cluster"),
             checks_fallback: metrics::counter!("ha_ratelimit_cluster_checks_total", "prefix" => label.clone(), "source" => "fallback"),
             unavailable_error: metrics::counter!("ha_ratelimit_cluster_unavailable_total", "prefix" => label.clone(), "reason" => "error"),
@@ -325,12 +363,17 @@ where
 fn build_spec(
     config: &RateLimitConfig,
     topology: Option<&Topology>,
+    keys: Option<&[String]>,
+    alerts: &Sinks,
 ) -> Result<Limiter, ConfigError> {
     let mut spec = config.clone();
     spec.max_keys = 1;
-    let mut b = Limiter::builder(spec).instances(1);
+    let mut b = alerts.on(Limiter::builder(spec).instances(1));
     if let Some(t) = topology {
         b = b.topology(t);
+    }
+    if let Some(keys) = keys {
+        b = b.keys(keys);
     }
     b.build()
 }
@@ -352,18 +395,38 @@ fn build_fallback<C: Clock + Default>(
     config: &RateLimitConfig,
     topology: Option<&Topology>,
     instances: u32,
-    on_alert: Option<AlertHook>,
+    alerts: &Sinks,
+    keys: Option<&[String]>,
 ) -> Result<Limiter<C>, ConfigError> {
-    let mut b = Limiter::builder(fallback_config(config, instances))
+    let b = Limiter::builder(fallback_config(config, instances))
         .instances(instances)
         .clock(C::default());
+    let mut b = alerts.on(b);
     if let Some(t) = topology {
         b = b.topology(t);
     }
-    if let Some(hook) = on_alert {
-        b = b.on_alert(move |a| hook(a));
+    if let Some(keys) = keys {
+        b = b.keys(keys);
     }
     b.build()
+}
+
+/// Where the cluster limiter's alerts go, handed on to the limiters it builds.
+struct Sinks {
+    hook: Option<AlertHook>,
+    events: Option<EventBus>,
+}
+
+impl Sinks {
+    fn on<C: Clock>(&self, mut b: crate::LimiterBuilder<C>) -> crate::LimiterBuilder<C> {
+        if let Some(hook) = self.hook.clone() {
+            b = b.on_alert(move |a| hook(a));
+        }
+        if let Some(bus) = self.events.clone() {
+            b = b.events(bus);
+        }
+        b
+    }
 }
 
 /// A request's keys, copied out of the request before anything is awaited: one per key source
@@ -483,10 +546,22 @@ where
             return Err(e);
         }
         derived.1 = instances;
+        self.instances.store(instances, Ordering::Relaxed);
         Ok(())
     }
 
     pub(crate) fn prepare<'k>(&self, mut key_of: impl FnMut(&str) -> Key<'k>) -> Prepared {
+        match self.try_prepare(|source| Ok::<_, std::convert::Infallible>(key_of(source))) {
+            Ok(prepared) => prepared,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`prepare`](Self::prepare) with a key function that may fail.
+    pub(crate) fn try_prepare<'k, E>(
+        &self,
+        mut key_of: impl FnMut(&str) -> Result<Key<'k>, E>,
+    ) -> Result<Prepared, E> {
         let plan = self.spec.plan();
         let fallback = self.fallback.plan();
         let mut keys: Vec<(Arc<str>, Vec<u8>)> = Vec::with_capacity(plan.lines.len());
@@ -494,10 +569,16 @@ where
             if keys.iter().any(|(s, _)| *s == line.key) {
                 continue;
             }
-            let key = key_of(&line.key);
+            let key = key_of(&line.key)?;
             keys.push((line.key.clone(), key.as_bytes().to_vec()));
         }
-        Prepared { plan, keys }
+        Ok(Prepared { plan, keys })
+    }
+
+    /// The HTTP status the cluster-wide lines' rejections are answered with (the
+    /// configuration's `status`).
+    pub fn status(&self) -> u16 {
+        self.spec.status()
     }
 
     fn now_ms(&self) -> u64 {
@@ -588,6 +669,11 @@ where
         };
         let decision = match reply.as_slice() {
             [1, hold] => {
+                // Share lines measure their load as local lines do (near_capacity).
+                let instances = self.instances.load(Ordering::Relaxed);
+                for &i in &active {
+                    self.spec.note_admitted(&plan.lines[i], plan, instances);
+                }
                 let hold = u64::try_from(*hold).unwrap_or(0);
                 if hold == 0 || plan.dry_run {
                     Decision::Allow
@@ -650,6 +736,14 @@ where
                 "cluster rate limit: Redis unavailable, the local fallback decides"
             );
             self.alerts_total.increment(1);
+            if let Some(bus) = &self.events {
+                bus.publish(TopologyEvent::rate_limit_alert(
+                    self.prefix.clone(),
+                    AlertKind::ClusterUnavailable.as_str(),
+                    suppressed,
+                    format!("Redis unavailable ({why}): the local fallback decides"),
+                ));
+            }
             if let Some(hook) = &self.on_alert {
                 hook(&Alert {
                     limit: self.prefix.clone(),
@@ -741,7 +835,13 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         // The keys are copied out of the request now, so nothing borrows it across the await.
         let keys = &self.keys;
-        let prepared = self.limiter.prepare(|source| keys.key(source, &req));
+        let prepared = match self
+            .limiter
+            .try_prepare(|source| keys.try_key(source, &req))
+        {
+            Ok(prepared) => prepared,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
         let limiter = self.limiter.clone();
         // The instance that was polled ready goes into the future; a clone takes its place.
         let clone = self.inner.clone();
@@ -754,7 +854,7 @@ where
                     ready.call(req).await.map_err(Into::into)
                 }
                 Decision::Reject { retry_after } => {
-                    Err(HaError::RateLimited { retry_after }.into())
+                    Err(Rejected::new(retry_after, limiter.status()).into())
                 }
             }
         })

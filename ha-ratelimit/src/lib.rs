@@ -13,9 +13,11 @@
 //!   script, Redis's clock), with the local limiter as the fallback whenever Redis does not
 //!   answer in time, and its tower layer.
 //!
-//! A limit's keys live one per 64-byte cache line (lock, key and state together), allocated when
-//! the limit is built like an nginx zone: 64 bytes per key of `max_keys`. See the README for the
-//! layout and the measured figures.
+//! A limit's keys live three to a 64-byte cache line (lock, key hashes and state together, 20
+//! bytes a key), allocated when the limit is built like an nginx zone: about 47 bytes per key of
+//! `max_keys`, whatever the keys' length. A request's lines are checked and charged under all
+//! their locks at once, so concurrent requests get exactly what serial nginx gives. See the
+//! README for the layout and the measured figures.
 //!
 //! ```
 //! use ha_ratelimit::{Decision, Key, Limiter, RateLimitConfig};
@@ -45,6 +47,7 @@ mod alert;
 mod clock;
 pub mod config;
 mod key;
+mod keys;
 pub mod layer;
 mod limiter;
 mod rate;
@@ -59,7 +62,8 @@ pub use alert::{Alert, AlertHook, AlertKind};
 pub use clock::{DefaultClock, TokioClock};
 pub use config::{AlertConfig, ConfigError, LimitConfig, RateLimitConfig, Share};
 pub use key::{Key, MAX_KEY_LEN};
-pub use layer::{KeyFn, RateLimit, RateLimitLayer};
+pub use keys::{KeyError, Keys, key_fn};
+pub use layer::{KeyFn, RateLimit, RateLimitLayer, Rejected};
 pub use limiter::{Decision, Limiter, LimiterBuilder, share_rate};
 pub use rate::{Rate, RateParseError};
 

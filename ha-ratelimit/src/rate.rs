@@ -23,6 +23,10 @@ pub struct Rate {
 
 impl Rate {
     /// `n` requests per second (`nr/s`).
+    ///
+    /// `per_second(0)` is a value of the type, but not a valid limit: validating, building or
+    /// reloading a configuration with it is a [`ConfigError`](crate::ConfigError) naming the
+    /// limit (`limit[i].rate`), never a panic in a check.
     pub const fn per_second(n: u64) -> Rate {
         Rate {
             milli_per_sec: n.saturating_mul(1000),
@@ -30,6 +34,8 @@ impl Rate {
     }
 
     /// `n` requests per minute (`nr/m`), truncated to whole milli-requests per second like nginx.
+    ///
+    /// `per_minute(0)` is refused like [`Rate::per_second(0)`](Rate::per_second).
     pub const fn per_minute(n: u64) -> Rate {
         Rate {
             milli_per_sec: n.saturating_mul(1000) / 60,

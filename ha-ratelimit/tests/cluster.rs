@@ -12,7 +12,7 @@ use ha_core::HaError;
 use ha_lab::process::{ServerSpec, Supervisor};
 use ha_ratelimit::cluster::redis::aio::ConnectionManager;
 use ha_ratelimit::cluster::{ClusterLimiter, ClusterLimiterBuilder, ClusterRateLimitLayer, Source};
-use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig};
+use ha_ratelimit::{Alert, AlertKind, Decision, Key, LimitConfig, Rate, RateLimitConfig, Share};
 use tokio::time::{Instant, timeout};
 use tower::{Service, ServiceExt};
 
@@ -79,7 +79,10 @@ fn slow(name: &str, key: &str) -> LimitConfig {
     LimitConfig::new(name, key, Rate::per_minute(1))
 }
 
-async fn check(l: &ClusterLimiter, key: u64) -> (Decision, Source) {
+async fn check<R>(l: &ClusterLimiter<R>, key: u64) -> (Decision, Source)
+where
+    R: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     l.check_with_source(|_| Key::u64(key)).await
 }
 
@@ -443,4 +446,281 @@ async fn reload_and_instances_rederive_the_fallback() {
         .unwrap();
     let err = l.set_instances(3).unwrap_err();
     assert!(err.to_string().contains("fallback"), "{err}");
+}
+
+fn topology(capacity_rps: u32) -> ha_core::Topology {
+    ha_core::Topology::from_toml_str(
+        &format!(
+            r#"
+local_idc = "bj-a"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53:15353"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+capacity_rps = {capacity_rps}
+[dependencies.profile]
+static_addrs = ["127.0.1.11:8080"]
+"#
+        ),
+        "t.toml",
+    )
+    .unwrap()
+}
+
+/// A share line decided in Redis raises `near_capacity` like a local one (this instance's load
+/// against its even part of the IDC's share), and every alert of the cluster limiter reaches
+/// both the hook and ha-core's event bus.
+#[tokio::test]
+async fn cluster_share_lines_alert_near_capacity_on_the_hook_and_the_bus() {
+    let redis = Redis::start(42, 16412).await;
+    let bus = ha_core::EventBus::new(256);
+    let mut rx = bus.subscribe();
+    let alerts = Arc::new(parking_lot::Mutex::new(Vec::<Alert>::new()));
+    let seen = alerts.clone();
+    // The IDC's share is 8 r/s, two instances: 4 r/s each; a burst that admits everything
+    // this test sends, and a short window so that it measures soon.
+    let share = Share {
+        idc: "bj-a".into(),
+        fraction: 0.8,
+    };
+    let mut cfg = one_line(
+        LimitConfig::share("route", "route", share)
+            .burst(1_000_000)
+            .nodelay(),
+    );
+    cfg.alerts.window = Duration::from_millis(20);
+    let l = redis
+        .builder(cfg, "t12:")
+        .topology(&topology(10))
+        .instances(2)
+        .events(bus.clone())
+        .on_alert(move |a| seen.lock().push(a.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(l.rate("route"), Some(Rate::per_second(8)));
+    // Requests as fast as Redis answers them (thousands a second, far over 0.8 x 4 r/s): the
+    // alert comes with the first full window. The bound is a count, not a time.
+    let mut sent = 0;
+    while alerts.lock().is_empty() && sent < 200_000 {
+        let (d, src) = l.check_with_source(|_| Key::str("/members")).await;
+        assert_eq!((d, src), (Decision::Allow, Source::Cluster));
+        sent += 1;
+    }
+    let got = alerts.lock().clone();
+    assert_eq!(got.len(), 1, "after {sent} requests: {got:?}");
+    assert_eq!(got[0].kind, AlertKind::NearCapacity);
+    assert_eq!(&*got[0].limit, "route");
+    let (idc, measured, limit) = got[0].load.clone().unwrap();
+    assert_eq!((&*idc, limit), ("bj-a", 4.0));
+    assert!(measured >= 0.8 * 4.0, "{measured}");
+    let event = rx.try_recv().unwrap();
+    let ha_core::TopologyEvent::RateLimitAlert { limit, kind, .. } = event else {
+        panic!("{event:?}")
+    };
+    assert_eq!((&*limit, kind), ("route", "near_capacity"));
+
+    // Redis going away is an alert on the bus too.
+    redis.sup.kill("redis").await.unwrap();
+    assert_eq!(
+        l.check_with_source(|_| Key::str("/members")).await.1,
+        Source::Fallback
+    );
+    let kinds: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok())
+        .filter_map(|e| match e {
+            ha_core::TopologyEvent::RateLimitAlert { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert!(kinds.contains(&"cluster_unavailable"), "{kinds:?}");
+}
+
+/// A connection that counts the commands sent through it: the round trips a check makes.
+#[derive(Clone)]
+struct Counted {
+    inner: ConnectionManager,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Counted {
+    /// A connection manager set up as `ClusterLimiter::connect` sets one up (no response
+    /// timeout of its own: the limiter's bounds every call).
+    async fn to(redis: &Redis) -> Counted {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None)
+            .set_number_of_retries(1);
+        Counted {
+            inner: ConnectionManager::new_with_config(client, config)
+                .await
+                .unwrap(),
+            sent: Arc::default(),
+        }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl redis::aio::ConnectionLike for Counted {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// A debugging recorder's counters, summed over its snapshots (a snapshot takes what was
+/// counted since the one before).
+struct Totals {
+    snapshotter: metrics_util::debugging::Snapshotter,
+    sums: std::collections::BTreeMap<(String, Vec<(String, String)>), u64>,
+}
+
+impl Totals {
+    fn new(snapshotter: metrics_util::debugging::Snapshotter) -> Totals {
+        Totals {
+            snapshotter,
+            sums: Default::default(),
+        }
+    }
+
+    /// The counter `name` with the label `label`, summed over its other labels.
+    fn get(&mut self, name: &str, label: (&str, &str)) -> u64 {
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            if let metrics_util::debugging::DebugValue::Counter(c) = value {
+                let labels = key
+                    .key()
+                    .labels()
+                    .map(|l| (l.key().to_string(), l.value().to_string()))
+                    .collect();
+                *self
+                    .sums
+                    .entry((key.key().name().to_string(), labels))
+                    .or_default() += c;
+            }
+        }
+        self.sums
+            .iter()
+            .filter(|((n, labels), _)| {
+                n == name && labels.iter().any(|(k, v)| k == label.0 && v == label.1)
+            })
+            .map(|(_, c)| c)
+            .sum()
+    }
+}
+
+/// What the docs claim for a killed Redis, measured: with a timeout of an hour, the check
+/// after the kill still comes back (from the fallback) because the refused connection fails
+/// it, not the timeout; it made exactly one round trip; and while Redis is skipped the checks
+/// make none.
+#[tokio::test]
+async fn killed_redis_is_decided_by_the_fallback_without_waiting_for_the_timeout() {
+    let redis = Redis::start(43, 16413).await;
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let mut totals = Totals::new(recorder.snapshotter());
+    // This test's current-thread runtime runs on this thread: the limiter's metric handles,
+    // taken at build, go to this recorder.
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let conn = Counted::to(&redis).await;
+    let hour = Duration::from_secs(3600);
+    let l = ClusterLimiter::builder(conn.clone(), one_line(slow("k", "member").burst(2)))
+        .prefix("t13:")
+        .timeout(hour)
+        .retry_after(hour)
+        .build()
+        .unwrap();
+    assert_eq!(check(&l, 1).await, (Decision::Allow, Source::Cluster));
+
+    redis.sup.kill("redis").await.unwrap();
+    let before = conn.sent();
+    // The outer bound only catches a hang (a check waiting for the hour-long timeout).
+    let got = timeout(Duration::from_secs(600), check(&l, 1)).await;
+    assert_eq!(
+        got.expect("the check waited for the timeout"),
+        (Decision::Allow, Source::Fallback)
+    );
+    assert_eq!(conn.sent() - before, 1, "one round trip, refused");
+    let mut unavailable =
+        |reason| totals.get("ha_ratelimit_cluster_unavailable_total", ("reason", reason));
+    assert_eq!((unavailable("error"), unavailable("timeout")), (1, 0));
+    // Until retry_after, no check goes to Redis at all.
+    for _ in 0..20 {
+        assert_eq!(check(&l, 3).await.1, Source::Fallback);
+    }
+    assert_eq!(conn.sent() - before, 1);
+    assert_eq!((unavailable("error"), unavailable("timeout")), (1, 0));
+    assert_eq!(
+        totals.get("ha_ratelimit_cluster_checks_total", ("source", "fallback")),
+        21
+    );
+}
+
+/// A frozen Redis on a paused clock: the first check waits exactly the timeout (the clock only
+/// moves while everything waits on it), the next ones not at all, exactly.
+#[tokio::test]
+async fn frozen_redis_costs_exactly_one_timeout_on_a_paused_clock() {
+    let redis = Redis::start(44, 16414).await;
+    let wait = Duration::from_secs(5);
+    let conn = Counted::to(&redis).await;
+    let l = ClusterLimiter::builder(
+        conn.clone(),
+        one_line(slow("f", "member").burst(5).nodelay()),
+    )
+    .prefix("t14:")
+    .timeout(wait)
+    .retry_after(Duration::from_secs(30))
+    .build()
+    .unwrap();
+    assert_eq!(check(&l, 1).await.1, Source::Cluster);
+    redis.sup.freeze("redis").unwrap();
+    // From here nothing this runtime waits for will answer but a timer, so paused time is
+    // exact: it jumps to the next timer whenever every task waits.
+    tokio::time::pause();
+    let before = conn.sent();
+    let started = Instant::now();
+    assert_eq!(check(&l, 1).await, (Decision::Allow, Source::Fallback));
+    let took = started.elapsed();
+    // The timer wheel counts whole ms, so the deadline is rounded up to the next one.
+    assert!(
+        took >= wait && took <= wait + Duration::from_millis(1),
+        "{took:?}"
+    );
+    assert_eq!(conn.sent() - before, 1);
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(check(&l, 3).await.1, Source::Fallback);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a check waited for Redis"
+        );
+    }
+    assert_eq!(
+        conn.sent() - before,
+        1,
+        "no round trip while Redis is skipped"
+    );
+    tokio::time::resume();
+    redis.sup.thaw("redis").unwrap();
 }

@@ -523,3 +523,29 @@ fn reloads_reach_every_thread_and_alert_hooks_may_check() {
         "the re-entrant check ran on the inner limiter"
     );
 }
+
+/// A zero rate (`Rate::per_second(0)`, `Rate::per_minute(0)`) is refused when the configuration
+/// is validated, built or reloaded, with an error naming the limit; it never reaches a check (it
+/// used to pass and then panic dividing by zero on the second request).
+#[test]
+fn a_zero_rate_is_a_config_error_naming_the_limit() {
+    for zero in [Rate::per_second(0), Rate::per_minute(0)] {
+        let cfg = RateLimitConfig::with_limits(vec![
+            line("1r/s", 0),
+            LimitConfig::new("zero", "k", zero).burst(1),
+        ]);
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field(), "limit[1].rate", "{e}");
+        assert_eq!(e.value(), "0r/s", "{e}");
+        assert_eq!(e.limit(), Some("zero"), "{e}");
+        assert_eq!(e.limit_index(), Some(1), "{e}");
+        assert!(e.to_string().contains("zero"), "{e}");
+        let e = Limiter::builder(cfg.clone()).build().unwrap_err();
+        assert_eq!(e.field(), "limit[1].rate", "{e}");
+        // A running limiter refuses it on reload and keeps deciding.
+        let (l, _) = limiter(vec![line("1r/s", 0)]);
+        assert!(l.reload(cfg).is_err());
+        assert_eq!(l.check(Key::str("a")), A);
+        assert!(l.check(Key::str("a")).is_reject());
+    }
+}

@@ -3,7 +3,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use ha_core::{BoxError, HaError};
+use ha_core::BoxError;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -21,7 +21,7 @@ pin_project! {
     enum State<S: Service<Req>, Req> {
         Called { #[pin] fut: S::Future },
         Held { #[pin] sleep: Sleep, svc: Option<S>, req: Option<Req> },
-        Rejected { err: Option<HaError> },
+        Rejected { err: Option<BoxError> },
     }
 }
 
@@ -42,7 +42,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    pub(crate) fn rejected(err: HaError) -> Self {
+    pub(crate) fn rejected(err: BoxError) -> Self {
         ResponseFuture {
             state: State::Rejected { err: Some(err) },
         }
@@ -73,7 +73,7 @@ where
                 }
                 StateProj::Rejected { err } => {
                     return Poll::Ready(Err(match err.take() {
-                        Some(e) => e.into(),
+                        Some(e) => e,
                         None => "rate-limit future polled after completion".into(),
                     }));
                 }

@@ -45,6 +45,14 @@ impl<K, C: Clock> RateLimitLayer<K, C> {
     }
 }
 
+impl<K, C: Clock> std::fmt::Debug for RateLimitLayer<K, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("limiter", &self.limiter)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K, C: Clock> Clone for RateLimitLayer<K, C> {
     fn clone(&self) -> Self {
         RateLimitLayer {

@@ -2,21 +2,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use governor::clock::Clock;
-use ha_core::{BoxError, HaError};
+use ha_core::BoxError;
 use tower_service::Service;
 
+use super::error::Rejected;
 use super::future::ResponseFuture;
 use crate::clock::DefaultClock;
 use crate::key::Key;
+use crate::keys::KeyError;
 use crate::limiter::{Decision, Limiter};
 
 /// Maps a limit line's `key` setting (`"client_ip"`, `"member_id"`, ...) to a request's key.
 ///
-/// Implemented for functions `fn(&str, &Req) -> Key<'_>`; return [`Key::NONE`] to skip a line
-/// for this request (how nginx users scope a line with a `map` to an empty key).
+/// Implemented for functions `fn(&str, &Req) -> Key<'_>` (a closure goes through
+/// [`key_fn`](crate::key_fn)) and for the registry [`Keys`](crate::Keys); return [`Key::NONE`]
+/// to skip a line for this request (how nginx users scope a line with a `map` to an empty key).
 pub trait KeyFn<Req>: Send + Sync + 'static {
     /// The request's key for the line whose `key` setting is `source`.
     fn key<'r>(&self, source: &str, req: &'r Req) -> Key<'r>;
+
+    /// The request's key, or why it has none (the request then fails with that error instead
+    /// of skipping the line). The layers call this; by default it is [`key`](KeyFn::key).
+    fn try_key<'r>(&self, source: &str, req: &'r Req) -> Result<Key<'r>, KeyError> {
+        Ok(self.key(source, req))
+    }
 }
 
 impl<Req, F> KeyFn<Req> for F
@@ -79,18 +88,21 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let keys = &self.keys;
-        let decision = self.limiter.check_with(|source| keys.key(source, &req));
+        let decision = self
+            .limiter
+            .try_check_with(|source| keys.try_key(source, &req));
         match decision {
-            Decision::Allow => ResponseFuture::called(self.inner.call(req)),
-            Decision::Delay(hold) => {
+            Ok(Decision::Allow) => ResponseFuture::called(self.inner.call(req)),
+            Ok(Decision::Delay(hold)) => {
                 // The instance that was polled ready goes into the future; a clone takes its place.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture::delayed(hold, ready, req)
             }
-            Decision::Reject { retry_after } => {
-                ResponseFuture::rejected(HaError::RateLimited { retry_after })
-            }
+            Ok(Decision::Reject { retry_after }) => ResponseFuture::rejected(Box::new(
+                Rejected::new(retry_after, self.limiter.status()),
+            )),
+            Err(e) => ResponseFuture::rejected(Box::new(e)),
         }
     }
 }
