@@ -363,8 +363,9 @@ impl Builder {
     }
 
     /// How an endpoint's errors are classified (default [`DefaultClassifier`]): only a
-    /// transport failure or a timeout ([`ErrorClass::is_endpoint_failure`]
-    /// (crate::ErrorClass::is_endpoint_failure)) counts against the endpoint's health; an
+    /// transport failure or a timeout
+    /// ([`ErrorClass::is_endpoint_failure`](crate::ErrorClass::is_endpoint_failure)) counts
+    /// against the endpoint's health; an
     /// application error such as a duplicate key is an answer and counts as proof of life.
     pub fn classifier(mut self, classifier: impl Classify) -> Self {
         self.classifier = Arc::new(classifier);
