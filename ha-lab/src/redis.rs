@@ -142,6 +142,10 @@ impl Resp {
 
 static NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
 
+/// How long every replica must have reported `role:slave` to every sentinel before the lab
+/// counts as settled: `publish-period × 4` (2 s) plus one `info-period`.
+const ROLE_SETTLE_MS: u64 = 3_000;
+
 /// The number of servers of one lab (3 Redis + 3 sentinels).
 const SERVERS: u16 = 6;
 
@@ -486,6 +490,32 @@ impl RedisLab {
             }
             if field(&info, "num-slaves").and_then(|n| n.parse::<usize>().ok()) < Some(replicas) {
                 return Err(format!("sentinel {} knows too few replicas", s.addr));
+            }
+            // Sentinel turns a replica that reports `role:master` back into a replica once it
+            // has reported that role for `publish-period × 4` (2 s here); a replica converted
+            // moments ago can still look like that to a sentinel, which then demotes it right
+            // after a new failover promotes it. Settled means every replica has reported
+            // `slave` for longer than that.
+            let replicas_info = self
+                .sentinel_cmd(s.addr, &["SENTINEL", "REPLICAS", &self.options.master_name])
+                .await
+                .map_err(|e| e.to_string())?;
+            for r in replicas_info.items() {
+                let ip = field(r, "name").unwrap_or_default();
+                let flags = field(r, "flags").unwrap_or_default();
+                if flags.contains("s_down") || flags.contains("disconnected") {
+                    continue;
+                }
+                let role = field(r, "role-reported").unwrap_or_default();
+                let since: u64 = field(r, "role-reported-time")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                if role != "slave" || since < ROLE_SETTLE_MS {
+                    return Err(format!(
+                        "sentinel {} sees replica {ip} as {role} for {since} ms",
+                        s.addr
+                    ));
+                }
             }
             masters.push(m);
         }

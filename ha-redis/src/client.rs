@@ -433,6 +433,10 @@ struct FollowState {
     epoch: u64,
     /// Sentinels currently reported degraded by the poll.
     poll_degraded: bool,
+    /// Consecutive polls that showed no failover of the current master.
+    clean_polls: u32,
+    /// The replica whose promotion is being watched.
+    watching: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 impl Core {
@@ -467,6 +471,7 @@ impl Core {
                     ),
                     epoch: 0,
                     flags: String::new(),
+                    record: None,
                 },
             };
             (self.cfg.sentinels[i], view)
@@ -488,6 +493,7 @@ impl Core {
                     answer: node::failed(&e),
                     epoch: 0,
                     flags: String::new(),
+                    record: None,
                 }
             }
         }
@@ -673,7 +679,21 @@ impl Core {
             Input::Event(from, ev) => {
                 tracing::debug!(dependency = %self.dependency, sentinel = %from, event = ?ev, "sentinel event");
                 match ev {
-                    SentinelEvent::FailoverStarted { step } => self.start_hold(step),
+                    SentinelEvent::FailoverStarted {
+                        step,
+                        master,
+                        replica,
+                    } => {
+                        let cur = self.current().map(|c| c.master.addr);
+                        // Only a failover of the master we write to holds writes (a late event
+                        // about the master we already left does not).
+                        if cur.is_none() || cur == Some(master) {
+                            self.start_hold(step);
+                            if let Some(replica) = replica {
+                                self.watch_promotion(replica, st);
+                            }
+                        }
+                    }
                     SentinelEvent::Promoted { addr } => {
                         if self.current().map(|c| c.master.addr) != Some(addr) {
                             self.start_hold("+promoted-slave");
@@ -725,6 +745,53 @@ impl Core {
         }
     }
 
+    /// Sentinel notices the promotion only at its next `INFO` of the replica (up to
+    /// `info-period` later, 1 s in the lab): ask the chosen replica's `ROLE` ourselves every
+    /// 10 ms, so held writes go to it as soon as it is a master.
+    fn watch_promotion(&self, replica: SocketAddr, st: &mut FollowState) {
+        if st
+            .watching
+            .as_ref()
+            .is_some_and(|(a, t)| *a == replica && !t.is_finished())
+        {
+            return;
+        }
+        if let Some((_, t)) = st.watching.take() {
+            t.abort();
+        }
+        let tx = self.tx.clone();
+        let creds = self.cfg.redis.clone();
+        let connect = self.cfg.connect_timeout;
+        let answer = self.cfg.sentinel_timeout;
+        let bound = self.cfg.max_hold.max(Duration::from_secs(1));
+        let task = tokio::spawn(async move {
+            let until = Instant::now() + bound;
+            let mut conn = None;
+            while Instant::now() < until {
+                if conn.is_none() {
+                    conn = node::connect(replica, &creds, connect).await.ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    match node::role(c, answer).await {
+                        Ok(r) if r == "master" => {
+                            let _ = tx
+                                .send(Input::Event(
+                                    replica,
+                                    SentinelEvent::Promoted { addr: replica },
+                                ))
+                                .await;
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => conn = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        st.watching = Some((replica, task));
+    }
+
     /// A fresh connection to the same master (the old one broke); keeps any hold.
     fn install_same(&self, addr: SocketAddr, conn: MultiplexedConnection) {
         let master = self.watch.switch(addr, "reconnect");
@@ -762,16 +829,25 @@ impl Core {
         let views = self.ask().await;
         let answers: Vec<(SocketAddr, Answer)> =
             views.iter().map(|(s, v)| (*s, v.answer.clone())).collect();
-        let failover = views
-            .iter()
-            .any(|(_, v)| v.failover_in_progress() || v.odown());
+        let cur_addr = self.current().map(|c| c.master.addr);
+        // A failover of the master we write to (while we have none: any failover).
+        let failover = views.iter().any(|(_, v)| {
+            (v.failover_in_progress() || v.odown()) && cur_addr.is_none_or(|a| v.record == Some(a))
+        });
         let max_epoch = views.iter().map(|(_, v)| v.epoch).max().unwrap_or(0);
         st.epoch = st.epoch.max(max_epoch);
         if failover {
+            tracing::debug!(dependency = %self.dependency, ?views, "poll: failover of the current master");
             self.start_hold("poll: failover in progress");
         }
         match vote::tally(&answers) {
-            Vote::Master { addr, .. } => {
+            Vote::Master { addr, answered, .. } => {
+                let majority_answered = answered * 2 > self.cfg.sentinels.len();
+                if failover || !majority_answered {
+                    st.clean_polls = 0;
+                } else {
+                    st.clean_polls += 1;
+                }
                 if st.poll_degraded {
                     st.poll_degraded = false;
                     self.events.publish(TopologyEvent::watcher_restored(
@@ -794,7 +870,9 @@ impl Core {
                 let cur = self.current();
                 match cur {
                     Some(c) if c.master.addr == addr => {
-                        if self.gate.state().hold.is_some() && !failover {
+                        // Two clean polls in a row, from a majority of the sentinels: a
+                        // sentinel that failed to answer once cannot hide a failover.
+                        if self.gate.state().hold.is_some() && st.clean_polls >= 2 {
                             self.confirm_and_release("poll: no failover in progress")
                                 .await;
                         }
@@ -990,13 +1068,12 @@ impl MasterHandle {
                 counted_hold = true;
                 core.stats.held_writes.fetch_add(1, Ordering::Relaxed);
             }
-            let generation = core.watch.generation();
             let c = core
                 .gate
                 .acquire(write, deadline, core.cfg.max_hold, |c| {
                     Some(c.id) != failed
                         && !c.broken.load(Ordering::Relaxed)
-                        && c.master.generation == generation
+                        && c.master.generation == core.watch.generation()
                 })
                 .await;
             let c = match c {

@@ -23,6 +23,11 @@ pub enum SentinelEvent {
     FailoverStarted {
         /// The event's channel, e.g. `+try-failover`.
         step: &'static str,
+        /// The master being failed over.
+        master: SocketAddr,
+        /// The replica chosen for promotion, once Sentinel has chosen it (`+selected-slave`
+        /// onwards).
+        replica: Option<SocketAddr>,
     },
     /// Sentinel saw the chosen replica report itself master (`+promoted-slave`).
     Promoted {
@@ -117,7 +122,11 @@ pub fn parse(channel: &str, payload: &str, master_name: &str) -> Option<Sentinel
     if let Some(step) = HOLD_STEPS.iter().find(|s| **s == channel) {
         // `+odown` and the failover steps about the master itself; `+selected-slave` and
         // `+failover-state-send-slaveof-noone` are about the chosen replica, same failover.
-        return Some(SentinelEvent::FailoverStarted { step });
+        return Some(SentinelEvent::FailoverStarted {
+            step,
+            master: inst.master,
+            replica: (inst.kind == "slave").then_some(inst.addr),
+        });
     }
     match channel {
         "+promoted-slave" if inst.kind == "slave" => {
@@ -140,6 +149,8 @@ struct Instance<'a> {
     kind: &'a str,
     addr: SocketAddr,
     master_name: &'a str,
+    /// The master: the instance itself for a master, the `@` part otherwise.
+    master: SocketAddr,
 }
 
 impl<'a> Instance<'a> {
@@ -148,15 +159,16 @@ impl<'a> Instance<'a> {
             return None;
         };
         let addr = addr(ip, port)?;
-        let master_name = match rest {
-            ["@", master, ..] => master,
-            _ if *kind == "master" => name,
+        let (master_name, master) = match rest {
+            ["@", master, mip, mport, ..] => (master, self::addr(mip, mport)?),
+            _ if *kind == "master" => (name, addr),
             _ => return None,
         };
         Some(Instance {
             kind,
             addr,
             master_name,
+            master,
         })
     }
 }
@@ -189,10 +201,13 @@ mod tests {
             ("+failover-state-wait-promotion", replica),
             ("+odown", "master members 127.0.1.10 20000 #quorum 2/2"),
         ] {
+            let replica = payload.starts_with("slave").then(|| a("127.0.2.10:20001"));
             assert_eq!(
                 parse(ch, payload, M),
                 Some(SentinelEvent::FailoverStarted {
-                    step: HOLD_STEPS.iter().find(|s| **s == ch).unwrap()
+                    step: HOLD_STEPS.iter().find(|s| **s == ch).unwrap(),
+                    master: a("127.0.1.10:20000"),
+                    replica,
                 }),
                 "{ch}"
             );
@@ -273,6 +288,10 @@ mod tests {
         assert_eq!(parse("+try-failover", "", M), None);
         assert_eq!(parse("+try-failover", "master members nowhere 1", M), None);
         assert_eq!(parse("+selected-slave", "slave a 1.1.1.1 1", M), None);
+        assert_eq!(
+            parse("+selected-slave", "slave a 1.1.1.1 1 @ members x 1", M),
+            None
+        );
         assert_eq!(parse("+new-epoch", "7", M), None);
     }
 }

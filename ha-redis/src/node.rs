@@ -129,6 +129,10 @@ pub(crate) struct SentinelView {
     pub(crate) answer: Answer,
     pub(crate) epoch: u64,
     pub(crate) flags: String,
+    /// The master record `SENTINEL MASTER` describes (`ip`, `port`). During a failover's
+    /// last steps `get-master-addr-by-name` already names the promoted replica while this is
+    /// still the old master, the one the flags are about.
+    pub(crate) record: Option<SocketAddr>,
 }
 
 impl SentinelView {
@@ -186,6 +190,7 @@ pub(crate) async fn ask_sentinel(
             answer: Answer::Unknown,
             epoch: 0,
             flags: String::new(),
+            record: None,
         });
     };
     let info = run(
@@ -198,10 +203,18 @@ pub(crate) async fn ask_sentinel(
         .and_then(|e| e.parse().ok())
         .unwrap_or(0);
     let flags = field(&info, "flags").unwrap_or_default();
+    let record = match (
+        field(&info, "ip").and_then(|i| i.parse::<std::net::IpAddr>().ok()),
+        field(&info, "port").and_then(|p| p.parse::<u16>().ok()),
+    ) {
+        (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+        _ => None,
+    };
     Ok(SentinelView {
         answer: Answer::Master(addr),
         epoch,
         flags,
+        record,
     })
 }
 
