@@ -31,6 +31,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod client;
 pub mod command;
 pub mod error;
