@@ -171,7 +171,14 @@ impl Builder {
             }
         };
         let (tx, rx) = mpsc::channel(1024);
+        let replicas = self.context.as_ref().map(|ctx| {
+            (
+                ctx.publisher(&format!("{dependency}-replicas")),
+                ctx.topology().classifier().clone(),
+            )
+        });
         let core = Arc::new(Core {
+            replicas,
             sentinel_conns: self
                 .sentinels
                 .iter()
@@ -202,6 +209,21 @@ impl Builder {
                 });
             }
         }
+        core.refresh_replicas().await;
+        let replica_balance = match (&core.cfg.context, &core.replicas) {
+            (Some(ctx), Some((publisher, _))) => {
+                let creds = Arc::new(core.cfg.redis.clone());
+                let connect = core.cfg.connect_timeout;
+                Some(
+                    ctx.balancer_over(publisher.watch())
+                        .classifier(crate::error::RedisClassifier)
+                        .build(move |ep: &ha_core::Endpoint| {
+                            crate::replica::ReplicaConn::new(ep.addr, creds.clone(), connect)
+                        }),
+                )
+            }
+            _ => None,
+        };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(core.clone().follow(rx)));
         for i in 0..core.cfg.sentinels.len() {
@@ -210,6 +232,7 @@ impl Builder {
         Ok(HaRedis {
             core,
             tasks: Arc::new(Tasks(tasks)),
+            replicas: replica_balance,
         })
     }
 }
@@ -269,6 +292,7 @@ impl Drop for Tasks {
 pub struct HaRedis {
     core: Arc<Core>,
     tasks: Arc<Tasks>,
+    replicas: Option<ha_core::balance::LocalityBalance<crate::replica::ReplicaConn>>,
 }
 
 impl std::fmt::Debug for HaRedis {
@@ -368,6 +392,17 @@ impl HaRedis {
         }
     }
 
+    /// A handle for reads from the nearest healthy replica, when the client was built with a
+    /// topology ([`Builder::context`]); `None` without one (there are no IDCs to prefer).
+    pub fn replicas(&self) -> Option<crate::replica::ReplicaHandle> {
+        self.replicas
+            .clone()
+            .map(|balance| crate::replica::ReplicaHandle {
+                balance,
+                timeout: self.core.cfg.timeout,
+            })
+    }
+
     /// The master watch this client publishes on.
     pub fn master_watch(&self) -> &MasterWatch {
         &self.core.watch
@@ -420,6 +455,8 @@ struct Core {
     sentinel_conns: Vec<ArcSwapOption<MultiplexedConnection>>,
     next_id: AtomicU64,
     stats: StatsInner,
+    /// With a topology: where the usable replicas are published, classified into its IDCs.
+    replicas: Option<(ha_core::Publisher, Arc<IdcClassifier>)>,
 }
 
 /// What the follower remembers between inputs.
@@ -669,7 +706,10 @@ impl Core {
                     Some(i) => self.on_input(i, &mut st).await,
                     None => return,
                 },
-                _ = tick.tick() => self.poll(&mut st).await,
+                _ = tick.tick() => {
+                    self.poll(&mut st).await;
+                    self.refresh_replicas().await;
+                }
             }
         }
     }
@@ -821,6 +861,38 @@ impl Core {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Publishes the usable replicas (`SENTINEL REPLICAS` of the first sentinel that answers).
+    async fn refresh_replicas(&self) {
+        let Some((publisher, classifier)) = &self.replicas else {
+            return;
+        };
+        for i in 0..self.cfg.sentinels.len() {
+            let r = async {
+                let mut c = self.sentinel_conn(i).await?;
+                node::run(
+                    &mut c,
+                    redis::cmd("SENTINEL").arg("REPLICAS").arg(self.name()),
+                    self.cfg.sentinel_timeout,
+                )
+                .await
+            }
+            .await;
+            if let Ok(reply) = r {
+                let eps = crate::replica::usable_replicas(&reply)
+                    .into_iter()
+                    .map(|a| {
+                        classifier
+                            .endpoint(a)
+                            .with_role(ha_core::Role::Replica)
+                            .with_cluster(self.name())
+                    })
+                    .collect();
+                publisher.publish(eps);
+                return;
+            }
         }
     }
 

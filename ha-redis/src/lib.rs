@@ -11,6 +11,8 @@
 //!   ([`StartupError`]).
 //! - [`MasterHandle`]: `Clone` + [`redis::aio::ConnectionLike`], so [`redis::AsyncCommands`]
 //!   and [`redis::Pipeline`] work unchanged; typed [`MasterHandle::query`].
+//! - [`ReplicaHandle`] ([`HaRedis::replicas`], with a topology): reads from the nearest
+//!   healthy replica through ha-core's `LocalityBalance`.
 //! - [`command`]: which commands are reads; [`event`]: Sentinel's events; [`vote`]: the
 //!   majority; [`error`]: how `HaError`s travel inside `RedisError`s.
 //!
@@ -42,6 +44,7 @@ pub mod error;
 pub mod event;
 mod gate;
 mod node;
+pub mod replica;
 pub mod vote;
 
 pub use client::{Builder, HaRedis, MasterHandle, RedisSettings, Stats};
@@ -49,3 +52,4 @@ pub use error::{RedisClassifier, StartupError};
 pub use node::Credentials;
 /// The `redis` crate this one is built on, so users need no second version.
 pub use redis;
+pub use replica::ReplicaHandle;

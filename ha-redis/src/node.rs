@@ -219,7 +219,7 @@ pub(crate) async fn ask_sentinel(
 }
 
 /// A field of a flat `[k, v, ...]` array (RESP2) or a map (RESP3).
-fn field(v: &Value, name: &str) -> Option<String> {
+pub(crate) fn field(v: &Value, name: &str) -> Option<String> {
     let text = |v: &Value| match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         Value::SimpleString(s) => Some(s.clone()),
