@@ -389,6 +389,7 @@ impl HaRedis {
             _tasks: self.tasks.clone(),
             timeout: self.core.cfg.timeout,
             idempotent: false,
+            durable: None,
         }
     }
 
@@ -1057,6 +1058,7 @@ pub struct MasterHandle {
     _tasks: Arc<Tasks>,
     timeout: Duration,
     idempotent: bool,
+    durable: Option<(usize, Duration)>,
 }
 
 impl std::fmt::Debug for MasterHandle {
@@ -1097,6 +1099,18 @@ impl MasterHandle {
     #[must_use]
     pub fn idempotent(mut self) -> MasterHandle {
         self.idempotent = true;
+        self
+    }
+
+    /// The same handle with durable acknowledgements: a write is acknowledged only after
+    /// `WAIT replicas timeout` reports it on at least `replicas` replicas; otherwise it fails
+    /// with [`HaError::OutcomeUnknown`] around a [`crate::error::NotDurable`] naming both
+    /// numbers and the timeout. `WAIT 1` with two replicas may be satisfied by the replica
+    /// Sentinel does not promote: ask for every replica to be safe across any failover.
+    /// Reads are unaffected.
+    #[must_use]
+    pub fn durable(mut self, replicas: usize, timeout: Duration) -> MasterHandle {
+        self.durable = Some((replicas, timeout));
         self
     }
 
@@ -1215,7 +1229,12 @@ impl MasterHandle {
                 return result.map_err(ExecError::Redis);
             }
             match result {
-                Ok(r) => return Ok(r),
+                Ok(r) => {
+                    if write && let Some((n, wait)) = self.durable {
+                        self.wait_durable(&c, n, wait, deadline).await?;
+                    }
+                    return Ok(r);
+                }
                 Err(e) if is_transport(&e) => {
                     c.broken.store(true, Ordering::Relaxed);
                     let _ = core.tx.try_send(Input::Kick {
@@ -1236,6 +1255,42 @@ impl MasterHandle {
                 }
                 Err(e) => return Err(ExecError::Redis(e)),
             }
+        }
+    }
+}
+
+impl MasterHandle {
+    /// `WAIT n timeout` on the connection that carried the write (it counts every earlier
+    /// write of that connection, so ours too).
+    async fn wait_durable(
+        &self,
+        c: &Conn,
+        needed: usize,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> Result<(), ExecError> {
+        let mut conn = c.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(needed).arg(timeout.as_millis() as u64);
+        let bound = (Instant::now() + timeout + Duration::from_millis(200)).min(deadline);
+        let unknown = |source: ha_core::BoxError| {
+            ExecError::Ha(HaError::OutcomeUnknown {
+                endpoint: Some(c.master.addr),
+                source,
+            })
+        };
+        match tokio::time::timeout_at(bound, conn.req_packed_command(&cmd)).await {
+            Ok(Ok(Value::Int(k))) if k >= 0 && k as usize >= needed => Ok(()),
+            Ok(Ok(Value::Int(k))) => Err(unknown(Box::new(crate::error::NotDurable {
+                needed,
+                acked: k.max(0) as usize,
+                timeout,
+            }))),
+            Ok(Ok(other)) => Err(unknown(format!("unexpected WAIT reply {other:?}").into())),
+            Ok(Err(e)) => Err(unknown(Box::new(e))),
+            Err(_) => Err(unknown(
+                format!("WAIT not answered within the deadline ({timeout:?} asked)").into(),
+            )),
         }
     }
 }

@@ -129,6 +129,22 @@ impl From<StartupError> for HaError {
     }
 }
 
+/// A durable write ([`crate::MasterHandle::durable`]) that the master executed but fewer
+/// replicas than asked acknowledged within the timeout (`WAIT`). It comes inside
+/// [`HaError::OutcomeUnknown`]: the write took effect on the master, and a failover now could
+/// lose it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("write not acknowledged by {needed} replica(s) within {timeout:?}: {acked} did")]
+#[non_exhaustive]
+pub struct NotDurable {
+    /// Replicas asked for.
+    pub needed: usize,
+    /// Replicas that acknowledged.
+    pub acked: usize,
+    /// The `WAIT` timeout.
+    pub timeout: Duration,
+}
+
 fn list(errors: &[(SocketAddr, String)]) -> String {
     errors
         .iter()

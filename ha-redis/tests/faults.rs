@@ -199,3 +199,47 @@ async fn aborted_failover_releases_held_writes_to_the_old_master() {
     let i = acked_after.unwrap();
     assert_eq!(dump.get(&format!("abort:{i}")), Some(&i.to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_writes_wait_for_the_replicas_and_say_when_they_did_not() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let client = build(&lab).build().await.unwrap();
+    let durable = client
+        .master()
+        .with_timeout(Duration::from_secs(2))
+        .durable(2, Duration::from_millis(300));
+    let _: () = durable
+        .query(ha_redis::redis::cmd("SET").arg("durable:1").arg(1))
+        .await
+        .unwrap();
+    for r in &lab.nodes[1..] {
+        let v = lab.redis_cmd(r.addr, &["GET", "durable:1"]).await.unwrap();
+        assert_eq!(v.as_str(), Some("1"), "on {}", r.addr);
+    }
+    // Both replicas frozen: the master executes the write, nobody acknowledges it.
+    for n in &lab.nodes[1..] {
+        lab.supervisor().freeze(&n.name).unwrap();
+    }
+    let err = durable
+        .query::<()>(ha_redis::redis::cmd("SET").arg("durable:2").arg(2))
+        .await
+        .unwrap_err();
+    for n in &lab.nodes[1..] {
+        lab.supervisor().thaw(&n.name).unwrap();
+    }
+    assert!(err.is_outcome_unknown(), "{err}");
+    let nd = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<ha_redis::error::NotDurable>())
+        .expect("NotDurable inside");
+    assert_eq!((nd.needed, nd.acked), (2, 0));
+    assert_eq!(nd.timeout, Duration::from_millis(300));
+    println!("durable: {err}");
+    // Reads are not affected.
+    let v: i64 = durable
+        .query(ha_redis::redis::cmd("GET").arg("durable:1"))
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+}
