@@ -37,32 +37,47 @@ type Log = Arc<Mutex<Vec<Write>>>;
 /// 200 writes/s, each its own task (a write held during a failover does not slow the others),
 /// `SET k<i> <i>` with the handle's 1 s deadline.
 fn start_load(master: MasterHandle, stop: Arc<AtomicBool>) -> (Log, tokio::task::JoinHandle<()>) {
+    start_load_at(master, stop, Duration::from_millis(5), 1)
+}
+
+/// `per_tick` writes every `tick`.
+fn start_load_at(
+    master: MasterHandle,
+    stop: Arc<AtomicBool>,
+    tick: Duration,
+    per_tick: u64,
+) -> (Log, tokio::task::JoinHandle<()>) {
     let log: Log = Arc::default();
     let log2 = log.clone();
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let mut tick = tokio::time::interval(tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut tasks = tokio::task::JoinSet::new();
         let mut i = 0u64;
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            let mut m = master.clone();
-            let log = log2.clone();
-            tasks.spawn(async move {
-                let issued = Instant::now();
-                let r: ha_redis::redis::RedisResult<()> = m.set(format!("{PREFIX}{i}"), i).await;
-                let w = Write {
-                    i,
-                    issued,
-                    done: Instant::now(),
-                    result: r.map_err(|e| {
-                        ha_redis::error::ha_error(&e)
-                            .map_or_else(|| format!("redis: {e}"), |h| format!("{}: {h}", h.kind()))
-                    }),
-                };
-                log.lock().await.push(w);
-            });
-            i += 1;
+            for _ in 0..per_tick {
+                let mut m = master.clone();
+                let log = log2.clone();
+                tasks.spawn(async move {
+                    let issued = Instant::now();
+                    let r: ha_redis::redis::RedisResult<()> =
+                        m.set(format!("{PREFIX}{i}"), i).await;
+                    let w = Write {
+                        i,
+                        issued,
+                        done: Instant::now(),
+                        result: r.map_err(|e| {
+                            ha_redis::error::ha_error(&e).map_or_else(
+                                || format!("redis: {e}"),
+                                |h| format!("{}: {h}", h.kind()),
+                            )
+                        }),
+                    };
+                    log.lock().await.push(w);
+                });
+                i += 1;
+            }
             while tasks.try_join_next().is_some() {}
         }
         // Every write is bounded by its 1 s deadline, so this ends.
@@ -279,6 +294,57 @@ async fn kill_9_of_the_master_is_followed_by_events() {
         missing.len(),
         sorted[sorted.len() / 2],
         sorted[sorted.len() - 1],
+        client.stats()
+    );
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_2000_writes_per_second_with_durable_acks_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let client = build(&lab).build().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Every replica must acknowledge: `WAIT 1` could be met by the replica not promoted.
+    let master = client.master().durable(2, Duration::from_millis(200));
+    let (log, load) = start_load_at(master, stop.clone(), Duration::from_millis(1), 2);
+    let before = lab.wait_stable(2, Duration::from_secs(30)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let victim = lab.node_at(before).unwrap().clone();
+    let killed_at = Instant::now();
+    lab.kill(&victim.name).await.unwrap();
+    let after = lab
+        .wait_switched_from(before, Duration::from_secs(20))
+        .await
+        .unwrap();
+    wait_client_on(&client, after, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(10), load)
+        .await
+        .unwrap()
+        .unwrap();
+    let master = lab.wait_stable(1, Duration::from_secs(40)).await.unwrap();
+    let dump = lab.dump(master, PREFIX).await.unwrap();
+    let log = log.lock().await.clone();
+    let missing = lost(&log, &dump);
+    let acked = log.iter().filter(|w| w.result.is_ok()).count();
+    let secs = log
+        .iter()
+        .map(|w| w.issued)
+        .max()
+        .zip(log.iter().map(|w| w.issued).min())
+        .map_or(0.0, |(a, b)| (a - b).as_secs_f64());
+    let errors_after_kill = log
+        .iter()
+        .filter(|w| w.result.is_err() && w.done > killed_at)
+        .count();
+    println!(
+        "durable kill -9: {} writes in {secs:.1} s ({:.0}/s), {acked} acked, lost {}, errors after the kill {errors_after_kill}, stats {:?}",
+        log.len(),
+        log.len() as f64 / secs.max(0.001),
+        missing.len(),
         client.stats()
     );
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
