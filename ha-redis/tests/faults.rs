@@ -243,3 +243,59 @@ async fn durable_writes_wait_for_the_replicas_and_say_when_they_did_not() {
         .unwrap();
     assert_eq!(v, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_lost_keep_the_last_master_and_say_so() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let events = ha_core::EventBus::default();
+    let mut rx = events.subscribe();
+    let client = build(&lab).events(events).build().await.unwrap();
+    let old = lab.nodes[0].addr;
+    for s in &lab.sentinels {
+        lab.supervisor().kill(&s.name).await.unwrap();
+    }
+    // Writes keep going to the last verified master while every sentinel is gone.
+    let mut m = client.master();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut degraded = std::collections::HashSet::new();
+    let mut i = 0;
+    let down_since = Instant::now();
+    // All three subscriptions lost and at least one poll (1 s) done with nobody answering.
+    while degraded.len() < 3 || down_since.elapsed() < Duration::from_millis(1500) {
+        assert!(Instant::now() < deadline, "degraded seen: {degraded:?}");
+        let _: () = m.set(format!("nosentinel:{i}"), i).await.unwrap();
+        i += 1;
+        while let Ok(ev) = rx.try_recv() {
+            if let ha_core::TopologyEvent::WatcherDegraded { watcher, .. } = ev
+                && watcher.starts_with("sentinel")
+            {
+                degraded.insert(watcher.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.current_master().unwrap().addr, old);
+    assert!(degraded.contains("sentinel-poll"), "{degraded:?}");
+    for s in &lab.sentinels {
+        lab.supervisor().restart(&s.name).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut restored = std::collections::HashSet::new();
+    while restored.len() < 3 {
+        assert!(Instant::now() < deadline, "restored seen: {restored:?}");
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Ok(ha_core::TopologyEvent::WatcherRestored { watcher, .. }))
+                if watcher.starts_with("sentinel ") =>
+            {
+                restored.insert(watcher.to_string());
+            }
+            _ => {}
+        }
+    }
+    println!(
+        "sentinels: {i} writes while all sentinels were down; degraded {degraded:?}, restored {restored:?}"
+    );
+    let _: () = m.set("nosentinel:after", 1).await.unwrap();
+}
