@@ -703,6 +703,8 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Events first: a poll must never delay a `+promoted-slave`.
+                biased;
                 input = rx.recv() => match input {
                     Some(i) => self.on_input(i, &mut st).await,
                     None => return,
@@ -950,9 +952,12 @@ impl Core {
                                 .await;
                         }
                     }
-                    Some(_) if failover => {}
+                    // A failover is under way: its events (and the promotion watcher) bring
+                    // the new master; trying the old one again here would only stall the
+                    // follower on a node that may be dead or frozen.
+                    _ if failover => {}
                     _ => {
-                        self.switch_to(addr, "sentinel_poll", st, !failover).await;
+                        self.switch_to(addr, "sentinel_poll", st, true).await;
                     }
                 }
             }
