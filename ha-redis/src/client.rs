@@ -190,6 +190,7 @@ impl Builder {
             gate: Gate::new(),
             tx,
             next_id: AtomicU64::new(1),
+            hold_epoch: AtomicU64::new(0),
             stats: StatsInner::default(),
             cfg: self,
         });
@@ -317,6 +318,9 @@ pub struct Stats {
     /// Commands refused on a fenced connection or answered `-READONLY`/`-MASTERDOWN` and
     /// retried.
     pub retried: u64,
+    /// Writes acknowledged by the old master while a hold began, checked against the
+    /// promoted node's offset.
+    pub in_flight_checked: u64,
 }
 
 #[derive(Default)]
@@ -325,6 +329,7 @@ struct StatsInner {
     holds: AtomicU64,
     held_writes: AtomicU64,
     retried: AtomicU64,
+    in_flight_checked: AtomicU64,
 }
 
 impl HaRedis {
@@ -427,6 +432,7 @@ impl HaRedis {
             holds: s.holds.load(Ordering::Relaxed),
             held_writes: s.held_writes.load(Ordering::Relaxed),
             retried: s.retried.load(Ordering::Relaxed),
+            in_flight_checked: s.in_flight_checked.load(Ordering::Relaxed),
         }
     }
 }
@@ -456,6 +462,8 @@ struct Core {
     sentinel_conns: Vec<ArcSwapOption<MultiplexedConnection>>,
     next_id: AtomicU64,
     stats: StatsInner,
+    /// Bumped whenever a hold may begin.
+    hold_epoch: AtomicU64,
     /// With a topology: where the usable replicas are published, classified into its IDCs.
     replicas: Option<(ha_core::Publisher, Arc<IdcClassifier>)>,
 }
@@ -651,6 +659,9 @@ impl Core {
     }
 
     fn start_hold(&self, reason: &str) {
+        // Bumped before the gate closes, so a write whose reply arrives after the hold began
+        // always sees the change (a spurious bump only costs an extra check).
+        self.hold_epoch.fetch_add(1, Ordering::SeqCst);
         if self.gate.hold(reason) {
             self.stats.holds.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(dependency = %self.dependency, reason, "failover in progress: writes held");
@@ -1184,6 +1195,7 @@ impl MasterHandle {
                 }
             };
             attempts += 1;
+            let holds_at_send = core.hold_epoch.load(Ordering::SeqCst);
             let mut conn = c.conn.clone();
             let sent = async {
                 match req {
@@ -1235,6 +1247,11 @@ impl MasterHandle {
             }
             match result {
                 Ok(r) => {
+                    if write && core.hold_epoch.load(Ordering::SeqCst) != holds_at_send {
+                        // A hold began while this write was in flight: the old master's
+                        // acknowledgement may have come after the replica's promotion.
+                        self.confirm_in_flight(&c, deadline).await?;
+                    }
                     if write && let Some((n, wait)) = self.durable {
                         self.wait_durable(&c, n, wait, deadline).await?;
                     }
@@ -1265,6 +1282,87 @@ impl MasterHandle {
 }
 
 impl MasterHandle {
+    /// A write acknowledged by the old master while a failover began: it counts only if it
+    /// reached the node that is promoted. The old master's replication offset after the write
+    /// (`ROLE`, on the same connection, so it covers the write) is compared with the offset
+    /// at which the new master was promoted (`second_repl_offset` of its `INFO replication`).
+    /// An aborted failover keeps the old master, and the write with it. Anything that cannot
+    /// be shown within the deadline is [`HaError::OutcomeUnknown`].
+    async fn confirm_in_flight(&self, c: &Conn, deadline: Instant) -> Result<(), ExecError> {
+        let core = &self.core;
+        core.stats.in_flight_checked.fetch_add(1, Ordering::Relaxed);
+        let unknown = |why: String| {
+            ExecError::Ha(HaError::OutcomeUnknown {
+                endpoint: Some(c.master.addr),
+                source: why.into(),
+            })
+        };
+        let mut conn = c.conn.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let offset =
+            match tokio::time::timeout(left, conn.req_packed_command(&redis::cmd("ROLE"))).await {
+                Ok(Ok(Value::Array(items))) => match items.get(1) {
+                    Some(Value::Int(o)) => *o,
+                    _ => return Err(unknown("unexpected ROLE reply from the old master".into())),
+                },
+                _ => {
+                    return Err(unknown(
+                        "old master's offset not read within the deadline".into(),
+                    ));
+                }
+            };
+        // Wait (bounded) until the hold ends: by a switch or by a release to this master.
+        let mut rx = core.gate.subscribe();
+        loop {
+            let (cur, held) = {
+                let st = rx.borrow_and_update();
+                (st.conn.clone(), st.hold.is_some())
+            };
+            match cur {
+                Some(n) if n.master.addr != c.master.addr => {
+                    let mut nc = n.conn.clone();
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let info = tokio::time::timeout(
+                        left,
+                        nc.req_packed_command(redis::cmd("INFO").arg("replication")),
+                    )
+                    .await;
+                    let promoted_at = match info {
+                        Ok(Ok(v)) => redis::from_redis_value::<String>(v).ok().and_then(|t| {
+                            t.lines().find_map(|l| {
+                                l.strip_prefix("second_repl_offset:")
+                                    .and_then(|x| x.trim().parse::<i64>().ok())
+                            })
+                        }),
+                        _ => None,
+                    };
+                    return match promoted_at {
+                        Some(p) if p > offset => Ok(()),
+                        Some(p) => Err(unknown(format!(
+                            "acknowledged by {} at offset {offset}, but {} was promoted at offset {p}",
+                            c.master.addr, n.master.addr
+                        ))),
+                        None => Err(unknown(format!(
+                            "promotion offset of {} not read",
+                            n.master.addr
+                        ))),
+                    };
+                }
+                Some(n) if !held && n.master.addr == c.master.addr => return Ok(()),
+                _ => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(unknown(
+                        "the failover that began while it was in flight had not ended at the deadline"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    }
+
     /// `WAIT n timeout` on the connection that carried the write (it counts every earlier
     /// write of that connection, so ours too).
     async fn wait_durable(

@@ -60,6 +60,10 @@ impl<C> Gate<C> {
         }
     }
 
+    pub(crate) fn subscribe(&self) -> watch::Receiver<State<C>> {
+        self.tx.subscribe()
+    }
+
     pub(crate) fn state(&self) -> State<C> {
         self.tx.borrow().clone()
     }
