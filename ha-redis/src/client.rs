@@ -479,8 +479,15 @@ struct FollowState {
     epoch: u64,
     /// Sentinels currently reported degraded by the poll.
     poll_degraded: bool,
-    /// Consecutive polls that showed no failover of the current master.
+    /// Consecutive polls that showed no failover of the current master, since the last time
+    /// a hold may have begun.
     clean_polls: u32,
+    /// The hold epoch the clean polls were counted under.
+    clean_since: u64,
+    /// When the last poll started.
+    last_poll: Option<Instant>,
+    /// The last node a verification failed on, and when.
+    verify_failed: Option<(SocketAddr, Instant)>,
     /// The replica whose promotion is being watched.
     watching: Option<(SocketAddr, JoinHandle<()>)>,
 }
@@ -687,8 +694,20 @@ impl Core {
         {
             return true;
         }
+        // An event names a node that is becoming master: try a few times. A poll tries once,
+        // and not again within a poll interval of a failed try, so a dead or frozen node never
+        // keeps the follower from its events.
+        let from_poll = cause == "sentinel_poll";
+        if from_poll
+            && let Some((a, at)) = st.verify_failed
+            && a == addr
+            && at.elapsed() < self.cfg.poll_interval
+        {
+            return false;
+        }
         let old = self.current().map(|c| c.master.addr);
-        for attempt in 0..3 {
+        let attempts = if from_poll { 1 } else { 3 };
+        for attempt in 0..attempts {
             match self.connect_verified(addr).await {
                 Ok(conn) => {
                     if let Some(old) = old
@@ -701,11 +720,26 @@ impl Core {
                 }
                 Err(e) => {
                     tracing::debug!(dependency = %self.dependency, master = %addr, attempt, error = %e, "verify failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if attempt + 1 < attempts {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
             }
         }
+        st.verify_failed = Some((addr, Instant::now()));
         false
+    }
+
+    /// A poll asked for by an event: the same event comes from every sentinel, so one poll
+    /// answers all of them that arrive within 200 ms.
+    async fn poll_soon(&self, st: &mut FollowState) {
+        if st
+            .last_poll
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.poll(st).await;
     }
 
     async fn follow(self: Arc<Self>, mut rx: mpsc::Receiver<Input>) {
@@ -768,7 +802,7 @@ impl Core {
                         }
                     }
                     SentinelEvent::MasterSubjectivelyDown | SentinelEvent::Reconcile { .. } => {
-                        self.poll(st).await
+                        self.poll_soon(st).await
                     }
                 }
             }
@@ -794,7 +828,7 @@ impl Core {
             }
             Input::Resubscribed(sentinel) => {
                 tracing::debug!(dependency = %self.dependency, sentinel = %sentinel, "subscribed: reconciling");
-                self.poll(st).await
+                self.poll_soon(st).await
             }
         }
     }
@@ -912,6 +946,7 @@ impl Core {
 
     /// The safety net: every sentinel, majority, `ROLE`.
     async fn poll(&self, st: &mut FollowState) {
+        st.last_poll = Some(Instant::now());
         let views = self.ask().await;
         let answers: Vec<(SocketAddr, Answer)> =
             views.iter().map(|(s, v)| (*s, v.answer.clone())).collect();
@@ -929,7 +964,9 @@ impl Core {
         match vote::tally(&answers) {
             Vote::Master { addr, answered, .. } => {
                 let majority_answered = answered * 2 > self.cfg.sentinels.len();
-                if failover || !majority_answered {
+                let epoch = self.hold_epoch.load(Ordering::SeqCst);
+                if failover || !majority_answered || epoch != st.clean_since {
+                    st.clean_since = epoch;
                     st.clean_polls = 0;
                 } else {
                     st.clean_polls += 1;
