@@ -9,6 +9,7 @@
 //! - [`http`]: a tiny HTTP/1.1 backend answering `GET /who`.
 //! - [`process`]: a supervisor for external server processes (kill, freeze, thaw, restart by pid).
 //! - [`partition`]: nftables partitions between IDC address ranges.
+//! - [`redis`]: Redis + Sentinel across three IDCs ([`redis::RedisLab`]).
 //! - [`lab`]: the whole default lab ([`Lab`]), its `lab.json` manifest and its control socket.
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ mod listener;
 pub mod partition;
 pub mod process;
 pub mod proxy;
+pub mod redis;
 
 pub use error::LabError;
 pub use lab::{Lab, LabOptions};

@@ -1,19 +1,55 @@
-//! # ha-redis (stub: not built yet)
+//! # ha-redis
 //!
-//! A Redis client that follows Sentinel failovers for multi-IDC services. **This crate is a
-//! documented stub**: its issue is not open yet; nothing here works. It exists so the workspace
-//! has its final shape and so `ha-core` is designed to fit it.
+//! A Redis client that follows Sentinel: the master is the **majority** answer of every
+//! sentinel, verified with `ROLE` before any command goes to it; a subscription on every
+//! sentinel follows failovers by their events (with a polling safety net); and writes issued
+//! while a failover is in progress are **held** and sent to the new master once it is verified,
+//! so a planned `SENTINEL FAILOVER` loses no acknowledged write.
 //!
-//! The planned design, on `ha-core`'s pieces:
-//! - a Sentinel watcher subscribed to `+switch-master` (and `+convert-to-slave`, `+sdown`) on
-//!   **every** sentinel, plus a polling safety net, with the new master verified with `ROLE`
-//!   before it is published: it bumps the dependency's [`ha_core::GenerationCounter`] and
-//!   publishes [`ha_core::TopologyEvent::MasterSwitched`];
-//! - master connections carry the generation they were made in; a connection of an older
-//!   generation is fenced ([`ha_core::HaError::Fenced`]) rather than used, so no write reaches a
-//!   demoted master that still acknowledges writes (the loss every client measured in `LAB.md`
-//!   shows); `-READONLY` answers are classified as retryable after a switch;
-//! - replica reads in the same IDC through [`ha_core::balance::LocalityBalance`] over an
-//!   [`ha_core::EndpointWatch`] of replicas published by the watcher;
-//! - `redis` (tokio-comp) re-exported, so users need no second version.
+//! - [`HaRedis`] / [`Builder`]: start-up from a list of sentinels and a master name (or a
+//!   topology dependency, [`HaRedis::builder_from_context`]); typed, bounded start-up errors
+//!   ([`StartupError`]).
+//! - [`MasterHandle`]: `Clone` + [`redis::aio::ConnectionLike`], so [`redis::AsyncCommands`]
+//!   and [`redis::Pipeline`] work unchanged; typed [`MasterHandle::query`].
+//! - [`ReplicaHandle`] ([`HaRedis::replicas`], with a topology): reads from the nearest
+//!   healthy replica through ha-core's `LocalityBalance`.
+//! - [`command`]: which commands are reads; [`event`]: Sentinel's events; [`vote`]: the
+//!   majority; [`error`]: how `HaError`s travel inside `RedisError`s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use ha_redis::redis::AsyncCommands;
+//! let sentinels = ["127.0.1.10:26400".parse()?, "127.0.2.10:26401".parse()?];
+//! let client = ha_redis::HaRedis::builder(sentinels, "members")
+//!     .timeout(std::time::Duration::from_secs(1))
+//!     .build()
+//!     .await?;
+//! let mut master = client.master();
+//! let _: () = master.set("k", "v").await?;
+//! let v: String = master.get("k").await?;
+//! // Or with typed errors:
+//! let n: i64 = client.master().query(ha_redis::redis::cmd("INCR").arg("n")).await?;
+//! # let _ = (v, n); Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+mod client;
+pub mod command;
+pub mod error;
+pub mod event;
+mod gate;
+mod node;
+pub mod replica;
+pub mod vote;
+
+pub use client::{Builder, HaRedis, MasterHandle, RedisSettings, Stats};
+pub use error::{RedisClassifier, StartupError};
+pub use node::Credentials;
+/// The `redis` crate this one is built on, so users need no second version.
+pub use redis;
+pub use replica::ReplicaHandle;

@@ -1,0 +1,262 @@
+//! The write gate: the current verified master connection and whether writes are held.
+//!
+//! One `watch` holds both, so the follower swaps the connection and releases the hold in one
+//! step: no write can slip onto the old master between the two. A caller waits for a usable
+//! connection bounded by its deadline, and a held write also by the maximum hold, counted
+//! from the moment that write found the gate held. Reads are never held; they only wait when
+//! there is no usable connection at all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Why writes are held, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hold {
+    pub(crate) since: Instant,
+    pub(crate) reason: Arc<str>,
+}
+
+/// The gate's state.
+#[derive(Debug)]
+pub(crate) struct State<C> {
+    pub(crate) conn: Option<Arc<C>>,
+    pub(crate) hold: Option<Hold>,
+}
+
+impl<C> Clone for State<C> {
+    fn clone(&self) -> Self {
+        State {
+            conn: self.conn.clone(),
+            hold: self.hold.clone(),
+        }
+    }
+}
+
+/// Why no connection was handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The caller's deadline passed (`held`: while writes were held).
+    Deadline { held: bool },
+    /// A held write waited the maximum hold.
+    MaxHold,
+    /// The follower is gone.
+    Closed,
+}
+
+pub(crate) struct Gate<C> {
+    tx: watch::Sender<State<C>>,
+}
+
+impl<C> Gate<C> {
+    pub(crate) fn new() -> Gate<C> {
+        Gate {
+            tx: watch::Sender::new(State {
+                conn: None,
+                hold: None,
+            }),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<State<C>> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) fn state(&self) -> State<C> {
+        self.tx.borrow().clone()
+    }
+
+    /// Holds writes; true when this started a hold (it was not held).
+    pub(crate) fn hold(&self, reason: &str) -> bool {
+        self.tx.send_if_modified(|s| {
+            if s.hold.is_some() {
+                return false;
+            }
+            s.hold = Some(Hold {
+                since: Instant::now(),
+                reason: reason.into(),
+            });
+            true
+        })
+    }
+
+    /// Releases held writes to the current connection; returns the hold that ended.
+    pub(crate) fn release(&self) -> Option<Hold> {
+        let mut ended = None;
+        self.tx.send_if_modified(|s| {
+            ended = s.hold.take();
+            ended.is_some()
+        });
+        ended
+    }
+
+    /// Installs `conn` (or none) and, when `release`, ends a hold in the same step.
+    pub(crate) fn install(&self, conn: Option<Arc<C>>, release: bool) -> Option<Hold> {
+        let mut ended = None;
+        self.tx.send_modify(|s| {
+            s.conn = conn;
+            if release {
+                ended = s.hold.take();
+            }
+        });
+        ended
+    }
+
+    /// Clears the connection if it is still `is_current` (a broken one), keeping the hold.
+    pub(crate) fn clear_if(&self, is_current: impl Fn(&C) -> bool) -> bool {
+        self.tx.send_if_modified(|s| {
+            if s.conn.as_deref().is_some_and(&is_current) {
+                s.conn = None;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Waits for a connection that `usable` accepts: for a write, also not held. Bounded by
+    /// `deadline`, and a held write by `max_hold` from when it first found the gate held.
+    pub(crate) async fn acquire(
+        &self,
+        write: bool,
+        deadline: Instant,
+        max_hold: Duration,
+        usable: impl Fn(&C) -> bool,
+    ) -> Result<Arc<C>, Refused> {
+        let mut rx = self.tx.subscribe();
+        let mut held_since: Option<Instant> = None;
+        loop {
+            let (conn, held) = {
+                let s = rx.borrow_and_update();
+                (s.conn.clone(), s.hold.is_some())
+            };
+            let held = write && held;
+            if !held && let Some(c) = conn.filter(|c| usable(c)) {
+                return Ok(c);
+            }
+            let mut bound = deadline;
+            let mut by_hold = false;
+            if held {
+                let since = *held_since.get_or_insert_with(Instant::now);
+                if since + max_hold < bound {
+                    bound = since + max_hold;
+                    by_hold = true;
+                }
+            }
+            match tokio::time::timeout_at(bound, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Refused::Closed),
+                Err(_) if by_hold => return Err(Refused::MaxHold),
+                Err(_) => return Err(Refused::Deadline { held }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn gate_with(id: u32) -> Arc<Gate<u32>> {
+        let g = Arc::new(Gate::new());
+        g.install(Some(Arc::new(id)), true);
+        g
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_write_waits_for_the_new_master_and_reads_pass() {
+        let g = gate_with(1);
+        assert!(g.hold("+try-failover"));
+        assert!(!g.hold("+elected-leader"), "one hold at a time");
+        let start = Instant::now();
+        // A read is not held: it goes to the old master at once.
+        let read = g.acquire(false, start + ms(1000), ms(5000), |_| true).await;
+        assert_eq!(*read.unwrap(), 1);
+        let g2 = g.clone();
+        let write = tokio::spawn(async move {
+            g2.acquire(true, Instant::now() + ms(1000), ms(5000), |_| true)
+                .await
+                .map(|c| (*c, Instant::now()))
+        });
+        tokio::time::sleep(ms(640)).await;
+        let ended = g.install(Some(Arc::new(2)), true).unwrap();
+        assert_eq!(&*ended.reason, "+try-failover");
+        let (conn, at) = write.await.unwrap().unwrap();
+        assert_eq!(
+            conn, 2,
+            "the held write goes to the new master, never the old"
+        );
+        assert_eq!(at - start, ms(640));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_failover_releases_to_the_old_master() {
+        let g = gate_with(1);
+        g.hold("+try-failover");
+        let g2 = g.clone();
+        let write = tokio::spawn(async move {
+            g2.acquire(true, Instant::now() + ms(2000), ms(5000), |_| true)
+                .await
+        });
+        tokio::time::sleep(ms(300)).await;
+        assert!(g.release().is_some());
+        assert_eq!(*write.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_and_the_max_hold_bound_the_wait() {
+        let g = gate_with(1);
+        g.hold("+odown");
+        let start = Instant::now();
+        let r = g.acquire(true, start + ms(1000), ms(5000), |_| true).await;
+        assert_eq!(r.unwrap_err(), Refused::Deadline { held: true });
+        assert_eq!(start.elapsed(), ms(1000));
+        let start = Instant::now();
+        let r = g.acquire(true, start + ms(1000), ms(250), |_| true).await;
+        assert_eq!(r.unwrap_err(), Refused::MaxHold);
+        assert_eq!(start.elapsed(), ms(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_connection_is_waited_past_by_reads_too() {
+        let g = gate_with(1);
+        let g2 = g.clone();
+        // Connection 1 is fenced (e.g. it failed with -READONLY): only another one will do.
+        let read = tokio::spawn(async move {
+            g2.acquire(false, Instant::now() + ms(1000), ms(5000), |c| *c != 1)
+                .await
+        });
+        tokio::time::sleep(ms(10)).await;
+        assert!(g.clear_if(|c| *c == 1));
+        assert!(!g.clear_if(|c| *c == 1));
+        tokio::time::sleep(ms(10)).await;
+        g.install(Some(Arc::new(3)), false);
+        assert_eq!(*read.await.unwrap().unwrap(), 3);
+        let start = Instant::now();
+        let r = g
+            .acquire(false, start + ms(100), ms(5000), |c| *c == 9)
+            .await;
+        assert_eq!(r.unwrap_err(), Refused::Deadline { held: false });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_follower_gone_is_closed() {
+        let g: Gate<u32> = Gate::new();
+        let rx_side = async {
+            g.acquire(false, Instant::now() + ms(100), ms(100), |_| true)
+                .await
+        };
+        // The sender lives as long as the gate: the wait is bounded by the deadline.
+        assert_eq!(
+            rx_side.await.unwrap_err(),
+            Refused::Deadline { held: false }
+        );
+    }
+}

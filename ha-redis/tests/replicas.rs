@@ -1,0 +1,96 @@
+//! Reads from the same IDC's replica, and away from it when it is killed (real lab).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use ha_lab::redis::{RedisLab, RedisLabOptions};
+use ha_redis::{HaRedis, ReplicaHandle};
+use tokio::time::Instant;
+
+fn topology(lab: &RedisLab, local_idc: &str) -> ha_core::Topology {
+    let addrs: Vec<String> = lab
+        .sentinel_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let text = format!(
+        r#"
+local_idc = "{local_idc}"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53"]
+[[regions]]
+name = "south"
+resolvers = ["127.0.3.53"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[[idcs]]
+name = "bj-b"
+region = "north"
+cidrs = ["127.0.2.0/24"]
+[[idcs]]
+name = "sh-a"
+region = "south"
+cidrs = ["127.0.3.0/24"]
+[dependencies.cache]
+kind = "redis"
+static_addrs = [{}]
+[dependencies.cache.settings]
+master_name = "members"
+"#,
+        addrs.join(", ")
+    );
+    ha_core::Topology::from_toml_str(&text, "t.toml").unwrap()
+}
+
+/// The port of the node that answered.
+async fn who(r: &ReplicaHandle) -> Result<u16, ha_core::HaError> {
+    let info: String = r.query(ha_redis::redis::cmd("INFO").arg("server")).await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("tcp_port:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_in_the_local_idc_and_move_when_its_replica_dies() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let ctx = ha_core::HaContext::new(topology(&lab, "bj-b"));
+    let client = HaRedis::builder_from_context(&ctx, "cache")
+        .await
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let replicas = client.replicas().expect("built with a topology");
+    let (master, local, remote) = (lab.nodes[0].addr, lab.nodes[1].addr, lab.nodes[2].addr);
+    for _ in 0..20 {
+        assert_eq!(who(&replicas).await.unwrap(), local.port());
+    }
+    lab.kill("redis-bj-b").await.unwrap();
+    let killed = Instant::now();
+    let mut errors = 0;
+    loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "reads did not move"
+        );
+        match who(&replicas).await {
+            Ok(p) if p == remote.port() => break,
+            Ok(p) => assert_ne!(p, master.port(), "a read went to the master"),
+            Err(_) => errors += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "replicas: reads moved from bj-b to sh-a {:?} after the kill, {errors} errors meanwhile",
+        killed.elapsed()
+    );
+    for _ in 0..20 {
+        let p = who(&replicas).await.unwrap();
+        assert_eq!(p, remote.port());
+    }
+}

@@ -1,0 +1,179 @@
+//! Start-up against the real lab: it works, and every bad input is a typed error within the
+//! start-up bound.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ha_lab::redis::{RedisLab, RedisLabOptions};
+use ha_redis::HaRedis;
+use ha_redis::redis::AsyncCommands;
+use tokio::time::Instant;
+
+const BOUND: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sentinel_reachable_is_typed_and_bounded() {
+    // Nothing listens on these (a blackholed address would hit the bound instead: also tested).
+    let sentinels = [
+        "127.0.1.251:1".parse().unwrap(),
+        "127.0.2.251:1".parse().unwrap(),
+    ];
+    let start = Instant::now();
+    let err = HaRedis::builder(sentinels, "members")
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_no_sentinel_reachable(), "{err}");
+    assert!(err.to_string().contains("127.0.1.251:1"), "{err}");
+    assert!(start.elapsed() <= BOUND + Duration::from_millis(500));
+    // An address that never answers: a listener that never accepts a RESP exchange.
+    let silent = std::net::TcpListener::bind("127.0.1.252:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let start = Instant::now();
+    let err = HaRedis::builder([addr], "members")
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_no_sentinel_reachable() || matches!(err, ha_redis::StartupError::Timeout { .. }),
+        "{err}"
+    );
+    assert!(start.elapsed() <= BOUND + Duration::from_millis(500));
+    let err = HaRedis::builder(Vec::new(), "members")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ha_redis::StartupError::Config(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_start_unknown_name_and_wrong_passwords() {
+    let mut opts = RedisLabOptions::default();
+    opts.redis_password = Some("redis-secret".into());
+    opts.sentinel_password = Some("sentinel-secret".into());
+    let lab = RedisLab::start(opts).await.unwrap();
+    let sentinels = lab.sentinel_addrs();
+
+    // Right credentials: it starts, writes and reads.
+    let client = HaRedis::builder(sentinels.clone(), "members")
+        .redis_auth(None, Some("redis-secret"))
+        .sentinel_auth(None, Some("sentinel-secret"))
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.current_master().unwrap().addr, lab.nodes[0].addr);
+    let mut m = client.master();
+    let _: () = m.set("startup:k", "v").await.unwrap();
+    let v: String = m.get("startup:k").await.unwrap();
+    assert_eq!(v, "v");
+    let n: i64 = client
+        .master()
+        .query(ha_redis::redis::cmd("INCR").arg("startup:n"))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // An application error passes through as redis's own error.
+    let err = m.incr::<_, _, i64>("startup:k", 1).await.unwrap_err();
+    assert!(ha_redis::error::ha_error(&err).is_none(), "{err}");
+
+    // Unknown master name.
+    let start = Instant::now();
+    let err = HaRedis::builder(sentinels.clone(), "nope")
+        .redis_auth(None, Some("redis-secret"))
+        .sentinel_auth(None, Some("sentinel-secret"))
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_unknown_master(), "{err}");
+    assert!(err.to_string().contains("nope"), "{err}");
+    assert!(start.elapsed() <= BOUND);
+
+    // Wrong sentinel password.
+    let start = Instant::now();
+    let err = HaRedis::builder(sentinels.clone(), "members")
+        .redis_auth(None, Some("redis-secret"))
+        .sentinel_auth(None, Some("wrong"))
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ha_redis::StartupError::SentinelAuth { .. }),
+        "{err}"
+    );
+    assert!(start.elapsed() <= BOUND);
+
+    // Wrong Redis password.
+    let start = Instant::now();
+    let err = HaRedis::builder(sentinels.clone(), "members")
+        .redis_auth(None, Some("wrong"))
+        .sentinel_auth(None, Some("sentinel-secret"))
+        .startup_timeout(BOUND)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ha_redis::StartupError::RedisAuth { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&lab.nodes[0].addr.to_string()),
+        "{err}"
+    );
+    assert!(start.elapsed() <= BOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_a_topology_dependency() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let addrs: Vec<String> = lab
+        .sentinel_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let text = format!(
+        r#"
+local_idc = "bj-b"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53"]
+[[regions]]
+name = "south"
+resolvers = ["127.0.3.53"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[[idcs]]
+name = "bj-b"
+region = "north"
+cidrs = ["127.0.2.0/24"]
+[[idcs]]
+name = "sh-a"
+region = "south"
+cidrs = ["127.0.3.0/24"]
+[dependencies.cache]
+kind = "redis"
+static_addrs = [{}]
+[dependencies.cache.settings]
+master_name = "members"
+timeout_ms = 800
+"#,
+        addrs.join(", ")
+    );
+    let ctx = ha_core::HaContext::new(ha_core::Topology::from_toml_str(&text, "t.toml").unwrap());
+    let client = HaRedis::builder_from_context(&ctx, "cache")
+        .await
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let m = ctx.master_watch("cache").current().unwrap();
+    assert_eq!(m.addr, lab.nodes[0].addr);
+    assert_eq!(m.idc_name(), "bj-a");
+    let _: () = client.master().set("topo:k", 1).await.unwrap();
+}
