@@ -1,0 +1,483 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+//! ha-mysql against the real MariaDB lab (primary `bj-a`, GTID replicas `bj-b`, `sh-a`, the
+//! HA simulator repointing the primary's per-region DNS name).
+//!
+//! The tests share the machine's two cores, so they run one at a time (`LOCK`); every wait is
+//! bounded; the servers are killed and their directory removed when the lab drops, also when
+//! a test fails. Figures are printed (`--nocapture`), never asserted as timing thresholds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha_core::{HaContext, HaError, Topology};
+use ha_lab::mariadb::{APP_PASSWORD, APP_USER, DATABASE, HaEvent, MariaDbLab, MariaDbLabOptions};
+use ha_mysql::mysql_async::prelude::Queryable;
+use ha_mysql::{HaMysql, MysqlError};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bound of any single wait in these tests.
+const WAIT: Duration = Duration::from_secs(20);
+/// The writes' deadline.
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// 200 writes per second.
+const PERIOD: Duration = Duration::from_millis(5);
+
+async fn lab() -> MariaDbLab {
+    let lab = tokio::time::timeout(
+        Duration::from_secs(60),
+        MariaDbLab::start(MariaDbLabOptions::default()),
+    )
+    .await
+    .expect("lab start bounded")
+    .expect("lab start");
+    let primary = lab.primary();
+    let mut c = lab.admin_conn(&primary).await.unwrap();
+    c.query_drop(format!(
+        "CREATE TABLE {DATABASE}.t (id BIGINT PRIMARY KEY, v INT NOT NULL)"
+    ))
+    .await
+    .unwrap();
+    // Wait for the table on both replicas.
+    for node in &lab.nodes()[1..] {
+        let mut rc = lab.admin_conn(node).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n: Option<i64> = rc
+                .query_first(format!(
+                    "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{DATABASE}' AND table_name = 't'"
+                ))
+                .await
+                .unwrap();
+            if n == Some(1) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "table t not replicated to {}",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    lab
+}
+
+fn settings() -> String {
+    format!(
+        r#"[dependencies.db.settings]
+user = "{APP_USER}"
+password = "{APP_PASSWORD}"
+database = "{DATABASE}"
+max_connections = 32
+connect_timeout = "300ms"
+timeout = "1s"
+startup_timeout = "3s"
+"#
+    )
+}
+
+async fn client(lab: &MariaDbLab) -> HaMysql {
+    let toml = lab.topology_toml("bj-a", "db", &settings());
+    let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    HaMysql::from_context(&ctx, "db")
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Res {
+    Acked(String),
+    Unknown,
+    NotSent,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct Rec {
+    id: u64,
+    sent: Instant,
+    done: Instant,
+    res: Res,
+}
+
+/// 200 INSERTs per second, each bounded by `TIMEOUT`, until `stop` turns true.
+async fn load(db: HaMysql, mut stop: watch::Receiver<bool>) -> Vec<Rec> {
+    let mut tick = tokio::time::interval(PERIOD);
+    let mut set = JoinSet::new();
+    let mut id = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        id += 1;
+        let db = db.clone();
+        set.spawn(async move {
+            let sent = Instant::now();
+            let r = db
+                .write(TIMEOUT, move |c| {
+                    Box::pin(async move {
+                        c.exec_drop("INSERT INTO t (id, v) VALUES (?, 1)", (id,))
+                            .await?;
+                        Ok(c.opts().ip_or_hostname().to_string())
+                    })
+                })
+                .await;
+            let res = match r {
+                Ok(ip) => Res::Acked(ip),
+                Err(e) if e.is_outcome_unknown() => Res::Unknown,
+                Err(HaError::DeadlineExceeded {
+                    maybe_sent: false, ..
+                }) => Res::NotSent,
+                Err(e) => Res::Failed(e.to_string()),
+            };
+            Rec {
+                id,
+                sent,
+                done: Instant::now(),
+                res,
+            }
+        });
+    }
+    let mut out = Vec::new();
+    let drained = tokio::time::timeout(TIMEOUT * 5, async {
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "a write outlived its deadline by far");
+    out.sort_by_key(|r| r.id);
+    out
+}
+
+async fn ids_on(lab: &MariaDbLab, name: &str) -> HashSet<u64> {
+    let node = lab.node(name).unwrap().clone();
+    let mut c = lab.admin_conn(&node).await.unwrap();
+    let ids: Vec<u64> = c
+        .query(format!("SELECT id FROM {DATABASE}.t"))
+        .await
+        .unwrap();
+    ids.into_iter().collect()
+}
+
+/// Waits until `name` has applied everything `from` has (bounded).
+async fn caught_up(lab: &MariaDbLab, from: &str, name: &str) {
+    let src = lab.node(from).unwrap().clone();
+    let mut c = lab.admin_conn(&src).await.unwrap();
+    let pos: String = c
+        .query_first("SELECT @@gtid_binlog_pos")
+        .await
+        .unwrap()
+        .unwrap();
+    let node = lab.node(name).unwrap().clone();
+    let mut r = lab.admin_conn(&node).await.unwrap();
+    let _: Option<i64> = r
+        .query_first(format!("SELECT MASTER_GTID_WAIT('{pos}', 10)"))
+        .await
+        .unwrap();
+}
+
+struct Summary {
+    acked: usize,
+    unknown: usize,
+    not_sent: usize,
+    failed: Vec<String>,
+    /// From the fault to the first acknowledgement by the new primary.
+    outage: Option<Duration>,
+    /// From the DNS repoint to the first acknowledgement by the new primary.
+    repoint_to_ack: Option<Duration>,
+    max_latency: Duration,
+    /// Acknowledged by the old primary after the repoint.
+    old_acks_after_repoint: usize,
+}
+
+fn summarise(recs: &[Rec], fault_at: Instant, ev: &HaEvent, old_ip: &str, new_ip: &str) -> Summary {
+    let first_new = recs
+        .iter()
+        .filter(|r| r.done > fault_at && r.res == Res::Acked(new_ip.to_owned()))
+        .map(|r| r.done)
+        .min();
+    Summary {
+        acked: recs
+            .iter()
+            .filter(|r| matches!(r.res, Res::Acked(_)))
+            .count(),
+        unknown: recs.iter().filter(|r| r.res == Res::Unknown).count(),
+        not_sent: recs.iter().filter(|r| r.res == Res::NotSent).count(),
+        failed: recs
+            .iter()
+            .filter_map(|r| match &r.res {
+                Res::Failed(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect(),
+        outage: first_new.map(|t| t.saturating_duration_since(fault_at)),
+        repoint_to_ack: first_new.map(|t| t.saturating_duration_since(ev.repointed_at)),
+        max_latency: recs
+            .iter()
+            .map(|r| r.done.saturating_duration_since(r.sent))
+            .max()
+            .unwrap_or_default(),
+        old_acks_after_repoint: recs
+            .iter()
+            .filter(|r| r.done > ev.repointed_at && r.res == Res::Acked(old_ip.to_owned()))
+            .count(),
+    }
+}
+
+fn report(name: &str, ev: &HaEvent, s: &Summary, lost: usize) {
+    println!(
+        "[{name}] HA {:?} -> repoint {:?} after the fault; outage {:?} (repoint -> 1st ack {:?}); acked {}, unknown {}, not sent {}, failed {} {:?}; acked lost {lost}; old-primary acks after repoint {}; max latency {:?}",
+        ev.kind,
+        ev.repointed_after(),
+        s.outage,
+        s.repoint_to_ack,
+        s.acked,
+        s.unknown,
+        s.not_sent,
+        s.failed.len(),
+        s.failed.iter().take(3).collect::<Vec<_>>(),
+        s.old_acks_after_repoint,
+        s.max_latency,
+    );
+}
+
+fn ip(addr: SocketAddr) -> String {
+    addr.ip().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_primary_under_load_follows_the_repoint() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let db = client(&lab).await;
+    lab.start_ha();
+    let old = lab.primary();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = tokio::spawn(load(db.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = Instant::now();
+    lab.kill(&old.name).await.unwrap();
+    let ev = lab.wait_ha_event(1, WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).unwrap();
+    let recs = load.await.unwrap();
+    let new = lab.node(&ev.to).unwrap().clone();
+    let on_new = ids_on(&lab, &new.name).await;
+    let acked: Vec<u64> = recs
+        .iter()
+        .filter(|r| matches!(r.res, Res::Acked(_)))
+        .map(|r| r.id)
+        .collect();
+    let lost = acked.iter().filter(|id| !on_new.contains(id)).count();
+    let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
+    report("kill -9", &ev, &s, lost);
+    assert_eq!(lost, 0, "acknowledged rows missing on the new primary");
+    assert!(s.failed.is_empty(), "unexpected errors: {:?}", s.failed);
+    assert_eq!(s.old_acks_after_repoint, 0);
+    assert!(
+        s.outage.is_some(),
+        "the client never wrote to the new primary"
+    );
+    assert_eq!(db.master().current().unwrap().addr, new.addr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_recovers_without_surfacing_read_only() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let db = client(&lab).await;
+    let old = lab.primary();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = tokio::spawn(load(db.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = Instant::now();
+    let ev = tokio::time::timeout(WAIT, lab.switchover(None))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).unwrap();
+    let recs = load.await.unwrap();
+    let new = lab.node(&ev.to).unwrap().clone();
+    let on_new = ids_on(&lab, &new.name).await;
+    let lost = recs
+        .iter()
+        .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
+        .count();
+    let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
+    report("switchover", &ev, &s, lost);
+    assert_eq!(lost, 0, "acknowledged rows missing on the new primary");
+    assert!(
+        s.failed.is_empty(),
+        "errors surfaced (1290?): {:?}",
+        s.failed
+    );
+    assert_eq!(
+        s.old_acks_after_repoint, 0,
+        "acks from the old primary after the repoint"
+    );
+    assert!(
+        s.outage.is_some(),
+        "the client never wrote to the new primary"
+    );
+    // Nothing originated on the old primary after the switch: its binlog has no GTID of its
+    // own server id beyond what the new primary also has.
+    caught_up(&lab, &new.name, &old.name).await;
+    assert_eq!(ids_on(&lab, &old.name).await, on_new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_primary_never_hangs_a_call_and_reports_unknown_outcomes() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let db = client(&lab).await;
+    lab.start_ha();
+    let old = lab.primary();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = tokio::spawn(load(db.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = Instant::now();
+    lab.freeze(&old.name).unwrap();
+    let ev = lab.wait_ha_event(1, WAIT).await.unwrap();
+    // Thaw 4 s after the freeze, still writable (the simulator does not fence it).
+    tokio::time::sleep_until(fault_at + Duration::from_secs(4)).await;
+    lab.thaw(&old.name).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).unwrap();
+    let recs = load.await.unwrap();
+    let new = lab.node(&ev.to).unwrap().clone();
+    let on_new = ids_on(&lab, &new.name).await;
+    let on_old = ids_on(&lab, &old.name).await;
+    let lost = recs
+        .iter()
+        .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
+        .count();
+    let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
+    report("SIGSTOP 4 s", &ev, &s, lost);
+    let unknown: HashSet<u64> = recs
+        .iter()
+        .filter(|r| r.res == Res::Unknown)
+        .map(|r| r.id)
+        .collect();
+    let only_old: Vec<u64> = on_old.difference(&on_new).copied().collect();
+    println!(
+        "[SIGSTOP 4 s] rows only on the old primary: {} (all reported OutcomeUnknown: {})",
+        only_old.len(),
+        only_old.iter().all(|id| unknown.contains(id))
+    );
+    // No call past its deadline (plus scheduling slack on a shared 2-core machine).
+    assert!(
+        s.max_latency < TIMEOUT + Duration::from_millis(500),
+        "max latency {:?}",
+        s.max_latency
+    );
+    assert!(s.failed.is_empty(), "unexpected errors: {:?}", s.failed);
+    assert!(
+        s.unknown > 0,
+        "the statements in flight at the freeze must be OutcomeUnknown"
+    );
+    assert_eq!(s.old_acks_after_repoint, 0);
+    // Whatever landed only on the old primary was never acknowledged nor reported not sent.
+    assert!(
+        only_old.iter().all(|id| unknown.contains(id)),
+        "{only_old:?}"
+    );
+    assert_eq!(lost, 0, "acknowledged rows missing on the new primary");
+    assert!(s.outage.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_errors_are_typed_and_bounded() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let primary = lab.primary();
+    let replica = lab.node("bj-b").unwrap().clone();
+    let bound = Duration::from_secs(3);
+    let base = || {
+        HaMysql::builder()
+            .user(APP_USER)
+            .password(APP_PASSWORD)
+            .database(DATABASE)
+            .connect_timeout(Duration::from_millis(300))
+            .startup_timeout(Duration::from_secs(1))
+    };
+    let timed = |f: ha_mysql::Builder| async move {
+        let t = Instant::now();
+        let r = tokio::time::timeout(bound, f.connect())
+            .await
+            .expect("start-up is bounded");
+        (r.map(|_| ()), t.elapsed())
+    };
+    // Nothing listens there.
+    let (r, took) = timed(base().addrs(["127.0.1.31:9".parse().unwrap()])).await;
+    let e = r.unwrap_err();
+    println!("unreachable: {e} after {took:?}");
+    assert!(e.is_unreachable(), "{e:?}");
+    // Wrong password.
+    let (r, took) = timed(base().password("wrong").addrs([primary.addr])).await;
+    let e = r.unwrap_err();
+    println!("wrong password: {e} after {took:?}");
+    assert!(e.is_access_denied(), "{e:?}");
+    // Unknown database.
+    let (r, took) = timed(base().database("nope").addrs([primary.addr])).await;
+    let e = r.unwrap_err();
+    println!("unknown database: {e} after {took:?}");
+    assert!(e.is_unknown_database(), "{e:?}");
+    // A "primary" that is read-only.
+    let (r, took) = timed(base().addrs([replica.addr])).await;
+    let e = r.unwrap_err();
+    println!("read-only primary: {e} after {took:?}");
+    assert!(e.is_not_primary(), "{e:?}");
+    // Invalid settings.
+    let (r, _) = timed(base().max_connections(0).addrs([primary.addr])).await;
+    assert!(r.unwrap_err().is_config());
+    // A DNS name that resolves to nothing.
+    let toml = lab.topology_toml("bj-a", "db", &settings());
+    let toml = toml
+        .replace("db.north.lab.", "nothing.north.lab.")
+        .replace("db.south.lab.", "nothing.south.lab.");
+    let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    let t = Instant::now();
+    let r = tokio::time::timeout(bound + Duration::from_secs(2), async {
+        HaMysql::from_context(&ctx, "db").await?.connect().await
+    })
+    .await
+    .expect("start-up is bounded");
+    let e = r.unwrap_err();
+    println!("unresolvable: {e} after {:?}", t.elapsed());
+    assert!(e.is_unresolvable(), "{e:?}");
+    // A bad settings table names the field.
+    let toml = lab.topology_toml(
+        "bj-a",
+        "db",
+        "[dependencies.db.settings]\ntimeout = \"soon\"\n",
+    );
+    let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    let e = HaMysql::from_context(&ctx, "db").await.unwrap_err();
+    match &e {
+        MysqlError::Config(c) => assert_eq!(c.field, "dependencies.db.settings.timeout"),
+        other => panic!("{other:?}"),
+    }
+    // And the good case, for contrast: a writer to the verified primary.
+    let db = base()
+        .addrs([replica.addr, primary.addr])
+        .connect()
+        .await
+        .unwrap();
+    let mut w = db.writer().await.unwrap();
+    assert_eq!(w.addr(), primary.addr);
+    let one: Option<i64> = w.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    let _ = Arc::new(());
+}
