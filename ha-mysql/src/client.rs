@@ -396,58 +396,50 @@ async fn find_primary(
 
 /// Re-checks the primary on a nudge (a classified error, a refused connect, a read-only
 /// answer), on a change of the DNS answer, and every `verify_interval`; while no primary is
-/// known it asks DNS again every 50 ms. A new primary bumps the generation and drops the idle
-/// connections of the old one (the others are refused at their next checkout).
+/// known it asks DNS again every 10 ms (only for as long as the outage lasts). A new primary
+/// bumps the generation and drops the idle connections of the old one (the others are refused
+/// at their next checkout). A probe round that a DNS change overtakes is abandoned, so a
+/// frozen candidate (whose probe waits its full connect timeout) never delays the new one.
 async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, verify: Duration) {
-    const LOST_POLL: Duration = Duration::from_millis(50);
+    const LOST_POLL: Duration = Duration::from_millis(10);
     let mut dns = source.watch();
+    let mut pending: Option<&'static str> = None;
     loop {
         let lost = shared.master.current().is_none();
         let wait = if lost { LOST_POLL } else { verify };
-        let cause = tokio::select! {
-            _ = shared.nudge.notified() => "error",
-            _ = tokio::time::sleep(wait) => if lost { "lost_poll" } else { "verify" },
-            changed = async {
-                match dns.as_mut() {
-                    Some(w) => w.changed().await.is_ok(),
-                    None => std::future::pending().await,
+        let cause = match pending.take() {
+            Some(c) => c,
+            None => tokio::select! {
+                _ = shared.nudge.notified() => "error",
+                _ = tokio::time::sleep(wait) => if lost { "lost_poll" } else { "verify" },
+                changed = dns_changed(&mut dns) => {
+                    if !changed {
+                        dns = None;
+                    }
+                    "dns_changed"
                 }
-            } => {
+            },
+        };
+        if lost || cause == "error" {
+            source.refresh();
+        }
+        let candidates = source.candidates().await;
+        let current = shared.master.current();
+        let round = probe_round(
+            &shared,
+            &candidates,
+            current.as_ref().map(|m| m.addr),
+            cause,
+        );
+        let chosen = tokio::select! {
+            chosen = round => chosen,
+            changed = dns_changed(&mut dns) => {
                 if !changed {
                     dns = None;
                 }
-                "dns_changed"
+                pending = Some("dns_changed");
+                continue;
             }
-        };
-        let candidates = source.candidates().await;
-        let current = shared.master.current();
-        let probes = candidates.iter().map(|a| {
-            let settings = &shared.conn;
-            async move { (*a, connect_primary(settings, *a).await) }
-        });
-        let results = futures::future::join_all(probes).await;
-        let mut writable = Vec::new();
-        for (addr, r) in results {
-            match r {
-                Ok(conn) => {
-                    writable.push(addr);
-                    tokio::spawn(async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(dependency = %shared.dependency, endpoint = %addr, error = %e, cause, "candidate is not a primary");
-                }
-            }
-        }
-        let chosen = match (&current, writable.as_slice()) {
-            (_, []) => None,
-            // Several writable candidates (a split brain in the making): stay with the
-            // current one when it is among them, else take the first answer in the
-            // authority's order.
-            (Some(cur), many) if many.contains(&cur.addr) => Some(cur.addr),
-            (_, [first, ..]) => Some(*first),
         };
         match chosen {
             Some(addr) => {
@@ -470,6 +462,51 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
             }
         }
     }
+}
+
+async fn dns_changed(dns: &mut Option<EndpointWatch>) -> bool {
+    match dns.as_mut() {
+        Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Probes every candidate at once; the first writable one wins, except that the current
+/// primary, when it is a candidate and writable, is kept (several writable candidates are a
+/// split brain in the making: stay, and never hop to the other).
+async fn probe_round(
+    shared: &Shared,
+    candidates: &[SocketAddr],
+    current: Option<SocketAddr>,
+    cause: &str,
+) -> Option<SocketAddr> {
+    use futures::StreamExt;
+    let wait_for_current = current.is_some_and(|c| candidates.contains(&c));
+    let mut probes: futures::stream::FuturesUnordered<_> = candidates
+        .iter()
+        .map(|a| {
+            let settings = &shared.conn;
+            async move { (*a, connect_primary(settings, *a).await) }
+        })
+        .collect();
+    let mut first_other = None;
+    while let Some((addr, r)) = probes.next().await {
+        match r {
+            Ok(conn) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+                });
+                if Some(addr) == current || !wait_for_current {
+                    return Some(addr);
+                }
+                first_other.get_or_insert(addr);
+            }
+            Err(e) => {
+                tracing::debug!(dependency = %shared.dependency, endpoint = %addr, error = %e, cause, "candidate is not a primary");
+            }
+        }
+    }
+    first_other
 }
 
 // === HaMysql ===
