@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{MysqlError, classify_mysql, is_read_only_code};
-use crate::manager::{ConnSettings, HaConn, MysqlManager, Shared, connect_primary};
+use crate::manager::{ConnSettings, HaConn, MysqlManager, Shared, close_later, connect_primary};
 use crate::settings::MysqlSettings;
 
 /// A pooled connection to the verified primary (returned to the pool on drop).
@@ -262,6 +262,7 @@ impl Builder {
             master,
             conn,
             nudge: tokio::sync::Notify::new(),
+            spare: parking_lot::Mutex::new(None),
         });
         let started = Instant::now();
         let deadline = started + s.startup_timeout;
@@ -362,9 +363,7 @@ async fn find_primary(
         match r {
             Ok(conn) => {
                 // The probe connection is not pooled: close it in the background.
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
-                });
+                close_later(conn);
                 return Ok(addr);
             }
             Err(e) => {
@@ -442,14 +441,23 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
             }
         };
         match chosen {
-            Some(addr) => {
+            Some((addr, conn)) => {
                 let before = current.as_ref().map(|m| m.generation);
                 let m = shared.master.switch(addr, cause);
-                if before != Some(m.generation) {
+                if before == Some(m.generation) {
+                    close_later(conn);
+                } else {
+                    if let Some((_, old)) = shared.spare.lock().replace((m.clone(), conn)) {
+                        close_later(old);
+                    }
                     let generation = m.generation;
                     let removed = pool.retain(|c: &HaConn, _| c.stamp().generation == generation);
                     metrics::counter!("ha_mysql_switches_total", "dependency" => shared.dependency.to_string()).increment(1);
                     tracing::warn!(dependency = %shared.dependency, endpoint = %addr, generation, cause, closed = removed.removed.len(), "writer pool follows a new primary");
+                    removed
+                        .removed
+                        .into_iter()
+                        .for_each(|c| close_later(c.into_conn()));
                 }
             }
             None => {
@@ -457,6 +465,10 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
                     let generation = shared.master.lose(cause);
                     let removed = pool.retain(|_, _| false);
                     tracing::warn!(dependency = %shared.dependency, generation, cause, closed = removed.removed.len(), candidates = ?candidates, "no writable primary: writes wait");
+                    removed
+                        .removed
+                        .into_iter()
+                        .for_each(|c| close_later(c.into_conn()));
                 }
                 source.refresh();
             }
@@ -479,7 +491,7 @@ async fn probe_round(
     candidates: &[SocketAddr],
     current: Option<SocketAddr>,
     cause: &str,
-) -> Option<SocketAddr> {
+) -> Option<(SocketAddr, Conn)> {
     use futures::StreamExt;
     let wait_for_current = current.is_some_and(|c| candidates.contains(&c));
     let mut probes: futures::stream::FuturesUnordered<_> = candidates
@@ -493,13 +505,17 @@ async fn probe_round(
     while let Some((addr, r)) = probes.next().await {
         match r {
             Ok(conn) => {
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
-                });
                 if Some(addr) == current || !wait_for_current {
-                    return Some(addr);
+                    if let Some((_, other)) = first_other.take() {
+                        close_later(other);
+                    }
+                    return Some((addr, conn));
                 }
-                first_other.get_or_insert(addr);
+                if first_other.is_none() {
+                    first_other = Some((addr, conn));
+                } else {
+                    close_later(conn);
+                }
             }
             Err(e) => {
                 tracing::debug!(dependency = %shared.dependency, endpoint = %addr, error = %e, cause, "candidate is not a primary");

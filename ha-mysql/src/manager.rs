@@ -134,6 +134,13 @@ pub(crate) async fn connect_primary(
     }
 }
 
+/// Closes a connection in the background, bounded (a frozen server never answers the quit).
+pub(crate) fn close_later(conn: Conn) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+    });
+}
+
 /// What the manager, the follower and the client share.
 pub(crate) struct Shared {
     pub dependency: Arc<str>,
@@ -141,6 +148,9 @@ pub(crate) struct Shared {
     pub conn: ConnSettings,
     /// Wakes the follower: something suggests the primary changed.
     pub nudge: Notify,
+    /// The follower's verified probe connection to a new primary, handed to the first
+    /// `create` of that generation (it saves the first writer a connect and a role check).
+    pub spare: parking_lot::Mutex<Option<(Arc<Master>, Conn)>>,
 }
 
 impl Shared {
@@ -164,6 +174,10 @@ impl HaConn {
     /// The snapshot this connection was verified on: its address and generation.
     pub fn stamp(&self) -> &Arc<Master> {
         &self.stamp
+    }
+
+    pub(crate) fn into_conn(self) -> Conn {
+        self.conn
     }
 
     /// The node's address.
@@ -236,6 +250,19 @@ impl Manager for MysqlManager {
             .ok_or_else(|| MysqlError::NoPrimary {
                 dependency: shared.dependency.to_string(),
             })?;
+        let spare = shared.spare.lock().take();
+        if let Some((spare_stamp, conn)) = spare {
+            if spare_stamp.generation == stamp.generation {
+                return Ok(HaConn {
+                    conn,
+                    stamp,
+                    checked_at: Instant::now(),
+                    in_flight: false,
+                    broken: false,
+                });
+            }
+            close_later(conn);
+        }
         let conn = match connect_primary(&shared.conn, stamp.addr).await {
             Ok(c) => c,
             Err(e) => {

@@ -85,6 +85,17 @@ startup_timeout = "3s"
 async fn client(lab: &MariaDbLab) -> HaMysql {
     let toml = lab.topology_toml("bj-a", "db", &settings());
     let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    // The client's view of the switch, printed with its time for the outage break-down.
+    let mut rx = ctx.events().subscribe();
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        while let Ok(ev) = rx.recv().await {
+            let kind = ev.kind();
+            if kind == "master_switched" || kind == "endpoint_added" {
+                println!("[event +{:?}] {kind}: {ev:?}", t0.elapsed());
+            }
+        }
+    });
     HaMysql::from_context(&ctx, "db")
         .await
         .unwrap()
@@ -235,11 +246,17 @@ fn summarise(recs: &[Rec], fault_at: Instant, ev: &HaEvent, old_ip: &str, new_ip
     }
 }
 
-fn report(name: &str, ev: &HaEvent, s: &Summary, lost: usize) {
+fn report(name: &str, ev: &HaEvent, s: &Summary, lost: usize, fault_at: Instant) {
     println!(
-        "[{name}] HA {:?} -> repoint {:?} after the fault; outage {:?} (repoint -> 1st ack {:?}); acked {}, unknown {}, not sent {}, failed {} {:?}; acked lost {lost}; old-primary acks after repoint {}; max latency {:?}",
+        "[{name}] HA decided +{:?}, promoted +{:?}, repointed +{:?} after the first miss",
+        ev.decided_at - ev.started_at,
+        ev.promoted_at - ev.started_at,
+        ev.repointed_at - ev.started_at
+    );
+    println!(
+        "[{name}] HA {:?}: repoint {:?} after the fault; outage {:?} (repoint -> 1st ack {:?}); acked {}, unknown {}, not sent {}, failed {} {:?}; acked lost {lost}; old-primary acks after repoint {}; max latency {:?}",
         ev.kind,
-        ev.repointed_after(),
+        ev.repointed_at.saturating_duration_since(fault_at),
         s.outage,
         s.repoint_to_ack,
         s.acked,
@@ -281,7 +298,7 @@ async fn kill_primary_under_load_follows_the_repoint() {
         .collect();
     let lost = acked.iter().filter(|id| !on_new.contains(id)).count();
     let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
-    report("kill -9", &ev, &s, lost);
+    report("kill -9", &ev, &s, lost, fault_at);
     assert_eq!(lost, 0, "acknowledged rows missing on the new primary");
     assert!(s.failed.is_empty(), "unexpected errors: {:?}", s.failed);
     assert_eq!(s.old_acks_after_repoint, 0);
@@ -316,7 +333,7 @@ async fn planned_switchover_recovers_without_surfacing_read_only() {
         .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
         .count();
     let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
-    report("switchover", &ev, &s, lost);
+    report("switchover", &ev, &s, lost, fault_at);
     assert_eq!(lost, 0, "acknowledged rows missing on the new primary");
     assert!(
         s.failed.is_empty(),
@@ -364,7 +381,7 @@ async fn frozen_primary_never_hangs_a_call_and_reports_unknown_outcomes() {
         .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
         .count();
     let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
-    report("SIGSTOP 4 s", &ev, &s, lost);
+    report("SIGSTOP 4 s", &ev, &s, lost, fault_at);
     let unknown: HashSet<u64> = recs
         .iter()
         .filter(|r| r.res == Res::Unknown)
