@@ -685,6 +685,16 @@ impl HaMysql {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // Checked here, not only by the timeout below: a checkout that fails at once (no
+            // primary known) is ready on its first poll, and tokio's timeout polls the inner
+            // future before its deadline, so it would never fire.
+            if Instant::now() >= deadline {
+                return Err(HaError::DeadlineExceeded {
+                    deadline: budget,
+                    attempts: attempts - 1,
+                    maybe_sent: false,
+                });
+            }
             let generation = self.inner.shared.master.generation();
             let got = tokio::time::timeout_at(deadline, self.inner.pool.get()).await;
             match got {

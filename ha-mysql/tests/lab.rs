@@ -498,3 +498,63 @@ async fn start_up_errors_are_typed_and_bounded() {
     assert_eq!(one, Some(1));
     let _ = Arc::new(());
 }
+
+async fn insert(db: &HaMysql, id: u64) -> Result<String, HaError> {
+    db.write(TIMEOUT, move |c| {
+        Box::pin(async move {
+            c.exec_drop("INSERT INTO t (id, v) VALUES (?, 1)", (id,))
+                .await?;
+            Ok(c.opts().ip_or_hostname().to_string())
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_naming_the_read_only_old_primary_is_refused() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let db = client(&lab).await;
+    let old = lab.primary();
+    assert_eq!(insert(&db, 1).await.unwrap(), ip(old.addr));
+    let ev = tokio::time::timeout(WAIT, lab.switchover(Some("bj-b")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(insert(&db, 2).await.unwrap(), ip(ev.to_addr));
+    // A stale answer brings the old primary back; it is read-only (a replica of bj-b now).
+    lab.set_primary_dns(old.addr.ip()).unwrap();
+    let mut rx = db.master().subscribe();
+    tokio::time::timeout(WAIT, rx.wait_for(|m| m.is_none()))
+        .await
+        .expect("the follower refuses the read-only node")
+        .unwrap();
+    let r = insert(&db, 3).await;
+    println!("write while DNS names the read-only old primary: {r:?}");
+    match r {
+        Err(HaError::DeadlineExceeded {
+            maybe_sent: false, ..
+        }) => {}
+        other => panic!("expected a not-sent deadline, got {other:?}"),
+    }
+    // The answer is fixed: writes resume on bj-b; none ever reached the old primary.
+    lab.set_primary_dns(ev.to_addr.ip()).unwrap();
+    let (ok_id, ok_ip) = tokio::time::timeout(WAIT, async {
+        let mut id = 4;
+        loop {
+            if let Ok(ip) = insert(&db, id).await {
+                return (id, ip);
+            }
+            id += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok_ip, ip(ev.to_addr));
+    caught_up(&lab, &ev.to, &old.name).await;
+    let on_new = ids_on(&lab, &ev.to).await;
+    assert!(on_new.contains(&1) && on_new.contains(&2) && on_new.contains(&ok_id));
+    assert!(!on_new.contains(&3), "the refused write must not have run");
+    assert_eq!(ids_on(&lab, &old.name).await, on_new);
+}
