@@ -16,7 +16,19 @@ use tokio::time::Instant;
 
 use crate::error::{MysqlError, classify_mysql, is_read_only_code};
 use crate::manager::{ConnSettings, HaConn, MysqlManager, Shared, close_later, connect_primary};
+use crate::reader::{ReadConn, ReplicaService, watch_lag};
 use crate::settings::MysqlSettings;
+use ha_core::Endpoint;
+use ha_core::balance::LocalityBalance;
+
+/// The GTID of the last transaction this session committed (`@@last_gtid`; needs the binlog).
+/// Read it inside [`HaMysql::write`], right after the write, for [`HaMysql::reader_after`].
+pub async fn last_gtid(conn: &mut Conn) -> mysql_async::Result<String> {
+    Ok(conn
+        .query_first::<String, _>("SELECT @@last_gtid")
+        .await?
+        .unwrap_or_default())
+}
 
 /// A pooled connection to the verified primary (returned to the pool on drop).
 pub type Writer = Object<MysqlManager>;
@@ -89,6 +101,7 @@ pub struct Builder {
     settings: MysqlSettings,
     events: EventBus,
     master: Option<MasterWatch>,
+    ctx: Option<HaContext>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -179,6 +192,20 @@ impl Builder {
     /// How often the follower verifies the primary when nothing happens. Default 1 s.
     pub fn verify_interval(mut self, d: Duration) -> Self {
         self.settings.verify_interval = d;
+        self
+    }
+
+    /// The replicas reads may go to ([`HaMysql::reader`]); used with a topology
+    /// ([`HaMysql::from_context`]), which places them into IDCs. Default none: reads go to
+    /// the primary.
+    pub fn replicas(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.settings.replicas = addrs.into_iter().collect();
+        self
+    }
+
+    /// A replica further behind than this is not read from. Default 1 s.
+    pub fn max_lag(mut self, d: Duration) -> Self {
+        self.settings.max_lag = d;
         self
     }
 
@@ -331,6 +358,10 @@ impl Builder {
                     e.to_string(),
                 ))
             })?;
+        let readers = match (&self.ctx, s.replicas.is_empty()) {
+            (Some(ctx), false) => Some(start_readers(ctx, &self.dependency, &shared.conn, s)),
+            _ => None,
+        };
         let follower = tokio::spawn(follow(
             shared.clone(),
             source.clone(),
@@ -343,6 +374,7 @@ impl Builder {
                 pool,
                 follower,
                 timeout: s.timeout,
+                readers,
             }),
         })
     }
@@ -532,11 +564,50 @@ struct Inner {
     pool: Pool<MysqlManager>,
     follower: JoinHandle<()>,
     timeout: Duration,
+    readers: Option<Readers>,
+}
+
+/// The replica side: the lag watcher and the balancer over what it publishes.
+struct Readers {
+    balancer: LocalityBalance<ReplicaService>,
+    task: JoinHandle<()>,
+    rwy_timeout: Duration,
+}
+
+fn start_readers(
+    ctx: &HaContext,
+    dependency: &str,
+    conn: &ConnSettings,
+    s: &MysqlSettings,
+) -> Readers {
+    let publisher = ctx.publisher(&format!("{dependency}.replicas"));
+    let task = tokio::spawn(watch_lag(
+        s.replicas.clone(),
+        conn.clone(),
+        ctx.topology().classifier().clone(),
+        publisher.clone(),
+        s.max_lag,
+        s.lag_check_interval,
+    ));
+    let settings = conn.clone();
+    let max = s.replica_connections;
+    let balancer = ctx
+        .balancer_over(publisher.watch())
+        .classifier(crate::MysqlClassifier)
+        .build(move |ep: &Endpoint| ReplicaService::new(ep.addr, settings.clone(), max));
+    Readers {
+        balancer,
+        task,
+        rwy_timeout: s.read_your_writes_timeout,
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.follower.abort();
+        if let Some(r) = &self.readers {
+            r.task.abort();
+        }
         self.pool.close();
     }
 }
@@ -613,6 +684,7 @@ impl HaMysql {
             settings: MysqlSettings::default(),
             events: EventBus::default(),
             master: None,
+            ctx: None,
         }
     }
 
@@ -653,6 +725,7 @@ impl HaMysql {
             settings,
             events: ctx.events().clone(),
             master: Some(ctx.master_watch(dependency)),
+            ctx: Some(ctx.clone()),
         })
     }
 
@@ -827,6 +900,56 @@ impl HaMysql {
             }
             let _ = attempts;
             return Err(HaError::backend(err));
+        }
+    }
+
+    /// A connection for a read: a replica within the lag bound, picked by ha-core's locality
+    /// tiers (same IDC, then same region, then the rest) and health; the primary when no
+    /// replica qualifies or none is configured. A read that must see this caller's own write
+    /// uses [`HaMysql::reader_after`].
+    pub async fn reader(&self) -> Result<ReadConn, HaError> {
+        if let Some(r) = &self.inner.readers {
+            let mut balancer = r.balancer.clone();
+            match tower_service::Service::call(&mut balancer, ()).await {
+                Ok(conn) => return Ok(ReadConn::Replica(conn)),
+                Err(e) => {
+                    tracing::debug!(dependency = %self.inner.shared.dependency, error = %e, "no replica for the read: primary");
+                }
+            }
+        }
+        Ok(ReadConn::Primary(self.writer().await?))
+    }
+
+    /// A read that sees the write whose GTID is `gtid` (read it in the write with
+    /// [`last_gtid`]): a replica that applies it within `read_your_writes_timeout`
+    /// (MariaDB `MASTER_GTID_WAIT`), else the primary.
+    pub async fn reader_after(&self, gtid: &str) -> Result<ReadConn, HaError> {
+        let conn = self.reader().await?;
+        let ReadConn::Replica(mut replica) = conn else {
+            return Ok(conn);
+        };
+        let wait = self
+            .inner
+            .readers
+            .as_ref()
+            .map_or(Duration::from_millis(100), |r| r.rwy_timeout);
+        let waited = tokio::time::timeout(
+            wait + self.inner.shared.conn.check_timeout,
+            replica.exec_first::<i64, _, _>(
+                "SELECT MASTER_GTID_WAIT(?, ?)",
+                (gtid, wait.as_secs_f64()),
+            ),
+        )
+        .await;
+        match waited {
+            Ok(Ok(Some(0))) => Ok(ReadConn::Replica(replica)),
+            other => {
+                if !matches!(other, Ok(Ok(_))) {
+                    replica.mark_broken();
+                }
+                metrics::counter!("ha_mysql_read_your_writes_primary_total", "dependency" => self.inner.shared.dependency.to_string()).increment(1);
+                Ok(ReadConn::Primary(self.writer().await?))
+            }
         }
     }
 

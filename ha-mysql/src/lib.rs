@@ -22,6 +22,11 @@
 //! - [`HaMysql::write`]: one statement (or transaction) bounded by the caller's deadline,
 //!   retried on the new primary only when it provably did not run; a lost connection or the
 //!   deadline passing after sending is [`ha_core::HaError::OutcomeUnknown`].
+//! - [`HaMysql::reader`]: a replica within a lag bound (`Seconds_Behind_Master`, checked by a
+//!   watcher that publishes the qualifying replicas through an ha-core `Publisher`), picked by
+//!   ha-core's `LocalityBalance` (same IDC, then same region, then the rest), else the primary;
+//!   [`HaMysql::reader_after`] waits for the caller's own write (`MASTER_GTID_WAIT` with the
+//!   GTID from [`last_gtid`]) or reads from the primary.
 //! - [`MysqlClassifier`]: the [`ha_core::Classify`] of MySQL failures.
 //!
 //! `mysql_async` and `deadpool` are re-exported, so users need no second version.
@@ -30,11 +35,13 @@
 mod client;
 pub mod error;
 pub mod manager;
+pub mod reader;
 pub mod settings;
 
-pub use client::{Builder, HaMysql, WriteOptions, Writer};
+pub use client::{Builder, HaMysql, WriteOptions, Writer, last_gtid};
 pub use deadpool;
 pub use error::{MysqlClassifier, MysqlError};
 pub use manager::{HaConn, MysqlManager};
 pub use mysql_async;
+pub use reader::{ReadConn, ReplicaConn, ReplicaManager};
 pub use settings::MysqlSettings;

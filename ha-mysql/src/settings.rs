@@ -10,7 +10,9 @@ use serde::Deserialize;
 /// Settings of one MySQL dependency. Defaults: `user` `root`, no `password`, no `database`,
 /// `max_connections` 16, `connect_timeout` 1 s (one connect plus its role check), `timeout`
 /// 2 s (the default deadline of a write), `startup_timeout` 5 s, `role_check_interval` 1 s,
-/// `verify_interval` 1 s.
+/// `verify_interval` 1 s, no `replicas`, `max_lag` 1 s (compared with
+/// `Seconds_Behind_Master`, whole seconds), `lag_check_interval` 500 ms,
+/// `replica_connections` 8 (per replica), `read_your_writes_timeout` 100 ms.
 ///
 /// In a topology file:
 ///
@@ -25,6 +27,8 @@ use serde::Deserialize;
 /// database = "members"
 /// max_connections = 32
 /// timeout = "1s"
+/// replicas = ["10.2.0.21:3306", "10.3.0.21:3306"]
+/// max_lag = "2s"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -47,6 +51,17 @@ pub struct MysqlSettings {
     pub role_check_interval: Duration,
     /// How often the follower verifies the primary when nothing happens.
     pub verify_interval: Duration,
+    /// The replicas reads may go to (each classified into its IDC by address).
+    pub replicas: Vec<std::net::SocketAddr>,
+    /// A replica further behind than this is not read from.
+    pub max_lag: Duration,
+    /// How often each replica's lag is checked.
+    pub lag_check_interval: Duration,
+    /// Maximum connections per replica pool.
+    pub replica_connections: usize,
+    /// How long a read-your-writes read waits on a replica for the write's GTID before it
+    /// goes to the primary.
+    pub read_your_writes_timeout: Duration,
 }
 
 impl Default for MysqlSettings {
@@ -61,6 +76,11 @@ impl Default for MysqlSettings {
             startup_timeout: Duration::from_secs(5),
             role_check_interval: Duration::from_secs(1),
             verify_interval: Duration::from_secs(1),
+            replicas: Vec::new(),
+            max_lag: Duration::from_secs(1),
+            lag_check_interval: Duration::from_millis(500),
+            replica_connections: 8,
+            read_your_writes_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -78,6 +98,11 @@ pub(crate) struct RawSettings {
     startup_timeout: Option<String>,
     role_check_interval: Option<String>,
     verify_interval: Option<String>,
+    replicas: Option<Vec<String>>,
+    max_lag: Option<String>,
+    lag_check_interval: Option<String>,
+    replica_connections: Option<usize>,
+    read_your_writes_timeout: Option<String>,
 }
 
 const MAX: Duration = Duration::from_secs(3600);
@@ -109,7 +134,32 @@ impl RawSettings {
                 "must not be empty",
             ));
         }
+        let mut replicas = Vec::new();
+        for (i, text) in self.replicas.unwrap_or_default().iter().enumerate() {
+            let addr = text.parse().map_err(|_| {
+                ConfigError::new(
+                    file,
+                    format!("{}[{i}]", field("replicas")),
+                    text,
+                    "not an IP:port address",
+                )
+            })?;
+            replicas.push(addr);
+        }
         Ok(MysqlSettings {
+            replicas,
+            max_lag: dur("max_lag", self.max_lag, d.max_lag)?,
+            lag_check_interval: dur(
+                "lag_check_interval",
+                self.lag_check_interval,
+                d.lag_check_interval,
+            )?,
+            replica_connections: self.replica_connections.unwrap_or(d.replica_connections),
+            read_your_writes_timeout: dur(
+                "read_your_writes_timeout",
+                self.read_your_writes_timeout,
+                d.read_your_writes_timeout,
+            )?,
             user,
             password: self.password,
             database: self.database,
@@ -171,5 +221,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.field, "dependencies.db.settings.user");
         assert!(raw("pasword = \"x\"").is_err());
+        let e = raw("replicas = [\"127.0.2.1:3306\", \"db-b\"]")
+            .unwrap()
+            .validate(Path::new("t.toml"), "db")
+            .unwrap_err();
+        assert_eq!(e.field, "dependencies.db.settings.replicas[1]");
     }
 }

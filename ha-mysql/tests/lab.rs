@@ -558,3 +558,112 @@ async fn a_stale_answer_naming_the_read_only_old_primary_is_refused() {
     assert!(!on_new.contains(&3), "the refused write must not have run");
     assert_eq!(ids_on(&lab, &old.name).await, on_new);
 }
+
+/// Writes `id` and returns the GTID of its transaction.
+async fn insert_gtid(db: &HaMysql, id: u64) -> String {
+    db.write(TIMEOUT, move |c| {
+        Box::pin(async move {
+            c.exec_drop("INSERT INTO t (id, v) VALUES (?, 1)", (id,))
+                .await?;
+            ha_mysql::last_gtid(c).await
+        })
+    })
+    .await
+    .unwrap()
+}
+
+async fn sees(conn: &mut ha_mysql::ReadConn, id: u64) -> bool {
+    let n: Option<i64> = conn
+        .exec_first("SELECT COUNT(*) FROM t WHERE id = ?", (id,))
+        .await
+        .unwrap();
+    n == Some(1)
+}
+
+/// Reads until one goes to `want` (bounded); returns how many reads that took.
+async fn reads_until(
+    db: &HaMysql,
+    want: &dyn Fn(&ha_mysql::ReadConn) -> bool,
+    what: &str,
+) -> usize {
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = db.reader().await.unwrap();
+        if want(&r) {
+            return n;
+        }
+        drop(r);
+        assert!(Instant::now() < deadline, "reads never went to {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_prefer_the_same_idc_replica_within_the_lag_bound_and_see_own_writes() {
+    let _serial = LOCK.lock().await;
+    let lab = lab().await;
+    let bj_b = lab.node("bj-b").unwrap().clone();
+    let sh_a = lab.node("sh-a").unwrap().clone();
+    let extra = format!(
+        "{}replicas = [\"{}\", \"{}\"]\nmax_lag = \"1s\"\nlag_check_interval = \"100ms\"\nread_your_writes_timeout = \"200ms\"\n",
+        settings(),
+        bj_b.addr,
+        sh_a.addr
+    );
+    let toml = lab.topology_toml("bj-b", "db", &extra);
+    let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    let db = HaMysql::from_context(&ctx, "db")
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Read-your-writes holds from the first write on.
+    let g1 = insert_gtid(&db, 1).await;
+    assert!(!g1.is_empty(), "@@last_gtid needs the binlog");
+    let mut r = db.reader_after(&g1).await.unwrap();
+    assert!(
+        sees(&mut r, 1).await,
+        "own write not visible on {}",
+        r.addr()
+    );
+    drop(r);
+    // The same-IDC replica serves the reads.
+    let n = reads_until(&db, &|r| r.addr() == bj_b.addr, "bj-b").await;
+    println!("[replica reads] same-IDC replica picked after {n} read(s)");
+    // Its SQL thread stops: it leaves the set, reads go to the other replica (or the primary).
+    let mut admin = lab.admin_conn(&bj_b).await.unwrap();
+    admin.query_drop("STOP SLAVE SQL_THREAD").await.unwrap();
+    let t = Instant::now();
+    reads_until(
+        &db,
+        &|r| r.addr() != bj_b.addr,
+        "away from the stopped bj-b",
+    )
+    .await;
+    println!(
+        "[replica reads] left the stopped replica after {:?}",
+        t.elapsed()
+    );
+    let g2 = insert_gtid(&db, 2).await;
+    let mut r = db.reader_after(&g2).await.unwrap();
+    assert_ne!(r.addr(), bj_b.addr);
+    assert!(
+        sees(&mut r, 2).await,
+        "own write not visible on {}",
+        r.addr()
+    );
+    drop(r);
+    // It catches up: reads return to it.
+    admin.query_drop("START SLAVE SQL_THREAD").await.unwrap();
+    let t = Instant::now();
+    reads_until(&db, &|r| r.addr() == bj_b.addr, "bj-b again").await;
+    println!(
+        "[replica reads] back on the caught-up replica after {:?}",
+        t.elapsed()
+    );
+    let mut r = db.reader_after(&g2).await.unwrap();
+    assert!(sees(&mut r, 2).await);
+}
