@@ -462,8 +462,21 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
             current.as_ref().map(|m| m.addr),
             cause,
         );
+        // While a round waits on a silent candidate, keep asking DNS: the HA may repoint the
+        // name meanwhile, and the change abandons the round.
+        let keep_asking = async {
+            if lost || cause == "error" {
+                loop {
+                    tokio::time::sleep(LOST_POLL).await;
+                    source.refresh();
+                }
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let chosen = tokio::select! {
             chosen = round => chosen,
+            () = keep_asking => None,
             changed = dns_changed(&mut dns) => {
                 if !changed {
                     dns = None;

@@ -134,6 +134,14 @@ pub(crate) async fn connect_primary(
     }
 }
 
+/// Resolves once the master watch no longer publishes `generation` (a switch or a loss).
+pub(crate) async fn moved_on(master: &MasterWatch, generation: ha_core::Generation) {
+    let mut rx = master.subscribe();
+    let _ = rx
+        .wait_for(|m| m.as_ref().map(|m| m.generation) != Some(generation))
+        .await;
+}
+
 /// Closes a connection in the background, bounded (a frozen server never answers the quit).
 pub(crate) fn close_later(conn: Conn) {
     tokio::spawn(async move {
@@ -263,7 +271,18 @@ impl Manager for MysqlManager {
             }
             close_later(conn);
         }
-        let conn = match connect_primary(&shared.conn, stamp.addr).await {
+        // A connect to a frozen node waits its full timeout; when the primary moves on
+        // meanwhile, give the pool slot back at once instead.
+        let connected = tokio::select! {
+            r = connect_primary(&shared.conn, stamp.addr) => r,
+            () = moved_on(&shared.master, stamp.generation) => {
+                return Err(MysqlError::Fenced(ha_core::HaError::Fenced {
+                    connection: stamp.generation,
+                    current: shared.master.generation(),
+                }));
+            }
+        };
+        let conn = match connected {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(dependency = %shared.dependency, endpoint = %stamp.addr, generation = stamp.generation, error = %e, "writer connect refused");
@@ -293,7 +312,14 @@ impl Manager for MysqlManager {
             .check(&c.stamp)
             .map_err(|e| RecycleError::Backend(MysqlError::Fenced(e)))?;
         if c.checked_at.elapsed() >= shared.conn.role_check_interval {
-            match role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false).await {
+            let checked = tokio::select! {
+                r = role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false) => r,
+                () = moved_on(&shared.master, c.stamp.generation) => {
+                    c.broken = true;
+                    return Err(RecycleError::message("the primary moved on during the role check"));
+                }
+            };
+            match checked {
                 Ok(NodeRole::Primary) => c.checked_at = Instant::now(),
                 Ok(_) => {
                     shared.nudge();
