@@ -8,8 +8,26 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ha_lab::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDbLab, MariaDbLabOptions};
-use ha_mysql::HaMysql;
 use ha_mysql::mysql_async::{self, prelude::Queryable};
+use ha_mysql::{HaMysql, deadpool};
+
+/// The bare-deadpool baseline of a checkout: a manager that does nothing.
+struct Trivial;
+
+impl deadpool::managed::Manager for Trivial {
+    type Type = ();
+    type Error = std::convert::Infallible;
+    async fn create(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    async fn recycle(
+        &self,
+        _: &mut (),
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Self::Error> {
+        Ok(())
+    }
+}
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,6 +99,15 @@ fn bench(c: &mut Criterion) {
     g.bench_function("checkout/bare_mysql_async_pool_no_reset", |b| {
         b.to_async(&rt)
             .iter(|| async { drop(no_reset.get_conn().await.unwrap()) })
+    });
+    let trivial: deadpool::managed::Pool<Trivial> = deadpool::managed::Pool::builder(Trivial)
+        .max_size(16)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    g.bench_function("checkout/bare_deadpool_trivial_manager", |b| {
+        b.to_async(&rt)
+            .iter(|| async { drop(trivial.get().await.unwrap()) })
     });
     g.finish();
     rt.block_on(async {

@@ -347,8 +347,9 @@ impl Builder {
         let pool = Pool::builder(MysqlManager::new(shared.clone()))
             .max_size(s.max_connections)
             .runtime(deadpool::Runtime::Tokio1)
-            .create_timeout(Some(s.connect_timeout))
-            .recycle_timeout(Some(s.connect_timeout))
+            // No deadpool create/recycle timeouts: `create` and the role check in `recycle`
+            // bound themselves (connect and check timeouts), and a deadpool timeout would arm a
+            // timer on every checkout.
             .build()
             .map_err(|e| {
                 MysqlError::Config(ConfigError::new(
