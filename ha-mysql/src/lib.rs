@@ -32,6 +32,11 @@
 //! `mysql_async` and `deadpool` are re-exported, so users need no second version.
 #![forbid(unsafe_code)]
 
+/// The README's example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod client;
 pub mod error;
 pub mod manager;
