@@ -683,3 +683,43 @@ async fn reads_prefer_the_same_idc_replica_within_the_lag_bound_and_see_own_writ
     let mut r = db.reader_after(&g2).await.unwrap();
     assert!(sees(&mut r, 2).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_addresses_follow_a_switchover_without_dns() {
+    let _serial = serial().await;
+    let lab = lab().await;
+    let addrs: Vec<SocketAddr> = lab.nodes().iter().map(|n| n.addr).collect();
+    let db = HaMysql::builder()
+        .addrs(addrs)
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .database(DATABASE)
+        .connect_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let old = lab.primary();
+    assert_eq!(db.master().current().unwrap().addr, old.addr);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = tokio::spawn(load(db.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fault_at = Instant::now();
+    let ev = tokio::time::timeout(WAIT, lab.switchover(Some("sh-a")))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).unwrap();
+    let recs = load.await.unwrap();
+    let on_new = ids_on(&lab, &ev.to).await;
+    let lost = recs
+        .iter()
+        .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
+        .count();
+    let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(ev.to_addr));
+    report("switchover, plain addresses", &ev, &s, lost, fault_at);
+    assert_eq!(lost, 0);
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    assert_eq!(s.old_acks_after_repoint, 0);
+    assert_eq!(db.master().current().unwrap().addr, ev.to_addr);
+}
