@@ -849,9 +849,7 @@ impl HaMysql {
     {
         let deadline = Instant::now() + opts.timeout;
         let shared = &self.inner.shared;
-        let mut attempts = 0u32;
         loop {
-            attempts += 1;
             let mut w = self.writer_until(deadline, opts.timeout).await?;
             let endpoint = w.addr();
             let generation = w.stamp().generation;
@@ -912,7 +910,6 @@ impl HaMysql {
                     source: Box::new(err),
                 });
             }
-            let _ = attempts;
             return Err(HaError::backend(err));
         }
     }
