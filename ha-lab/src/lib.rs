@@ -19,6 +19,8 @@ mod error;
 pub mod http;
 pub mod lab;
 mod listener;
+#[cfg(feature = "mariadb")]
+pub mod mariadb;
 pub mod partition;
 pub mod process;
 pub mod proxy;

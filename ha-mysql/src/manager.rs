@@ -1,0 +1,338 @@
+//! The deadpool [`Manager`] for mysql_async: `create` connects to the current primary (pinned to
+//! the address of the [`Master`] snapshot it read), verifies that the node is writable and not
+//! a replica, and stamps the connection with that snapshot; `recycle` refuses connections of an
+//! old generation, broken or abandoned ones, and re-checks the role at most once per
+//! `role_check_interval`.
+
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
+use ha_core::{Master, MasterWatch};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{MysqlError, codes, connect_error};
+
+/// Connection settings shared by the pool, the follower and start-up.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnSettings {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: Option<String>,
+    pub connect_timeout: Duration,
+    pub check_timeout: Duration,
+    pub role_check_interval: Duration,
+}
+
+impl ConnSettings {
+    /// Options for one node, pinned to `addr`: mysql_async would otherwise resolve the host on
+    /// every connect and, with `prefer_socket` (its default), reconnect over a local socket
+    /// after a loopback TCP connect.
+    fn opts(&self, addr: SocketAddr) -> OptsBuilder {
+        OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .resolved_ips(Some(vec![addr.ip()]))
+            .prefer_socket(false)
+            .user(Some(self.user.clone()))
+            .pass(self.password.clone())
+            .db_name(self.database.clone())
+    }
+}
+
+/// The role a node showed when checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeRole {
+    Primary,
+    ReadOnly,
+    Replica,
+}
+
+/// Connects to `addr`, bounded by the connect timeout, with typed errors.
+pub(crate) async fn connect(settings: &ConnSettings, addr: SocketAddr) -> Result<Conn, MysqlError> {
+    match tokio::time::timeout(settings.connect_timeout, Conn::new(settings.opts(addr))).await {
+        Err(_) => Err(MysqlError::ConnectTimeout {
+            addr,
+            after: settings.connect_timeout,
+        }),
+        Ok(Err(e)) => Err(connect_error(
+            addr,
+            &settings.user,
+            settings.database.as_deref(),
+            e,
+        )),
+        Ok(Ok(c)) => Ok(c),
+    }
+}
+
+/// `@@read_only` and, when the user may see it, whether the node replicates.
+pub(crate) async fn role(
+    conn: &mut Conn,
+    addr: SocketAddr,
+    timeout: Duration,
+    full: bool,
+) -> Result<NodeRole, MysqlError> {
+    let check = async {
+        let ro: Option<i64> = conn.query_first("SELECT @@global.read_only").await?;
+        if ro != Some(0) {
+            return Ok(NodeRole::ReadOnly);
+        }
+        if !full {
+            return Ok(NodeRole::Primary);
+        }
+        match conn
+            .query::<mysql_async::Row, _>("SHOW ALL SLAVES STATUS")
+            .await
+        {
+            Ok(rows) => {
+                let replicating = rows.iter().any(|r| {
+                    ["Slave_IO_Running", "Slave_SQL_Running"].iter().any(|col| {
+                        r.get_opt::<Option<String>, _>(*col)
+                            .and_then(Result::ok)
+                            .flatten()
+                            .is_some_and(|v| v.eq_ignore_ascii_case("yes"))
+                    })
+                });
+                Ok(if replicating {
+                    NodeRole::Replica
+                } else {
+                    NodeRole::Primary
+                })
+            }
+            // Without SLAVE MONITOR the user cannot see replication; read_only decides.
+            Err(mysql_async::Error::Server(s)) if s.code == codes::SPECIFIC_ACCESS_DENIED => {
+                Ok(NodeRole::Primary)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    match tokio::time::timeout(timeout, check).await {
+        Err(_) => Err(MysqlError::ConnectTimeout {
+            addr,
+            after: timeout,
+        }),
+        Ok(Err(source)) => Err(MysqlError::Connect { addr, source }),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// Connects to `addr` and checks that it is a writable primary.
+pub(crate) async fn connect_primary(
+    settings: &ConnSettings,
+    addr: SocketAddr,
+) -> Result<Conn, MysqlError> {
+    let mut conn = connect(settings, addr).await?;
+    match role(&mut conn, addr, settings.check_timeout, true).await? {
+        NodeRole::Primary => Ok(conn),
+        NodeRole::ReadOnly => Err(MysqlError::ReadOnly { addr }),
+        NodeRole::Replica => Err(MysqlError::Replica { addr }),
+    }
+}
+
+/// Resolves once the master watch no longer publishes `generation` (a switch or a loss).
+pub(crate) async fn moved_on(master: &MasterWatch, generation: ha_core::Generation) {
+    let mut rx = master.subscribe();
+    let _ = rx
+        .wait_for(|m| m.as_ref().map(|m| m.generation) != Some(generation))
+        .await;
+}
+
+/// Closes a connection in the background, bounded (a frozen server never answers the quit).
+pub(crate) fn close_later(conn: Conn) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+    });
+}
+
+/// What the manager, the follower and the client share.
+pub(crate) struct Shared {
+    pub dependency: Arc<str>,
+    pub master: MasterWatch,
+    pub conn: ConnSettings,
+    /// Wakes the follower: something suggests the primary changed.
+    pub nudge: Notify,
+    /// The follower's verified probe connection to a new primary, handed to the first
+    /// `create` of that generation (it saves the first writer a connect and a role check).
+    pub spare: parking_lot::Mutex<Option<(Arc<Master>, Conn)>>,
+}
+
+impl Shared {
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+}
+
+/// A pooled connection to a verified primary, stamped with the [`Master`] snapshot it was made
+/// from. Derefs to [`Conn`].
+#[derive(Debug)]
+pub struct HaConn {
+    conn: Conn,
+    stamp: Arc<Master>,
+    checked_at: Instant,
+    in_flight: bool,
+    broken: bool,
+}
+
+impl HaConn {
+    /// The snapshot this connection was verified on: its address and generation.
+    pub fn stamp(&self) -> &Arc<Master> {
+        &self.stamp
+    }
+
+    pub(crate) fn into_conn(self) -> Conn {
+        self.conn
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.stamp.addr
+    }
+
+    /// Marks the connection as unusable: the pool closes it instead of reusing it. Call it
+    /// after an error that left the session in an unknown state.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Marks a statement as running; if the future running it is dropped before
+    /// [`HaConn::end_statement`], the pool refuses the connection (its session is mid-answer).
+    pub fn begin_statement(&mut self) {
+        self.in_flight = true;
+    }
+
+    /// The statement begun with [`HaConn::begin_statement`] finished.
+    pub fn end_statement(&mut self) {
+        self.in_flight = false;
+    }
+}
+
+impl Deref for HaConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl DerefMut for HaConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+/// The deadpool [`Manager`] of the writer pool (see the [module docs](self)). Built by
+/// [`HaMysql`](crate::HaMysql); use [`HaMysql::pool`](crate::HaMysql::pool) for the pool.
+pub struct MysqlManager {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MysqlManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlManager")
+            .field("dependency", &self.shared.dependency)
+            .field("master", &self.shared.master.current())
+            .finish()
+    }
+}
+
+impl MysqlManager {
+    pub(crate) fn new(shared: Arc<Shared>) -> MysqlManager {
+        MysqlManager { shared }
+    }
+}
+
+impl Manager for MysqlManager {
+    type Type = HaConn;
+    type Error = MysqlError;
+
+    async fn create(&self) -> Result<HaConn, MysqlError> {
+        let shared = &self.shared;
+        // One snapshot: the address connected to and the generation stamped come together.
+        let stamp = shared
+            .master
+            .current()
+            .ok_or_else(|| MysqlError::NoPrimary {
+                dependency: shared.dependency.to_string(),
+            })?;
+        let spare = shared.spare.lock().take();
+        if let Some((spare_stamp, conn)) = spare {
+            if spare_stamp.generation == stamp.generation {
+                return Ok(HaConn {
+                    conn,
+                    stamp,
+                    checked_at: Instant::now(),
+                    in_flight: false,
+                    broken: false,
+                });
+            }
+            close_later(conn);
+        }
+        // A connect to a frozen node waits its full timeout; when the primary moves on
+        // meanwhile, give the pool slot back at once instead.
+        let connected = tokio::select! {
+            r = connect_primary(&shared.conn, stamp.addr) => r,
+            () = moved_on(&shared.master, stamp.generation) => {
+                return Err(MysqlError::Fenced(ha_core::HaError::Fenced {
+                    connection: stamp.generation,
+                    current: shared.master.generation(),
+                }));
+            }
+        };
+        let conn = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(dependency = %shared.dependency, endpoint = %stamp.addr, generation = stamp.generation, error = %e, "writer connect refused");
+                shared.nudge();
+                return Err(e);
+            }
+        };
+        // The primary may have switched while we connected.
+        shared.master.check(&stamp).map_err(MysqlError::Fenced)?;
+        metrics::counter!("ha_mysql_connections_created_total", "dependency" => shared.dependency.to_string()).increment(1);
+        Ok(HaConn {
+            conn,
+            stamp,
+            checked_at: Instant::now(),
+            in_flight: false,
+            broken: false,
+        })
+    }
+
+    async fn recycle(&self, c: &mut HaConn, _: &Metrics) -> RecycleResult<MysqlError> {
+        let shared = &self.shared;
+        if c.in_flight || c.broken || c.conn.is_disconnected() {
+            return Err(RecycleError::message("broken or abandoned mid-statement"));
+        }
+        shared
+            .master
+            .check(&c.stamp)
+            .map_err(|e| RecycleError::Backend(MysqlError::Fenced(e)))?;
+        if c.checked_at.elapsed() >= shared.conn.role_check_interval {
+            let checked = tokio::select! {
+                r = role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false) => r,
+                () = moved_on(&shared.master, c.stamp.generation) => {
+                    c.broken = true;
+                    return Err(RecycleError::message("the primary moved on during the role check"));
+                }
+            };
+            match checked {
+                Ok(NodeRole::Primary) => c.checked_at = Instant::now(),
+                Ok(_) => {
+                    shared.nudge();
+                    return Err(RecycleError::Backend(MysqlError::ReadOnly {
+                        addr: c.stamp.addr,
+                    }));
+                }
+                Err(e) => {
+                    shared.nudge();
+                    return Err(RecycleError::Backend(e));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! Reads from replicas: a pool per replica, a lag watcher publishing the replicas within the
+//! lag bound (`Role::Replica`) through an ha-core [`Publisher`], and ha-core's
+//! `LocalityBalance` over that set (same IDC, then same region, then the rest).
+
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use deadpool::managed::{Manager, Metrics, Object, Pool, RecycleError, RecycleResult};
+use futures::future::BoxFuture;
+use ha_core::{BoxError, IdcClassifier, Publisher, Role};
+use mysql_async::Conn;
+use mysql_async::prelude::Queryable;
+
+use crate::client::Writer;
+use crate::error::MysqlError;
+use crate::manager::{ConnSettings, close_later, connect};
+
+/// A pooled connection to one replica. Derefs to [`Conn`].
+#[derive(Debug)]
+pub struct ReplicaConn {
+    conn: Conn,
+    addr: SocketAddr,
+    broken: bool,
+}
+
+impl ReplicaConn {
+    /// The replica's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Marks the connection as unusable: the pool closes it.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl Deref for ReplicaConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl DerefMut for ReplicaConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+/// The deadpool [`Manager`] of one replica's pool: connects (pinned to the address), refuses
+/// broken connections. Lag is the watcher's business, not a checkout's.
+#[derive(Debug)]
+pub struct ReplicaManager {
+    addr: SocketAddr,
+    settings: ConnSettings,
+}
+
+impl Manager for ReplicaManager {
+    type Type = ReplicaConn;
+    type Error = MysqlError;
+
+    async fn create(&self) -> Result<ReplicaConn, MysqlError> {
+        let conn = connect(&self.settings, self.addr).await?;
+        Ok(ReplicaConn {
+            conn,
+            addr: self.addr,
+            broken: false,
+        })
+    }
+
+    async fn recycle(&self, c: &mut ReplicaConn, _: &Metrics) -> RecycleResult<MysqlError> {
+        if c.broken || c.conn.is_disconnected() {
+            return Err(RecycleError::message("broken"));
+        }
+        Ok(())
+    }
+}
+
+/// A connection for a read: to a replica, or to the primary when no replica qualifies.
+/// Derefs to [`Conn`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReadConn {
+    /// A replica within the lag bound, picked by locality.
+    Replica(Object<ReplicaManager>),
+    /// The primary (no replica qualified, or read-your-writes could not wait).
+    Primary(Writer),
+}
+
+impl ReadConn {
+    /// The node's address.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            ReadConn::Replica(r) => r.addr(),
+            ReadConn::Primary(w) => w.addr(),
+        }
+    }
+
+    /// True when the read goes to a replica.
+    pub fn is_replica(&self) -> bool {
+        matches!(self, ReadConn::Replica(_))
+    }
+}
+
+impl Deref for ReadConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        match self {
+            ReadConn::Replica(r) => r,
+            ReadConn::Primary(w) => w,
+        }
+    }
+}
+
+impl DerefMut for ReadConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        match self {
+            ReadConn::Replica(r) => r,
+            ReadConn::Primary(w) => w,
+        }
+    }
+}
+
+/// The per-endpoint service the balancer calls: checks a connection out of that replica's
+/// pool.
+#[derive(Clone)]
+pub(crate) struct ReplicaService {
+    pool: Option<Pool<ReplicaManager>>,
+    addr: SocketAddr,
+}
+
+impl ReplicaService {
+    pub(crate) fn new(addr: SocketAddr, settings: ConnSettings, max: usize) -> ReplicaService {
+        let timeout = settings.connect_timeout;
+        let pool = Pool::builder(ReplicaManager { addr, settings })
+            .max_size(max.max(1))
+            .runtime(deadpool::Runtime::Tokio1)
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .wait_timeout(Some(timeout))
+            .build()
+            .inspect_err(|e| tracing::warn!(endpoint = %addr, error = %e, "replica pool refused"))
+            .ok();
+        ReplicaService { pool, addr }
+    }
+}
+
+impl tower_service::Service<()> for ReplicaService {
+    type Response = Object<ReplicaManager>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Object<ReplicaManager>, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        let pool = self.pool.clone();
+        let addr = self.addr;
+        Box::pin(async move {
+            let Some(pool) = pool else {
+                return Err(Box::new(MysqlError::NoPrimary {
+                    dependency: format!("replica {addr}"),
+                }) as BoxError);
+            };
+            pool.get().await.map_err(|e| -> BoxError {
+                match e {
+                    deadpool::managed::PoolError::Backend(m) => Box::new(m),
+                    other => Box::new(std::io::Error::other(other.to_string())),
+                }
+            })
+        })
+    }
+}
+
+/// Watches every configured replica: published (as `Role::Replica`) while its SQL thread runs
+/// and `Seconds_Behind_Master` is within `max_lag`; withdrawn otherwise (a promoted replica
+/// stops replicating and leaves the set; a demoted primary that replicates joins it).
+pub(crate) async fn watch_lag(
+    replicas: Vec<SocketAddr>,
+    settings: ConnSettings,
+    classifier: Arc<IdcClassifier>,
+    publisher: Publisher,
+    max_lag: Duration,
+    every: Duration,
+) {
+    let mut conns: Vec<Option<Conn>> = replicas.iter().map(|_| None).collect();
+    loop {
+        let mut ok = Vec::new();
+        for (i, addr) in replicas.iter().enumerate() {
+            let lag = check_lag(&mut conns[i], *addr, &settings).await;
+            let within = lag.is_some_and(|l| l <= max_lag);
+            tracing::trace!(endpoint = %addr, ?lag, within, "replica lag");
+            if within {
+                ok.push(classifier.endpoint(*addr).with_role(Role::Replica));
+            }
+        }
+        publisher.publish(ok);
+        if publisher.receiver_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The replica's lag (`None`: not replicating, SQL thread stopped, unreachable).
+async fn check_lag(
+    slot: &mut Option<Conn>,
+    addr: SocketAddr,
+    settings: &ConnSettings,
+) -> Option<Duration> {
+    if slot.is_none() {
+        *slot = connect(settings, addr).await.ok();
+    }
+    let conn = slot.as_mut()?;
+    let q = tokio::time::timeout(
+        settings.check_timeout,
+        conn.query_first::<mysql_async::Row, _>("SHOW SLAVE STATUS"),
+    )
+    .await;
+    let row = match q {
+        Ok(Ok(row)) => row,
+        _ => {
+            if let Some(c) = slot.take() {
+                close_later(c);
+            }
+            return None;
+        }
+    };
+    let row = row?;
+    let text = |col: &str| {
+        row.get_opt::<Option<String>, _>(col)
+            .and_then(Result::ok)
+            .flatten()
+    };
+    if !text("Slave_SQL_Running").is_some_and(|v| v.eq_ignore_ascii_case("yes")) {
+        return None;
+    }
+    let secs: u64 = text("Seconds_Behind_Master")?.parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
