@@ -59,7 +59,13 @@ async fn every_phase_meets_its_expectation() {
     assert!(steady.errors.is_empty(), "{table}");
 
     let kill = row(&report, Phase::KillOne);
-    assert!((share(kill, "bj-a") - 0.7).abs() <= 0.15, "{table}");
+    // The whole phase's share: 100% bj-a until the killed endpoint is ejected, then the spill
+    // rule's 70% (which the phase itself checks after 1 s, within 70% ± 10%). Since failures
+    // are charged in the peak-EWMA (issue 14, B.4) the dead endpoint gets only exploration
+    // traffic until its ejection (~1.4 s at 200 calls/s), so the whole-phase share lies between
+    // 70% and 100% of that mix: above 70% - 15%, below 95%.
+    let kill_share = share(kill, "bj-a");
+    assert!((0.55..=0.95).contains(&kill_share), "{table}");
     assert_eq!(share(kill, "sh-a"), 0.0, "{table}");
 
     let blackhole = row(&report, Phase::Blackhole);
