@@ -20,7 +20,8 @@ use ha_redis::{HaRedis, MasterHandle};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
+mod common;
+use common::{SERIAL, build, init_tracing};
 
 const PREFIX: &str = "k";
 
@@ -123,19 +124,6 @@ async fn watch_switch(sentinel: SocketAddr) -> tokio::sync::oneshot::Receiver<In
         }
     });
     rx
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-fn build(lab: &RedisLab) -> ha_redis::Builder {
-    HaRedis::builder(lab.sentinel_addrs(), &lab.options().master_name)
-        .timeout(Duration::from_secs(1))
-        .startup_timeout(Duration::from_secs(5))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

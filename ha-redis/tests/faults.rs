@@ -7,25 +7,11 @@
 use std::time::Duration;
 
 use ha_lab::redis::{RedisLab, RedisLabOptions};
-use ha_redis::HaRedis;
 use ha_redis::redis::AsyncCommands;
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-fn build(lab: &RedisLab) -> ha_redis::Builder {
-    HaRedis::builder(lab.sentinel_addrs(), &lab.options().master_name)
-        .timeout(Duration::from_secs(1))
-        .startup_timeout(Duration::from_secs(5))
-}
+mod common;
+use common::{SERIAL, build, init_tracing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readonly_master_is_left_and_the_write_retried_on_the_next() {

@@ -7,43 +7,7 @@ use ha_lab::redis::{RedisLab, RedisLabOptions};
 use ha_redis::{HaRedis, ReplicaHandle};
 use tokio::time::Instant;
 
-fn topology(lab: &RedisLab, local_idc: &str) -> ha_core::Topology {
-    let addrs: Vec<String> = lab
-        .sentinel_addrs()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect();
-    let text = format!(
-        r#"
-local_idc = "{local_idc}"
-[[regions]]
-name = "north"
-resolvers = ["127.0.1.53"]
-[[regions]]
-name = "south"
-resolvers = ["127.0.3.53"]
-[[idcs]]
-name = "bj-a"
-region = "north"
-cidrs = ["127.0.1.0/24"]
-[[idcs]]
-name = "bj-b"
-region = "north"
-cidrs = ["127.0.2.0/24"]
-[[idcs]]
-name = "sh-a"
-region = "south"
-cidrs = ["127.0.3.0/24"]
-[dependencies.cache]
-kind = "redis"
-static_addrs = [{}]
-[dependencies.cache.settings]
-master_name = "members"
-"#,
-        addrs.join(", ")
-    );
-    ha_core::Topology::from_toml_str(&text, "t.toml").unwrap()
-}
+mod common;
 
 /// The port of the node that answered.
 async fn who(r: &ReplicaHandle) -> Result<u16, ha_core::HaError> {
@@ -58,7 +22,7 @@ async fn who(r: &ReplicaHandle) -> Result<u16, ha_core::HaError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_stay_in_the_local_idc_and_move_when_its_replica_dies() {
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let ctx = ha_core::HaContext::new(topology(&lab, "bj-b"));
+    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", ""));
     let client = HaRedis::builder_from_context(&ctx, "cache")
         .await
         .unwrap()

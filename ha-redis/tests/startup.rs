@@ -9,6 +9,8 @@ use ha_redis::HaRedis;
 use ha_redis::redis::AsyncCommands;
 use tokio::time::Instant;
 
+mod common;
+
 const BOUND: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,42 +132,7 @@ async fn lab_start_unknown_name_and_wrong_passwords() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_a_topology_dependency() {
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let addrs: Vec<String> = lab
-        .sentinel_addrs()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect();
-    let text = format!(
-        r#"
-local_idc = "bj-b"
-[[regions]]
-name = "north"
-resolvers = ["127.0.1.53"]
-[[regions]]
-name = "south"
-resolvers = ["127.0.3.53"]
-[[idcs]]
-name = "bj-a"
-region = "north"
-cidrs = ["127.0.1.0/24"]
-[[idcs]]
-name = "bj-b"
-region = "north"
-cidrs = ["127.0.2.0/24"]
-[[idcs]]
-name = "sh-a"
-region = "south"
-cidrs = ["127.0.3.0/24"]
-[dependencies.cache]
-kind = "redis"
-static_addrs = [{}]
-[dependencies.cache.settings]
-master_name = "members"
-timeout_ms = 800
-"#,
-        addrs.join(", ")
-    );
-    let ctx = ha_core::HaContext::new(ha_core::Topology::from_toml_str(&text, "t.toml").unwrap());
+    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", "timeout_ms = 800"));
     let client = HaRedis::builder_from_context(&ctx, "cache")
         .await
         .unwrap()

@@ -1,0 +1,68 @@
+//! What the lab test files share: the builder every test uses, tracing, one lab at a time, and
+//! the topology of the three lab IDCs with the sentinels as a dependency.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use ha_lab::redis::RedisLab;
+use ha_redis::HaRedis;
+use tokio::sync::Mutex;
+
+/// One lab at a time within a test binary (under nextest the `failover-lab` test group does
+/// the same across processes).
+pub static SERIAL: Mutex<()> = Mutex::const_new(());
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A client of the lab's sentinels with a 1 s command deadline.
+pub fn build(lab: &RedisLab) -> ha_redis::Builder {
+    HaRedis::builder(lab.sentinel_addrs(), &lab.options().master_name)
+        .timeout(Duration::from_secs(1))
+        .startup_timeout(Duration::from_secs(5))
+}
+
+/// The lab's regions and IDCs, local IDC `local_idc`, and a `cache` dependency (`kind =
+/// "redis"`) on the lab's sentinels with `master_name = "members"` plus `extra_settings` lines.
+pub fn topology(lab: &RedisLab, local_idc: &str, extra_settings: &str) -> ha_core::Topology {
+    let addrs: Vec<String> = lab
+        .sentinel_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let text = format!(
+        r#"
+local_idc = "{local_idc}"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53"]
+[[regions]]
+name = "south"
+resolvers = ["127.0.3.53"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[[idcs]]
+name = "bj-b"
+region = "north"
+cidrs = ["127.0.2.0/24"]
+[[idcs]]
+name = "sh-a"
+region = "south"
+cidrs = ["127.0.3.0/24"]
+[dependencies.cache]
+kind = "redis"
+static_addrs = [{}]
+[dependencies.cache.settings]
+master_name = "members"
+{extra_settings}
+"#,
+        addrs.join(", ")
+    );
+    ha_core::Topology::from_toml_str(&text, "t.toml").unwrap()
+}
