@@ -764,10 +764,10 @@ impl<S: Clone> Shared<S> {
         let hold_ms = ctx.balance.failback_hold.as_millis() as u64;
         let old = self.picture.load_full();
         let mut watch = old.watch.clone();
-        let closed = watch.has_changed().is_err();
-        let set: Option<Arc<EndpointSet>> = (first
-            || watch.has_changed().unwrap_or(!old.closed_seen))
-        .then(|| watch.borrow_and_update().clone());
+        let changed = watch.has_changed();
+        let closed = changed.is_err();
+        let set: Option<Arc<EndpointSet>> = (first || changed.unwrap_or(!old.closed_seen))
+            .then(|| watch.borrow_and_update().clone());
         let drained = match &self.control {
             Some(c) => c.drained(),
             None => self.empty_drained.clone(),
