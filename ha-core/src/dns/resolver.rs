@@ -450,11 +450,11 @@ impl RegionalResolver {
         // answer). A family the allowed CIDRs cannot accept is not asked at all.
         let (want_v4, want_v6) = families(dependency, &self.settings);
         let timed = |rtype: RecordType, wanted: bool| {
-            let q = query(&region.resolver, qname.clone(), rtype);
+            let q = wanted.then(|| query(&region.resolver, qname.clone(), rtype));
             async move {
-                if !wanted {
+                let Some(q) = q else {
                     return Family::Skipped;
-                }
+                };
                 tokio::time::timeout(timeout, q)
                     .await
                     .unwrap_or(Family::Failed(AttemptError::Timeout(timeout)))
