@@ -191,16 +191,10 @@ struct Shared {
     dns: Vec<LabDns>,
     names: Vec<(String, String)>,
     /// Index of the current primary in `nodes`.
-    primary: parking::Mutex<usize>,
+    primary: parking_lot::Mutex<usize>,
     events: watch::Sender<Vec<HaEvent>>,
     /// Serialises the simulator's failovers with planned switchovers.
     admin: tokio::sync::Mutex<()>,
-}
-
-mod parking {
-    // A std mutex, never held across an await.
-    #[allow(clippy::disallowed_types)]
-    pub(super) type Mutex<T> = std::sync::Mutex<T>;
 }
 
 /// Removes the lab's directory when dropped (after the supervisor killed the servers).
@@ -220,7 +214,7 @@ impl Drop for DirGuard {
 /// [module docs](self).
 pub struct MariaDbLab {
     shared: Arc<Shared>,
-    sim: parking::Mutex<Option<JoinHandle<()>>>,
+    sim: parking_lot::Mutex<Option<JoinHandle<()>>>,
     // Field order matters: the supervisor (which SIGKILLs the servers) drops before the
     // directory is removed.
     sup: Supervisor,
@@ -238,14 +232,10 @@ impl std::fmt::Debug for MariaDbLab {
 
 impl Drop for MariaDbLab {
     fn drop(&mut self) {
-        if let Some(task) = lock(&self.sim).take() {
+        if let Some(task) = self.sim.lock().take() {
             task.abort();
         }
     }
-}
-
-fn lock<T>(m: &parking::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 static LAB_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -330,11 +320,11 @@ impl MariaDbLab {
                 nodes,
                 dns,
                 names,
-                primary: parking::Mutex::new(0),
+                primary: parking_lot::Mutex::new(0),
                 events,
                 admin: tokio::sync::Mutex::new(()),
             }),
-            sim: parking::Mutex::new(None),
+            sim: parking_lot::Mutex::new(None),
             sup,
             _dir: guard,
         })
@@ -355,7 +345,7 @@ impl MariaDbLab {
 
     /// The current primary (as the simulator knows it).
     pub fn primary(&self) -> MariaNode {
-        let i = *lock(&self.shared.primary);
+        let i = *self.shared.primary.lock();
         self.shared.nodes[i].clone()
     }
 
@@ -475,7 +465,7 @@ dns = {{ {names} }}
 
     /// Starts the HA simulator (idempotent).
     pub fn start_ha(&self) {
-        let mut sim = lock(&self.sim);
+        let mut sim = self.sim.lock();
         if sim.is_none() {
             *sim = Some(tokio::spawn(heartbeat(self.shared.clone())));
         }
@@ -509,7 +499,7 @@ dns = {{ {names} }}
     pub async fn switchover(&self, target: Option<&str>) -> Result<HaEvent, MariaDbLabError> {
         let _admin = self.shared.admin.lock().await;
         let started_at = Instant::now();
-        let old_i = *lock(&self.shared.primary);
+        let old_i = *self.shared.primary.lock();
         let new_i = match target {
             Some(t) => self
                 .shared
@@ -561,7 +551,7 @@ dns = {{ {names} }}
         }
         set_dns(&self.shared, new.addr.ip())?;
         let repointed_at = Instant::now();
-        *lock(&self.shared.primary) = new_i;
+        *self.shared.primary.lock() = new_i;
         let event = HaEvent {
             kind: HaEventKind::Switchover,
             from: old.name.clone(),
@@ -589,7 +579,7 @@ async fn heartbeat(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let admin_guard = shared.admin.lock().await;
-        let pi = *lock(&shared.primary);
+        let pi = *shared.primary.lock();
         let primary = &shared.nodes[pi];
         if conn.as_ref().is_some_and(|(i, _)| *i != pi) {
             conn = None;
@@ -678,7 +668,7 @@ async fn failover(
     }
     set_dns(shared, new.addr.ip())?;
     let repointed_at = Instant::now();
-    *lock(&shared.primary) = new_i;
+    *shared.primary.lock() = new_i;
     let event = HaEvent {
         kind: HaEventKind::Failover,
         from: old.name.clone(),
