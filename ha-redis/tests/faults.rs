@@ -18,7 +18,12 @@ async fn readonly_master_is_left_and_the_write_retried_on_the_next() {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let client = build(&lab).build().await.unwrap();
+    // Sentinel sometimes aborts the first failover of a master demoted this way
+    // (`-failover-abort-no-good-slave`: the replicas' INFO is not fresh enough yet) and tries
+    // again after twice the failover timeout (10 s in the lab). The client holds writes while
+    // the master is ODOWN, so the hold must outlast that retry; the deadline bounds it.
+    let patience = Duration::from_secs(45);
+    let client = build(&lab).max_hold(patience).build().await.unwrap();
     let old = lab.nodes[0].addr;
     let mut m = client.master();
     let _: () = m.set("ro:before", 1).await.unwrap();
@@ -29,9 +34,9 @@ async fn readonly_master_is_left_and_the_write_retried_on_the_next() {
         .await
         .unwrap();
     assert_eq!(r.as_str(), Some("OK"));
-    // One write with a deadline long enough for Sentinel's failover: -READONLY, re-discovery,
-    // one retry on the new master.
-    let mut patient = client.master().with_timeout(Duration::from_secs(20));
+    // One write with a deadline long enough for Sentinel's failover (and one retry of it):
+    // -READONLY, re-discovery, a hold while the master is ODOWN, one retry on the new master.
+    let mut patient = client.master().with_timeout(patience);
     let start = Instant::now();
     let r: ha_redis::redis::RedisResult<()> = patient.set("ro:after", 2).await;
     println!(
