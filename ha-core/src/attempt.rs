@@ -45,33 +45,62 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 // Plain thread-locals, not a tokio task-local: a scope only ever covers a synchronous `call`,
-// which runs on one thread without yielding. The first attempt of a call (nothing to avoid)
-// touches only the two `Cell`s.
+// which runs on one thread without yielding. The first attempt of a call (nothing to avoid, no
+// deferring layer) touches only the two plain cells, `PICKED` and `FLAGS`; the list to avoid
+// and the deferred slot are touched only when a flag says they hold something.
 thread_local! {
-    static AVOIDING: Cell<bool> = const { Cell::new(false) };
-    static AVOID: RefCell<Vec<SocketAddr>> = const { RefCell::new(Vec::new()) };
     static PICKED: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+    static FLAGS: Cell<u8> = const { Cell::new(0) };
+    static AVOID: RefCell<Vec<SocketAddr>> = const { RefCell::new(Vec::new()) };
     static DEFERRED: Cell<Option<Arc<PickSlot>>> = const { Cell::new(None) };
-    static TIMING_OUT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `AVOID` holds this scope's endpoints to avoid.
+const AVOIDING: u8 = 1;
+/// `DEFERRED` holds a slot a deferring layer set in this scope.
+const DEFERRING: u8 = 2;
+/// `Failover` is dropping a try it abandoned.
+const TIMING_OUT: u8 = 4;
+/// The flags a scope has of its own (timing out spans scopes).
+const SCOPED: u8 = AVOIDING | DEFERRING;
+
+fn flags() -> u8 {
+    FLAGS.try_with(Cell::get).unwrap_or(0)
+}
+
+fn set_flags(f: impl FnOnce(u8) -> u8) -> u8 {
+    FLAGS
+        .try_with(|c| {
+            let old = c.get();
+            c.set(f(old));
+            old
+        })
+        .unwrap_or(0)
 }
 
 /// Restores the enclosing scope's state, also when `f` panics.
 struct RestoreState {
     picked: Option<SocketAddr>,
-    avoiding: bool,
+    flags: u8,
     avoid: Option<Vec<SocketAddr>>,
+    deferred: Option<Arc<PickSlot>>,
 }
 
 impl Drop for RestoreState {
     fn drop(&mut self) {
         let _ = PICKED.try_with(|c| c.set(self.picked));
-        let _ = AVOIDING.try_with(|c| c.set(self.avoiding));
+        let outer = self.flags & SCOPED;
+        set_flags(|f| (f & !SCOPED) | outer);
         if let Some(v) = self.avoid.take() {
             let _ = AVOID.try_with(|c| {
                 if let Ok(mut slot) = c.try_borrow_mut() {
                     *slot = v;
                 }
             });
+        }
+        if outer & DEFERRING != 0 {
+            let slot = self.deferred.take();
+            let _ = DEFERRED.try_with(|c| c.set(slot));
         }
     }
 }
@@ -136,14 +165,14 @@ impl PickSlot {
 
 /// [`scope`], also collecting the slot of a deferred pick (see [`Pick`]).
 pub fn scope_pick<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Pick) {
+    let avoiding = if avoid.is_empty() { 0 } else { AVOIDING };
     let mut restore = RestoreState {
         picked: PICKED.try_with(|c| c.replace(None)).ok().flatten(),
-        avoiding: AVOIDING
-            .try_with(|c| c.replace(!avoid.is_empty()))
-            .unwrap_or(false),
+        flags: set_flags(|f| (f & !SCOPED) | avoiding),
         avoid: None,
+        deferred: None,
     };
-    if !avoid.is_empty() {
+    if avoiding != 0 {
         restore.avoid = AVOID
             .try_with(|c| {
                 c.try_borrow_mut()
@@ -153,13 +182,16 @@ pub fn scope_pick<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Pick)
             .ok()
             .flatten();
     }
-    let outer_deferred = DEFERRED.try_with(Cell::take).ok().flatten();
+    if restore.flags & DEFERRING != 0 {
+        restore.deferred = DEFERRED.try_with(Cell::take).ok().flatten();
+    }
     let r = f();
     let picked = PICKED.try_with(Cell::get).ok().flatten();
-    let deferred = DEFERRED
-        .try_with(|c| c.replace(outer_deferred))
-        .ok()
-        .flatten();
+    let deferred = if flags() & DEFERRING != 0 {
+        DEFERRED.try_with(Cell::take).ok().flatten()
+    } else {
+        None
+    };
     drop(restore);
     let pick = match (picked, deferred) {
         (Some(a), _) => Pick::Now(a),
@@ -171,20 +203,21 @@ pub fn scope_pick<R>(avoid: Vec<SocketAddr>, f: impl FnOnce() -> R) -> (R, Pick)
 
 /// Runs `f` (dropping an abandoned try's future) with [`is_timing_out`] true.
 pub fn timing_out<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
+    struct Reset(u8);
     impl Drop for Reset {
         fn drop(&mut self) {
-            let _ = TIMING_OUT.try_with(|c| c.set(self.0));
+            let was = self.0 & TIMING_OUT;
+            set_flags(|f| (f & !TIMING_OUT) | was);
         }
     }
-    let _reset = Reset(TIMING_OUT.try_with(|c| c.replace(true)).unwrap_or(false));
+    let _reset = Reset(set_flags(|f| f | TIMING_OUT));
     f()
 }
 
 /// True while `Failover` drops a try it abandoned for its per-try timeout or the deadline:
 /// a call guard dropped now was timed out, not cancelled.
 pub fn is_timing_out() -> bool {
-    TIMING_OUT.try_with(Cell::get).unwrap_or(false)
+    flags() & TIMING_OUT != 0
 }
 
 // === Carrying the context through a deferring layer ===
@@ -247,6 +280,7 @@ where
         let slot = Arc::new(PickSlot::default());
         let avoid = avoided(<[SocketAddr]>::to_vec);
         let _ = DEFERRED.try_with(|c| c.set(Some(slot.clone())));
+        set_flags(|f| f | DEFERRING);
         self.inner.call(Attempt {
             request,
             avoid,
@@ -302,7 +336,7 @@ where
 
 /// Calls `f` with the endpoints to avoid in the current attempt (empty outside a [`scope`]).
 pub fn avoided<T>(mut f: impl FnMut(&[SocketAddr]) -> T) -> T {
-    if !AVOIDING.try_with(Cell::get).unwrap_or(false) {
+    if flags() & AVOIDING == 0 {
         return f(&[]);
     }
     match AVOID.try_with(|c| c.try_borrow().ok().map(|v| f(&v))) {
@@ -313,7 +347,7 @@ pub fn avoided<T>(mut f: impl FnMut(&[SocketAddr]) -> T) -> T {
 
 /// True when the current attempt avoids some endpoints (a retry).
 pub fn is_avoiding() -> bool {
-    AVOIDING.try_with(Cell::get).unwrap_or(false)
+    flags() & AVOIDING != 0
 }
 
 /// Records the endpoint the balancer picked for the current attempt.

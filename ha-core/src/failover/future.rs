@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::policy::RetryPolicy;
-use super::service::Shared;
+use super::service::{Proto, Shared};
 use crate::attempt::{self, Pick};
 use crate::error::{BoxError, ErrorClass, HaError};
 use crate::metrics_names;
@@ -50,9 +50,10 @@ pin_project! {
     }
 }
 
-/// What a retry needs: a copy of the service and of the request.
+/// What a retry needs: a copy of the service (taken from the prototype at the first retry)
+/// and of the request.
 struct Retry<S, P, Req> {
-    service: S,
+    service: Option<S>,
     policy: P,
     /// The copy the remaining tries are made from (taken by the last one).
     request: Option<Req>,
@@ -122,7 +123,7 @@ pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         timer: Timer,
         retry: Option<Retry<S, P, Req>>,
-        shared: Arc<Shared>,
+        proto: Arc<Proto<S>>,
         picks: Picks,
         attempts: u32,
         start: Option<Instant>,
@@ -140,9 +141,9 @@ where
     pub(super) fn new(
         future: S::Future,
         picked: Pick,
-        retry: Option<(S, P, Req)>,
+        retry: Option<(P, Req)>,
         idempotent: bool,
-        shared: Arc<Shared>,
+        proto: Arc<Proto<S>>,
     ) -> Self {
         let mut picks = Picks::default();
         picks.push(picked);
@@ -150,13 +151,13 @@ where
             state: State::Called { future },
             sleep: None,
             timer: Timer::Unarmed,
-            retry: retry.map(|(service, policy, request)| Retry {
-                service,
+            retry: retry.map(|(policy, request)| Retry {
+                service: None,
                 policy,
                 request: Some(request),
                 next: None,
             }),
-            shared,
+            proto,
             picks,
             attempts: 1,
             start: None,
@@ -173,19 +174,19 @@ where
         request: Req,
         copy: Option<Req>,
         idempotent: bool,
-        shared: Arc<Shared>,
+        proto: Arc<Proto<S>>,
     ) -> Self {
         ResponseFuture {
             state: State::Ready,
             sleep: None,
             timer: Timer::Unarmed,
             retry: Some(Retry {
-                service,
+                service: Some(service),
                 policy,
                 request: copy,
                 next: Some(request),
             }),
-            shared,
+            proto,
             picks: Picks::default(),
             attempts: 0,
             start: None,
@@ -213,7 +214,7 @@ type GiveUp = &'static str;
 
 impl<S, P, Req> Future for ResponseFuture<S, P, Req>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: RetryPolicy<Req>,
 {
@@ -221,6 +222,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let proto: &Proto<S> = this.proto;
+        let shared: &Shared = &proto.shared;
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
@@ -236,9 +239,9 @@ where
                                 // the timer (an armed `Sleep` from an earlier try is reset).
                                 let now = Instant::now();
                                 let start = *this.start.get_or_insert(now);
-                                this.shared.budget.observe(now);
+                                shared.budget.observe(now);
                                 let (kind, at) = try_timer(
-                                    this.shared,
+                                    shared,
                                     this.retry,
                                     *this.attempts,
                                     *this.idempotent,
@@ -251,15 +254,11 @@ where
                             if *this.timer == Timer::Deadline {
                                 // The try in flight is abandoned: it may have taken effect.
                                 attempt::timing_out(|| this.state.set(State::Done));
-                                return Poll::Ready(Err(exceeded(
-                                    this.shared,
-                                    *this.attempts,
-                                    true,
-                                )));
+                                return Poll::Ready(Err(exceeded(shared, *this.attempts, true)));
                             }
                             // The per-try timeout fired: the try may have been sent.
                             match decide(
-                                this.shared,
+                                shared,
                                 this.retry,
                                 *this.attempts,
                                 this.start,
@@ -268,14 +267,14 @@ where
                                 Ok(now) => {
                                     *this.maybe_sent = true;
                                     log_retry(
-                                        this.shared,
+                                        shared,
                                         *this.attempts,
                                         &"per-try timeout",
                                         this.picks,
                                     );
                                     attempt::timing_out(|| this.state.set(State::Ready));
                                     next_try(
-                                        this.shared,
+                                        shared,
                                         this.sleep,
                                         this.timer,
                                         this.state.as_mut(),
@@ -286,15 +285,15 @@ where
                                 }
                                 Err(outcome) => {
                                     // Nowhere else to go: let this try run to the deadline.
-                                    count_give_up(this.shared, outcome);
-                                    let at = deadline_at(this.shared, this.start);
+                                    count_give_up(shared, outcome);
+                                    let at = deadline_at(shared, this.start);
                                     arm(this.sleep, this.timer, Timer::Deadline, at);
                                 }
                             }
                             continue;
                         }
                     };
-                    let class = this.shared.classifier.classify(&*err);
+                    let class = shared.classifier.classify(&*err);
                     let verdict = if matches!(this.picks.current, Pick::None)
                         && HaError::find(&*err).is_some_and(HaError::is_no_healthy_endpoint)
                     {
@@ -304,7 +303,7 @@ where
                         Err("no_endpoint")
                     } else {
                         decide(
-                            this.shared,
+                            shared,
                             this.retry,
                             *this.attempts,
                             this.start,
@@ -316,10 +315,10 @@ where
                             if class == ErrorClass::MaybeSent {
                                 *this.maybe_sent = true;
                             }
-                            log_retry(this.shared, *this.attempts, &err, this.picks);
+                            log_retry(shared, *this.attempts, &err, this.picks);
                             this.state.set(State::Ready);
                             next_try(
-                                this.shared,
+                                shared,
                                 this.sleep,
                                 this.timer,
                                 this.state.as_mut(),
@@ -329,10 +328,10 @@ where
                             );
                         }
                         Err(outcome) => {
-                            count_give_up(this.shared, outcome);
+                            count_give_up(shared, outcome);
                             this.state.set(State::Done);
                             let endpoint = this.picks.current.now();
-                            return Poll::Ready(Err(give_up(this.shared, class, err, endpoint)));
+                            return Poll::Ready(Err(give_up(shared, class, err, endpoint)));
                         }
                     }
                 }
@@ -341,7 +340,7 @@ where
                     if *this.timer == Timer::Deadline {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(exceeded(
-                            this.shared,
+                            shared,
                             *this.attempts,
                             *this.maybe_sent,
                         )));
@@ -353,13 +352,13 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(internal("retry state without a service")));
                     };
-                    match retry.service.poll_ready(cx) {
+                    let service = retry.service.get_or_insert_with(|| proto.service());
+                    match service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
                             let Some(req) = retry.next.take() else {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(internal("retry state without a request")));
                             };
-                            let service = &mut retry.service;
                             let (future, picked) =
                                 attempt::scope_pick(this.picks.collect(), || service.call(req));
                             this.picks.push(picked);
@@ -383,13 +382,13 @@ where
                                     this.sleep,
                                     this.timer,
                                     Timer::Deadline,
-                                    start + this.shared.deadline,
+                                    start + shared.deadline,
                                 );
                             }
                             ready!(poll_sleep(this.sleep, cx));
                             this.state.set(State::Done);
                             return Poll::Ready(Err(exceeded(
-                                this.shared,
+                                shared,
                                 *this.attempts,
                                 *this.maybe_sent,
                             )));

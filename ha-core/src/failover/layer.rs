@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::policy::NotIdempotent;
-use super::service::{Failover, FailoverBuilder, Shared};
+use super::service::{Failover, FailoverBuilder, Proto, Shared};
 
 /// Wraps services in [`Failover`]; made by [`FailoverBuilder::layer`].
 ///
@@ -56,14 +56,14 @@ impl<P: fmt::Debug> fmt::Debug for FailoverLayer<P> {
     }
 }
 
-impl<S, P: Clone> Layer<S> for FailoverLayer<P> {
+impl<S: Clone, P: Clone> Layer<S> for FailoverLayer<P> {
     type Service = Failover<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Failover {
+            proto: Arc::new(Proto::new(Arc::clone(&self.shared), &inner)),
             inner,
             policy: self.policy.clone(),
-            shared: Arc::clone(&self.shared),
             ready: false,
         }
     }

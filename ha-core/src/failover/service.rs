@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -43,13 +44,39 @@ impl fmt::Debug for Shared {
     }
 }
 
+/// What every clone of one [`Failover`] and every call's future share: the layer's settings and
+/// a copy of the service it was built with, which a retry clones. A call that succeeds at once
+/// (the common case) thus clones nothing but this one `Arc`.
+pub(super) struct Proto<S> {
+    pub(super) shared: Arc<Shared>,
+    service: Mutex<S>,
+}
+
+impl<S: Clone> Proto<S> {
+    pub(super) fn new(shared: Arc<Shared>, service: &S) -> Self {
+        Proto {
+            shared,
+            service: Mutex::new(service.clone()),
+        }
+    }
+
+    /// A fresh clone of the service, for a retry.
+    pub(super) fn service(&self) -> S {
+        self.service.lock().clone()
+    }
+}
+
 /// Retries failed calls on another endpoint, within an overall deadline and a retry budget.
+///
+/// A retry goes through a clone of the service the `Failover` was built with (as tower's
+/// services are handles, a clone of the same one), so a call that succeeds at once clones no
+/// service at all.
 ///
 /// See the [module documentation](super) for the rules and an example.
 pub struct Failover<S, P = NotIdempotent> {
     pub(super) inner: S,
     pub(super) policy: P,
-    pub(super) shared: Arc<Shared>,
+    pub(super) proto: Arc<Proto<S>>,
     /// The inner service answered `Ready` to the last `poll_ready` and has not been called.
     pub(super) ready: bool,
 }
@@ -89,7 +116,10 @@ impl<S, P> Failover<S, P> {
 
     /// Retries still available in the (shared) budget now.
     pub fn budget_available(&self) -> i64 {
-        self.shared.budget.available(tokio::time::Instant::now())
+        self.proto
+            .shared
+            .budget
+            .available(tokio::time::Instant::now())
     }
 }
 
@@ -98,7 +128,7 @@ impl<S: Clone, P: Clone> Clone for Failover<S, P> {
         Failover {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
-            shared: Arc::clone(&self.shared),
+            proto: Arc::clone(&self.proto),
             // A clone of a ready service is not ready (tower's rule).
             ready: false,
         }
@@ -110,7 +140,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Failover<S, P> {
         f.debug_struct("Failover")
             .field("inner", &self.inner)
             .field("policy", &self.policy)
-            .field("shared", &self.shared)
+            .field("shared", &self.proto.shared)
             .finish()
     }
 }
@@ -141,7 +171,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let shared = &self.shared;
+        let shared = &self.proto.shared;
         shared.budget.deposit();
         let idempotent = self.policy.is_idempotent(&req);
         // Any request the policy can copy may be retried: one that was provably not sent
@@ -160,13 +190,13 @@ where
                 req,
                 copy,
                 idempotent,
-                Arc::clone(shared),
+                Arc::clone(&self.proto),
             );
         }
-        let retry = copy.map(|copy| (self.inner.clone(), self.policy.clone(), copy));
+        let retry = copy.map(|copy| (self.policy.clone(), copy));
         let inner = &mut self.inner;
         let (future, picked) = attempt::scope_pick(Vec::new(), || inner.call(req));
-        ResponseFuture::new(future, picked, retry, idempotent, Arc::clone(shared))
+        ResponseFuture::new(future, picked, retry, idempotent, Arc::clone(&self.proto))
     }
 }
 
@@ -313,6 +343,7 @@ impl<P> FailoverBuilder<P> {
     /// Wraps `service` directly.
     pub fn service<S>(self, service: S) -> Failover<S, P>
     where
+        S: Clone,
         P: Clone,
     {
         self.layer().layer(service)
