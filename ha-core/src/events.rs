@@ -133,6 +133,30 @@ pub enum TopologyEvent {
         /// Why it ended (`handle dropped`, `every receiver dropped`, a panic message, ...).
         reason: Arc<str>,
     },
+    /// A failover of a dependency's master began (its first sign, e.g. Sentinel's
+    /// `+try-failover`): writes are held, not sent to a master that may be demoted.
+    #[non_exhaustive]
+    WritesHeld {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// What began the hold (the failover step seen first).
+        reason: Arc<str>,
+    },
+    /// The held writes of a dependency were released: to the new master once it was verified,
+    /// or, when the failover aborted, to the old master verified again.
+    #[non_exhaustive]
+    WritesReleased {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The master the writes now go to.
+        master: SocketAddr,
+        /// How many writes waited during this hold.
+        held: u64,
+        /// How long the hold lasted.
+        held_for: std::time::Duration,
+        /// The failover aborted: the master is the one writes were held from.
+        aborted: bool,
+    },
     /// Traffic of a dependency moved from one IDC's cluster to another's (e.g. RocketMQ).
     #[non_exhaustive]
     ClusterFailedOver {
@@ -221,6 +245,8 @@ impl TopologyEvent {
             TopologyEvent::WatcherDegraded { .. } => "watcher_degraded",
             TopologyEvent::WatcherRestored { .. } => "watcher_restored",
             TopologyEvent::TaskEnded { .. } => "task_ended",
+            TopologyEvent::WritesHeld { .. } => "writes_held",
+            TopologyEvent::WritesReleased { .. } => "writes_released",
             TopologyEvent::ClusterFailedOver { .. } => "cluster_failed_over",
             TopologyEvent::ClusterFailedBack { .. } => "cluster_failed_back",
             TopologyEvent::RateLimitAlert { .. } => "rate_limit_alert",
@@ -300,6 +326,31 @@ impl TopologyEvent {
         }
     }
 
+    /// [`TopologyEvent::WritesHeld`].
+    pub fn writes_held(dependency: impl Into<Arc<str>>, reason: impl Into<Arc<str>>) -> Self {
+        TopologyEvent::WritesHeld {
+            dependency: dependency.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`TopologyEvent::WritesReleased`].
+    pub fn writes_released(
+        dependency: impl Into<Arc<str>>,
+        master: SocketAddr,
+        held: u64,
+        held_for: std::time::Duration,
+        aborted: bool,
+    ) -> Self {
+        TopologyEvent::WritesReleased {
+            dependency: dependency.into(),
+            master,
+            held,
+            held_for,
+            aborted,
+        }
+    }
+
     /// [`TopologyEvent::ClusterFailedOver`].
     pub fn cluster_failed_over(
         dependency: impl Into<Arc<str>>,
@@ -369,7 +420,9 @@ impl TopologyEvent {
             | TopologyEvent::WatcherRestored { dependency, .. }
             | TopologyEvent::TaskEnded { dependency, .. }
             | TopologyEvent::ClusterFailedOver { dependency, .. }
-            | TopologyEvent::ClusterFailedBack { dependency, .. } => Some(dependency),
+            | TopologyEvent::ClusterFailedBack { dependency, .. }
+            | TopologyEvent::WritesHeld { dependency, .. }
+            | TopologyEvent::WritesReleased { dependency, .. } => Some(dependency),
             TopologyEvent::IdcDrained { .. } | TopologyEvent::RateLimitAlert { .. } => None,
         }
     }
@@ -502,6 +555,18 @@ impl EventBus {
                     tracing::error!(%dependency, %task, %reason, "background task ended");
                 }
             }
+            TopologyEvent::WritesHeld { dependency, reason } => {
+                tracing::warn!(%dependency, %reason, "failover in progress: writes held");
+            }
+            TopologyEvent::WritesReleased {
+                dependency,
+                master,
+                held,
+                held_for,
+                aborted,
+            } => {
+                tracing::info!(%dependency, %master, held, held_ms = held_for.as_millis() as u64, aborted, "held writes released");
+            }
             TopologyEvent::ClusterFailedOver {
                 dependency,
                 from,
@@ -547,5 +612,35 @@ impl EventBus {
         }
         // No subscriber is not an error.
         let _ = self.tx.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hold_and_its_release_reach_subscribers_in_order() {
+        let bus = EventBus::default();
+        let mut rx = bus.subscribe();
+        let master: SocketAddr = "127.0.2.1:6379".parse().unwrap();
+        bus.publish(TopologyEvent::writes_held("cache", "+try-failover"));
+        bus.publish(TopologyEvent::writes_released(
+            "cache",
+            master,
+            3,
+            std::time::Duration::from_millis(640),
+            false,
+        ));
+        let held = rx.recv().await.unwrap();
+        assert_eq!(held.kind(), "writes_held");
+        assert_eq!(held.dependency().map(|d| &**d), Some("cache"));
+        let released = rx.recv().await.unwrap();
+        assert_eq!(released.kind(), "writes_released");
+        assert!(matches!(
+            released,
+            TopologyEvent::WritesReleased { master: m, held: 3, aborted: false, .. } if m == master
+        ));
     }
 }

@@ -191,6 +191,7 @@ impl Builder {
             tx,
             next_id: AtomicU64::new(1),
             hold_epoch: AtomicU64::new(0),
+            held_now: AtomicU64::new(0),
             stats: StatsInner::default(),
             cfg: self,
         });
@@ -464,6 +465,9 @@ struct Core {
     stats: StatsInner,
     /// Bumped whenever a hold may begin.
     hold_epoch: AtomicU64,
+    /// Writes that waited during the current hold (for [`TopologyEvent::WritesReleased`]),
+    /// taken when it ends.
+    held_now: AtomicU64,
     /// With a topology: where the usable replicas are published, classified into its IDCs.
     replicas: Option<(ha_core::Publisher, Arc<IdcClassifier>)>,
 }
@@ -657,12 +661,26 @@ impl Core {
                 .increment(1);
         }
         if let Some(h) = ended {
-            let held = h.since.elapsed();
-            metrics::histogram!("ha_redis_hold_seconds", "dependency" => self.dependency.to_string())
-                .record(held.as_secs_f64());
+            let aborted = before.as_ref().map(|m| m.addr) == Some(addr);
+            self.released(addr, &h, aborted);
             tracing::info!(dependency = %self.dependency, master = %addr, generation = master.generation,
-                reason = %h.reason, held_ms = held.as_millis() as u64, cause, "writes released");
+                reason = %h.reason, held_ms = h.since.elapsed().as_millis() as u64, cause, "writes released");
         }
+    }
+
+    /// A hold ended: its metrics and event.
+    fn released(&self, addr: SocketAddr, h: &crate::gate::Hold, aborted: bool) {
+        let held_for = h.since.elapsed();
+        metrics::histogram!("ha_redis_hold_seconds", "dependency" => self.dependency.to_string())
+            .record(held_for.as_secs_f64());
+        let held = self.held_now.swap(0, Ordering::Relaxed);
+        self.events.publish(TopologyEvent::writes_released(
+            self.dependency.clone(),
+            addr,
+            held,
+            held_for,
+            aborted,
+        ));
     }
 
     fn start_hold(&self, reason: &str) {
@@ -671,7 +689,8 @@ impl Core {
         self.hold_epoch.fetch_add(1, Ordering::SeqCst);
         if self.gate.hold(reason) {
             self.stats.holds.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(dependency = %self.dependency, reason, "failover in progress: writes held");
+            self.events
+                .publish(TopologyEvent::writes_held(self.dependency.clone(), reason));
         }
     }
 
@@ -903,6 +922,7 @@ impl Core {
         match node::role(&mut conn, self.cfg.sentinel_timeout).await {
             Ok(r) if r == "master" => {
                 if let Some(h) = self.gate.release() {
+                    self.released(c.master.addr, &h, true);
                     tracing::info!(dependency = %self.dependency, master = %c.master.addr, reason = %h.reason, why,
                         held_ms = h.since.elapsed().as_millis() as u64, "writes released to the same master");
                 }
@@ -1206,6 +1226,9 @@ impl MasterHandle {
             if write && !counted_hold && core.gate.state().hold.is_some() {
                 counted_hold = true;
                 core.stats.held_writes.fetch_add(1, Ordering::Relaxed);
+                core.held_now.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ha_redis_held_writes_total", "dependency" => core.dependency.to_string())
+                    .increment(1);
             }
             let c = core
                 .gate

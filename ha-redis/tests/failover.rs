@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 mod common;
-use common::{SERIAL, build, init_tracing};
+use common::{SERIAL, build, collect_events, holds, init_tracing};
 
 const PREFIX: &str = "k";
 
@@ -131,7 +131,9 @@ async fn planned_failovers_lose_no_acknowledged_write() {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let client = build(&lab).build().await.unwrap();
+    let bus = ha_core::EventBus::default();
+    let events = collect_events(&bus);
+    let client = build(&lab).events(bus).build().await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (log, load) = start_load(client.master(), stop.clone());
     let mut lost_per_run = Vec::new();
@@ -191,6 +193,25 @@ async fn planned_failovers_lose_no_acknowledged_write() {
         errors.iter().take(10).collect::<Vec<_>>()
     );
     assert!(client.stats().switches >= 6, "{:?}", client.stats());
+    // Every failover told through the events: writes held, then released to a new master,
+    // in that order, never an abort.
+    let holds = holds(&events.lock());
+    println!("planned: hold events {holds:?}");
+    assert!(holds.len() >= 10, "{holds:?}");
+    for pair in holds.chunks(2) {
+        assert!(pair[0].is_ok(), "a hold comes first: {holds:?}");
+        let Some(Err((master, _, aborted))) = pair.get(1) else {
+            panic!("each hold is released: {holds:?}");
+        };
+        assert!(!aborted, "{holds:?}");
+        assert!(lab.nodes.iter().any(|n| n.addr == *master), "{holds:?}");
+    }
+    let held: u64 = holds
+        .iter()
+        .filter_map(|h| h.as_ref().err())
+        .map(|r| r.1)
+        .sum();
+    assert_eq!(held, client.stats().held_writes, "{holds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

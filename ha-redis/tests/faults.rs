@@ -11,7 +11,7 @@ use ha_redis::redis::AsyncCommands;
 use tokio::time::Instant;
 
 mod common;
-use common::{SERIAL, build, init_tracing};
+use common::{SERIAL, build, collect_events, holds, init_tracing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readonly_master_is_left_and_the_write_retried_on_the_next() {
@@ -124,8 +124,11 @@ async fn aborted_failover_releases_held_writes_to_the_old_master() {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let bus = ha_core::EventBus::default();
+    let events = collect_events(&bus);
     let client = build(&lab)
         .max_hold(Duration::from_millis(500))
+        .events(bus)
         .build()
         .await
         .unwrap();
@@ -186,6 +189,17 @@ async fn aborted_failover_releases_held_writes_to_the_old_master() {
         lab.supervisor().thaw(&n.name).unwrap();
     }
     assert!(acked_after.is_some(), "held writes were released");
+    // The events tell it: writes held, then released to the old master as an abort, with
+    // the writes that waited counted.
+    let holds = holds(&events.lock());
+    println!("abort: hold events {holds:?}");
+    assert!(matches!(holds.first(), Some(Ok(_))), "{holds:?}");
+    assert!(
+        holds
+            .iter()
+            .any(|h| matches!(h, Err((m, held, true)) if *m == old && *held >= 1)),
+        "{holds:?}"
+    );
     assert_eq!(
         client.current_master().unwrap().addr,
         old,

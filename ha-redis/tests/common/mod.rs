@@ -66,3 +66,39 @@ master_name = "members"
     );
     ha_core::Topology::from_toml_str(&text, "t.toml").unwrap()
 }
+
+/// Every event published on `bus` from now on, collected by a task (no lag: it reads as they
+/// come).
+pub fn collect_events(
+    bus: &ha_core::EventBus,
+) -> std::sync::Arc<parking_lot::Mutex<Vec<ha_core::TopologyEvent>>> {
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut rx = bus.subscribe();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = rx.recv().await {
+            out.lock().push(e);
+        }
+    });
+    seen
+}
+
+/// The hold events among `events`, in order: `Ok(reason)` for a hold, `Err((master, held,
+/// aborted))` for a release.
+pub fn holds(
+    events: &[ha_core::TopologyEvent],
+) -> Vec<Result<String, (std::net::SocketAddr, u64, bool)>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ha_core::TopologyEvent::WritesHeld { reason, .. } => Some(Ok(reason.to_string())),
+            ha_core::TopologyEvent::WritesReleased {
+                master,
+                held,
+                aborted,
+                ..
+            } => Some(Err((*master, *held, *aborted))),
+            _ => None,
+        })
+        .collect()
+}
