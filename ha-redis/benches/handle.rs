@@ -1,5 +1,6 @@
 //! GET and SET through the master handle vs a bare `MultiplexedConnection` to the same server
-//! (the lab's master), sequential and with 64 concurrent callers. Run with
+//! (the lab's master), sequential and with 64 concurrent callers, and the durable mode's SET
+//! (`WAIT 2`) against the plain one. Run with
 //! `cargo bench -p ha-redis --bench handle`; the ratios of the medians are what matter.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -63,6 +64,17 @@ fn bench(c: &mut Criterion) {
     g.bench_function("set/bare", |b| {
         b.to_async(&rt).iter(|| {
             let mut m = bare.clone();
+            async move {
+                let _: () = m.set("bench:k", "v").await.unwrap();
+            }
+        })
+    });
+    // The durable mode's cost: the same SET acknowledged only once both replicas have it
+    // (`WAIT 2`), against the plain SET through the handle above.
+    let durable = client.master().durable(2, Duration::from_millis(500));
+    g.bench_function("set/durable", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut m = durable.clone();
             async move {
                 let _: () = m.set("bench:k", "v").await.unwrap();
             }
