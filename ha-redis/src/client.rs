@@ -396,18 +396,46 @@ impl HaRedis {
             timeout: self.core.cfg.timeout,
             idempotent: false,
             durable: None,
+            wrote: None,
         }
     }
 
     /// A handle for reads from the nearest healthy replica, when the client was built with a
     /// topology ([`Builder::context`]); `None` without one (there are no IDCs to prefer).
+    /// With no replica usable, a read goes to the master.
     pub fn replicas(&self) -> Option<crate::replica::ReplicaHandle> {
         self.replicas
             .clone()
             .map(|balance| crate::replica::ReplicaHandle {
                 balance,
                 timeout: self.core.cfg.timeout,
+                master: self.master(),
+                read_your_writes: None,
             })
+    }
+
+    /// A master handle and a replica handle that share one write clock: for `window` after
+    /// a write through the session's master handle was acknowledged, reads through its replica
+    /// handle go to the master, so the caller reads its own writes although replication is
+    /// asynchronous. `None` without a topology (as [`HaRedis::replicas`]).
+    ///
+    /// ```no_run
+    /// # async fn f(client: ha_redis::HaRedis) -> Result<(), ha_core::HaError> {
+    /// use ha_redis::redis::AsyncCommands;
+    /// use std::time::Duration;
+    /// let mut s = client.session(Duration::from_secs(1)).expect("a topology");
+    /// let _: () = s.master.set("member:7", "gold").await.map_err(ha_redis::error::into_ha_error)?;
+    /// // Within the window: answered by the master, never by a replica that lags.
+    /// let level: String = s.replicas.query(ha_redis::redis::cmd("GET").arg("member:7")).await?;
+    /// # let _ = level; Ok(()) }
+    /// ```
+    pub fn session(&self, window: Duration) -> Option<Session> {
+        let clock = Arc::new(WriteClock::new());
+        let mut replicas = self.replicas()?;
+        replicas.read_your_writes = Some((clock.clone(), window));
+        let mut master = self.master();
+        master.wrote = Some(clock);
+        Some(Session { master, replicas })
     }
 
     /// The master watch this client publishes on.
@@ -1132,6 +1160,52 @@ pub struct MasterHandle {
     timeout: Duration,
     idempotent: bool,
     durable: Option<(usize, Duration)>,
+    /// A session's write clock ([`HaRedis::session`]).
+    wrote: Option<Arc<WriteClock>>,
+}
+
+/// A master handle and a replica handle whose reads follow its writes; see
+/// [`HaRedis::session`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Session {
+    /// Writes (and reads) on the master; each acknowledged write starts the window.
+    pub master: MasterHandle,
+    /// Reads: from the master within the window after a write, else the nearest replica.
+    pub replicas: crate::replica::ReplicaHandle,
+}
+
+/// When a session last had a write acknowledged.
+#[derive(Debug)]
+pub(crate) struct WriteClock {
+    base: Instant,
+    /// Nanoseconds after `base`, plus one; 0 for never.
+    last: AtomicU64,
+}
+
+impl WriteClock {
+    fn new() -> WriteClock {
+        WriteClock {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let n = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last.fetch_max(n.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// True when a write was acknowledged less than `window` ago.
+    pub(crate) fn within(&self, window: Duration) -> bool {
+        match self.last.load(Ordering::Relaxed) {
+            0 => false,
+            n => {
+                let at = self.base + Duration::from_nanos(n - 1);
+                at.elapsed() < window
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for MasterHandle {
@@ -1314,6 +1388,9 @@ impl MasterHandle {
                     }
                     if write && let Some((n, wait)) = self.durable {
                         self.wait_durable(&c, n, wait, deadline).await?;
+                    }
+                    if write && let Some(clock) = &self.wrote {
+                        clock.mark();
                     }
                     return Ok(r);
                 }
@@ -1501,5 +1578,29 @@ impl ConnectionLike for MasterHandle {
 
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_write_clock_opens_a_window_after_each_write() {
+        let c = WriteClock::new();
+        let w = Duration::from_millis(500);
+        assert!(!c.within(w), "no write yet");
+        c.mark();
+        assert!(c.within(w));
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(c.within(w));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!c.within(w), "the window is half-open");
+        c.mark();
+        assert!(c.within(w), "a new write opens it again");
+        assert!(
+            !c.within(Duration::ZERO),
+            "a zero window never sends reads to the master"
+        );
     }
 }

@@ -47,7 +47,7 @@ mod node;
 pub mod replica;
 pub mod vote;
 
-pub use client::{Builder, HaRedis, MasterHandle, RedisSettings, Stats};
+pub use client::{Builder, HaRedis, MasterHandle, RedisSettings, Session, Stats};
 pub use error::{RedisClassifier, StartupError};
 pub use node::Credentials;
 /// The `redis` crate this one is built on, so users need no second version.

@@ -78,18 +78,25 @@ impl Service<Cmd> for ReplicaConn {
 /// Reads from the nearest healthy replica ([`crate::HaRedis::replicas`]). `Clone`, and a
 /// [`redis::aio::ConnectionLike`] for single commands (pipelines are refused: use the master
 /// handle). Send only reads: a replica answers writes with `-READONLY`. Every command is
-/// bounded by the handle's deadline; with no replica usable it fails with
-/// [`HaError::NoHealthyEndpoint`] (inside the `RedisError`, see [`crate::error`]).
+/// bounded by the handle's deadline. With no replica usable (none known, or every one
+/// ejected) a read goes to the master; within a session's read-your-writes window
+/// ([`crate::HaRedis::session`]) it goes to the master at once.
 #[derive(Clone)]
 pub struct ReplicaHandle {
     pub(crate) balance: LocalityBalance<ReplicaConn>,
     pub(crate) timeout: Duration,
+    pub(crate) master: crate::MasterHandle,
+    pub(crate) read_your_writes: Option<(Arc<crate::client::WriteClock>, Duration)>,
 }
 
 impl std::fmt::Debug for ReplicaHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaHandle")
             .field("timeout", &self.timeout)
+            .field(
+                "read_your_writes",
+                &self.read_your_writes.as_ref().map(|(_, w)| w),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -104,16 +111,41 @@ impl ReplicaHandle {
     }
 
     async fn exec(&self, cmd: &Cmd) -> Result<Value, HaError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if let Some((clock, window)) = &self.read_your_writes
+            && clock.within(*window)
+        {
+            metrics::counter!("ha_redis_reads_total", "served_by" => "master_read_your_writes")
+                .increment(1);
+            return self.on_master(cmd, deadline).await;
+        }
         let mut b = self.balance.clone();
         let fut = async move { b.ready().await?.call(cmd.clone()).await };
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(Err(e)) if e.is_no_healthy_endpoint() => {
+                metrics::counter!("ha_redis_reads_total", "served_by" => "master_no_replica")
+                    .increment(1);
+                self.on_master(cmd, deadline).await
+            }
+            Ok(r) => {
+                metrics::counter!("ha_redis_reads_total", "served_by" => "replica").increment(1);
+                r
+            }
             Err(_) => Err(HaError::DeadlineExceeded {
                 deadline: self.timeout,
                 attempts: 1,
                 maybe_sent: true,
             }),
         }
+    }
+
+    /// `cmd` on the master, within what is left of the deadline.
+    async fn on_master(&self, cmd: &Cmd, deadline: tokio::time::Instant) -> Result<Value, HaError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut m = self.master.clone().with_timeout(left);
+        m.req_packed_command(cmd)
+            .await
+            .map_err(crate::error::into_ha_error)
     }
 }
 

@@ -58,3 +58,58 @@ async fn reads_stay_in_the_local_idc_and_move_when_its_replica_dies() {
         assert_eq!(p, remote.port());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reads_its_writes_and_reads_fall_back_to_the_master() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", ""));
+    let client = HaRedis::builder_from_context(&ctx, "cache")
+        .await
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let (master, local) = (lab.nodes[0].addr, lab.nodes[1].addr);
+    let window = Duration::from_millis(300);
+    let mut s = client.session(window).expect("built with a topology");
+    // No write yet: the local replica answers.
+    assert_eq!(who(&s.replicas).await.unwrap(), local.port());
+    // Right after a write: the master answers, with the value just written.
+    let _: () = ha_redis::redis::AsyncCommands::set(&mut s.master, "ryw:k", "v1")
+        .await
+        .unwrap();
+    assert_eq!(who(&s.replicas).await.unwrap(), master.port());
+    let v: String = s
+        .replicas
+        .query(ha_redis::redis::cmd("GET").arg("ryw:k"))
+        .await
+        .unwrap();
+    assert_eq!(v, "v1");
+    // Another handle without the session is not affected.
+    let plain = client.replicas().unwrap();
+    assert_eq!(who(&plain).await.unwrap(), local.port());
+    // After the window: the replica again.
+    tokio::time::sleep(window).await;
+    assert_eq!(who(&s.replicas).await.unwrap(), local.port());
+    // Every replica gone from Sentinel's list: reads go to the master (bounded wait for
+    // Sentinel to drop them and the set to follow).
+    lab.kill("redis-bj-b").await.unwrap();
+    lab.kill("redis-sh-a").await.unwrap();
+    let killed = Instant::now();
+    loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "reads did not fall back to the master"
+        );
+        if let Ok(p) = who(&plain).await
+            && p == master.port()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "replicas: reads fell back to the master {:?} after both replicas were killed",
+        killed.elapsed()
+    );
+}
