@@ -104,7 +104,8 @@ impl<S, P> Failover<S, P> {
         &self.inner
     }
 
-    /// The wrapped service, mutably.
+    /// The wrapped service, mutably. A change made through it does not reach retries, which
+    /// go through a clone of the service this `Failover` was built with.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
