@@ -1,6 +1,7 @@
 //! Faults against the real lab: a master demoted behind Sentinel's back (`-READONLY`, retried
 //! once on the next master), a frozen master (no call hangs past its deadline; the client
-//! follows the failover), and a failover that aborts (held writes released to the old master).
+//! follows the failover), a failover that aborts (held writes released to the old master), every
+//! sentinel lost, and one sentinel lost during a planned failover.
 //! Correctness only, no timing thresholds; every wait bounded; one lab at a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -310,4 +311,104 @@ async fn sentinels_lost_keep_the_last_master_and_say_so() {
         "sentinels: {i} writes while all sentinels were down; degraded {degraded:?}, restored {restored:?}"
     );
     let _: () = m.set("nosentinel:after", 1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sentinel_lost_a_planned_failover_is_still_followed_without_loss() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let bus = ha_core::EventBus::default();
+    let events = collect_events(&bus);
+    let client = build(&lab).events(bus).build().await.unwrap();
+    let old = lab.wait_stable(2, Duration::from_secs(30)).await.unwrap();
+    // The sentinel in the master's IDC goes away: the other two are still a majority.
+    let gone = &lab.sentinels[0];
+    lab.supervisor().kill(&gone.name).await.unwrap();
+    let seen_degraded = |addr: std::net::SocketAddr| {
+        events.lock().iter().any(|e| {
+            matches!(e, ha_core::TopologyEvent::WatcherDegraded { watcher, .. }
+                if watcher.contains(&addr.to_string()))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen_degraded(gone.addr) {
+        assert!(
+            Instant::now() < deadline,
+            "the lost sentinel was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Writes to the old master, then a planned failover through the remaining sentinels
+    // while the writes go on.
+    let mut m = client.master();
+    let mut acked = Vec::new();
+    let mut errors = Vec::new();
+    for i in 0..50u64 {
+        let _: () = m.set(format!("onesentinel:before:{i}"), i).await.unwrap();
+    }
+    lab.failover().await.unwrap();
+    let start = Instant::now();
+    let mut after_switch = 0;
+    let mut longest = Duration::ZERO;
+    let mut switched_at = None;
+    let mut i = 0u64;
+    while after_switch < 50 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the failover was not followed"
+        );
+        let t = Instant::now();
+        let r: ha_redis::redis::RedisResult<()> = m.set(format!("onesentinel:{i}"), i).await;
+        longest = longest.max(t.elapsed());
+        match r {
+            Ok(()) => acked.push(i),
+            Err(e) => errors.push(e.to_string()),
+        }
+        if client.current_master().is_some_and(|c| c.addr != old) {
+            switched_at.get_or_insert(start.elapsed());
+            after_switch += 1;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The sentinel comes back and is reported so.
+    lab.supervisor().restart(&gone.name).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel's return was not reported"
+        );
+        let back = events.lock().iter().any(|e| {
+            matches!(e, ha_core::TopologyEvent::WatcherRestored { watcher, .. }
+                if watcher.contains(&gone.addr.to_string()))
+        });
+        if back {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Settled (the old master converted and resynced: what it alone acknowledged is gone).
+    let master = lab.wait_stable(2, Duration::from_secs(30)).await.unwrap();
+    assert_ne!(master, old);
+    assert_eq!(client.current_master().unwrap().addr, master);
+    let dump = lab.dump(master, "onesentinel:").await.unwrap();
+    let mut lost: Vec<String> = acked
+        .iter()
+        .filter(|i| dump.get(&format!("onesentinel:{i}")) != Some(&i.to_string()))
+        .map(|i| format!("onesentinel:{i}"))
+        .collect();
+    lost.extend(
+        (0..50u64)
+            .filter(|i| dump.get(&format!("onesentinel:before:{i}")) != Some(&i.to_string()))
+            .map(|i| format!("onesentinel:before:{i}")),
+    );
+    println!(
+        "one sentinel lost: {} writes acked, {} errors, lost {lost:?}, client on the new master {switched_at:?} after the command, longest write {longest:?}",
+        acked.len(),
+        errors.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(errors.is_empty(), "callers saw errors: {errors:?}");
 }
