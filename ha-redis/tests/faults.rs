@@ -12,7 +12,7 @@ use ha_redis::redis::AsyncCommands;
 use tokio::time::Instant;
 
 mod common;
-use common::{SERIAL, build, collect_events, holds, init_tracing};
+use common::{SERIAL, build, collect_events, holds, init_tracing, wait_event};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readonly_master_is_left_and_the_write_retried_on_the_next() {
@@ -325,20 +325,14 @@ async fn one_sentinel_lost_a_planned_failover_is_still_followed_without_loss() {
     // The sentinel in the master's IDC goes away: the other two are still a majority.
     let gone = &lab.sentinels[0];
     lab.supervisor().kill(&gone.name).await.unwrap();
-    let seen_degraded = |addr: std::net::SocketAddr| {
-        events.lock().iter().any(|e| {
-            matches!(e, ha_core::TopologyEvent::WatcherDegraded { watcher, .. }
-                if watcher.contains(&addr.to_string()))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !seen_degraded(gone.addr) {
-        assert!(
-            Instant::now() < deadline,
-            "the lost sentinel was not reported"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gone_addr = gone.addr.to_string();
+    wait_event(
+        &events,
+        Duration::from_secs(10),
+        "the lost sentinel was not reported",
+        |e| matches!(e, ha_core::TopologyEvent::WatcherDegraded { watcher, .. } if watcher.contains(&gone_addr)),
+    )
+    .await;
     // Writes to the old master, then a planned failover through the remaining sentinels
     // while the writes go on.
     let mut m = client.master();
@@ -374,21 +368,13 @@ async fn one_sentinel_lost_a_planned_failover_is_still_followed_without_loss() {
     }
     // The sentinel comes back and is reported so.
     lab.supervisor().restart(&gone.name).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the sentinel's return was not reported"
-        );
-        let back = events.lock().iter().any(|e| {
-            matches!(e, ha_core::TopologyEvent::WatcherRestored { watcher, .. }
-                if watcher.contains(&gone.addr.to_string()))
-        });
-        if back {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_event(
+        &events,
+        Duration::from_secs(15),
+        "the sentinel's return was not reported",
+        |e| matches!(e, ha_core::TopologyEvent::WatcherRestored { watcher, .. } if watcher.contains(&gone_addr)),
+    )
+    .await;
     // Settled (the old master converted and resynced: what it alone acknowledged is gone).
     let master = lab.wait_stable(2, Duration::from_secs(30)).await.unwrap();
     assert_ne!(master, old);

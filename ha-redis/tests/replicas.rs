@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ha_lab::redis::{RedisLab, RedisLabOptions};
-use ha_redis::{HaRedis, ReplicaHandle};
+use ha_redis::ReplicaHandle;
 use tokio::time::Instant;
 
 mod common;
@@ -22,13 +22,7 @@ async fn who(r: &ReplicaHandle) -> Result<u16, ha_core::HaError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_stay_in_the_local_idc_and_move_when_its_replica_dies() {
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", ""));
-    let client = HaRedis::builder_from_context(&ctx, "cache")
-        .await
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let client = common::client_in(&lab, "bj-b").await;
     let replicas = client.replicas().expect("built with a topology");
     let (master, local, remote) = (lab.nodes[0].addr, lab.nodes[1].addr, lab.nodes[2].addr);
     for _ in 0..20 {
@@ -62,13 +56,7 @@ async fn reads_stay_in_the_local_idc_and_move_when_its_replica_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reads_its_writes_and_reads_fall_back_to_the_master() {
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", ""));
-    let client = HaRedis::builder_from_context(&ctx, "cache")
-        .await
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let client = common::client_in(&lab, "bj-b").await;
     let (master, local) = (lab.nodes[0].addr, lab.nodes[1].addr);
     let window = Duration::from_millis(300);
     let mut s = client.session(window).expect("built with a topology");

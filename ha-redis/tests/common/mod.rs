@@ -102,3 +102,29 @@ pub fn holds(
         })
         .collect()
 }
+
+/// Waits (bounded by `timeout`) until an event in `seen` matches `pred`; panics naming `what`.
+pub async fn wait_event(
+    seen: &parking_lot::Mutex<Vec<ha_core::TopologyEvent>>,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&ha_core::TopologyEvent) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !seen.lock().iter().any(&pred) {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client of the lab's sentinels built from a topology whose local IDC is `local_idc` (the
+/// `cache` dependency of [`topology`]).
+pub async fn client_in(lab: &RedisLab, local_idc: &str) -> HaRedis {
+    let ctx = ha_core::HaContext::new(topology(lab, local_idc, ""));
+    HaRedis::builder_from_context(&ctx, "cache")
+        .await
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+}
