@@ -1,13 +1,39 @@
-//! # ha-mq (stub: not built yet)
+//! # ha-mq
 //!
-//! RocketMQ producer and consumer over two IDC clusters that back each other up. **This crate
-//! is a documented stub**: its issue is not open yet; nothing here works, and
-//! `rocketmq-client-rust` is deliberately kept out of the build until then (it takes 20–25
-//! minutes to build cold).
+//! RocketMQ over one cluster per IDC, the clusters backing each other up: a producer that
+//! fails over within the caller's deadline and never loses a message silently, and a consumer
+//! on every cluster that delivers each key once.
 //!
-//! The planned design, on `ha-core`'s pieces: a producer per IDC cluster chosen by locality and
-//! health (its own circuit state instead of the transport's hard-coded 30 s block), every message
-//! keyed so an unknown outcome can be retried on the other cluster without silent loss or
-//! unbounded duplicates; a consumer on both clusters with dedupe by key; events and metrics
-//! through [`ha_core::EventBus`].
+//! - [`HaProducer`]: a `rocketmq-client-rust` producer per cluster (each with its own client
+//!   identity), the local IDC's first. A failed or slow attempt (over
+//!   [`ProducerConfig::attempt_timeout`]) moves the message to the next cluster within the
+//!   deadline; the failed cluster is avoided for a growing, bounded time and then probed by one
+//!   send through a fresh client (the client's transport locks a broker address out for 30 s
+//!   after 5 failed connects; a new client escapes it), so traffic is back on the local cluster
+//!   within about a second of its recovery.
+//! - No silent loss: `send` is `Ok` only when a broker acknowledged the message (its
+//!   [`SendReceipt`] says which IDC and the broker's status), or, with the spool on, when the
+//!   message is durably in the local [`spool`]. An attempt written and not answered is
+//!   [`MqError::OutcomeUnknown`] (converts to [`ha_core::HaError::OutcomeUnknown`]) when no
+//!   other cluster took the message.
+//! - Every message carries a key (the caller's or a generated one): the consumers' dedupe key.
+//! - Errors name the root cause (the deepest descriptor of the client's error chain, the
+//!   broker's response code), classified by [`error::classify`], never by text.
+//!
+//! `rocketmq-client-rust` is re-exported, so users need no second version.
 #![forbid(unsafe_code)]
+
+mod consumer;
+mod dedupe;
+pub mod error;
+mod producer;
+pub mod spool;
+
+pub use consumer::{ConsumerConfig, ConsumerStats, Delivery, HaConsumer};
+pub use error::{Cause, MqError};
+pub use producer::{
+    ClusterConfig, HaProducer, MAX_TOPIC_LEN, OutgoingMessage, ProducerConfig, SendReceipt,
+    generate_key,
+};
+pub use rocketmq_client_rust;
+pub use rocketmq_client_rust::SendStatus;
