@@ -38,6 +38,17 @@ pub enum LabError {
         /// The Debian package that provides it.
         package: String,
     },
+    /// A program the lab builds with `cargo install` (the RocketMQ servers) is neither on `PATH`
+    /// nor in the project's install location.
+    #[error("program {program:?} not found on PATH nor in {searched} (install it with `{install}`)", searched = searched.display())]
+    MissingProgram {
+        /// The program that was looked for.
+        program: String,
+        /// The directory searched after `PATH`.
+        searched: PathBuf,
+        /// The command that installs it.
+        install: String,
+    },
     /// A child process could not be spawned.
     #[error("spawn {name} ({program}): {source}")]
     Spawn {
@@ -166,9 +177,13 @@ impl LabError {
         }
     }
 
-    /// True when a program is missing from `PATH`.
+    /// True when a program is missing from `PATH` (or, for the RocketMQ servers, also from their
+    /// install location).
     pub fn is_missing_binary(&self) -> bool {
-        matches!(self, LabError::MissingBinary { .. })
+        matches!(
+            self,
+            LabError::MissingBinary { .. } | LabError::MissingProgram { .. }
+        )
     }
 
     /// True when a server's address was already taken by a process that is not ours.

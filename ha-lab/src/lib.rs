@@ -10,6 +10,8 @@
 //! - [`process`]: a supervisor for external server processes (kill, freeze, thaw, restart by pid).
 //! - [`partition`]: nftables partitions between IDC address ranges.
 //! - [`redis`]: Redis + Sentinel across three IDCs ([`redis::RedisLab`]).
+//! - [`rocketmq`]: a RocketMQ name server and broker per IDC, two independent clusters
+//!   ([`rocketmq::RocketMqLab`]).
 //! - [`lab`]: the whole default lab ([`Lab`]), its `lab.json` manifest and its control socket.
 #![forbid(unsafe_code)]
 
@@ -25,6 +27,7 @@ pub mod partition;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod rocketmq;
 
 pub use error::LabError;
 pub use lab::{Lab, LabOptions};
