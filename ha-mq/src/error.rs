@@ -41,16 +41,23 @@ pub struct Cause {
     pub code: &'static str,
     /// The broker's response code, when a broker answered.
     pub broker_code: Option<i32>,
+    /// The code of a client exception deep in the chain (`17`: the topic's route was not
+    /// found, e.g. its broker is gone from the name server), when there is one.
+    pub client_code: Option<i32>,
     /// The client's display of the root cause (for logs).
     pub message: String,
 }
 
 impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.broker_code {
-            Some(code) => write!(f, "{} (broker code {code}): {}", self.code, self.message),
-            None => write!(f, "{}: {}", self.code, self.message),
+        f.write_str(self.code)?;
+        if let Some(code) = self.broker_code {
+            write!(f, " (broker code {code})")?;
         }
+        if let Some(code) = self.client_code {
+            write!(f, " (client code {code})")?;
+        }
+        write!(f, ": {}", self.message)
     }
 }
 
@@ -70,27 +77,64 @@ pub fn classify(err: &ClientError) -> Cause {
     let mut root_msg = err.to_string();
     let mut broker_code = err.broker_response_code();
     let mut io_kind = None;
+    let mut client_code = None;
+    let mut chain = vec![root_msg.clone()];
     let mut current: &(dyn std::error::Error + 'static) = err;
     while let Some(next) = current.source() {
+        let text = next.to_string();
+        if chain.last() != Some(&text) {
+            chain.push(text.clone());
+        }
         if let Some(d) = descriptor_of(next) {
             root = d;
-            root_msg = next.to_string();
+            root_msg = text;
         }
         if let Some(c) = next.downcast_ref::<ClientError>() {
             broker_code = broker_code.or(c.broker_response_code());
+        }
+        if let Some(c) = next.downcast_ref::<rocketmq_client_rust::MQClientException>() {
+            client_code = Some(c.response_code());
         }
         if let Some(io) = next.downcast_ref::<std::io::Error>() {
             io_kind = Some(io.kind());
         }
         current = next;
     }
-    let code = root.code().as_str();
-    let class = class_of(code, root.condition(), broker_code, io_kind);
+    let code = match client_code {
+        // The client's descriptor says "argument invalid"; the cause is no route.
+        Some(codes::TOPIC_NOT_EXIST) if broker_code.is_none() => "route.not_found",
+        _ => root.code().as_str(),
+    };
+    let class = match client_code {
+        // The route was not found: nothing was sent (the generic "argument invalid" above it
+        // says nothing more).
+        Some(codes::TOPIC_NOT_EXIST) if broker_code.is_none() => ErrorClass::NotSent,
+        _ => class_of(code, root.condition(), broker_code, io_kind),
+    };
+    // The root cause's text, then what lies below it (a non-RocketMQ error at the bottom).
+    let below: Vec<&String> = chain
+        .iter()
+        .skip_while(|t| **t != root_msg)
+        .skip(1)
+        .collect();
+    let message = if below.is_empty() {
+        root_msg
+    } else {
+        format!(
+            "{root_msg}: {}",
+            below
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(": ")
+        )
+    };
     Cause {
         class,
         code,
         broker_code,
-        message: root_msg,
+        client_code,
+        message,
     }
 }
 
@@ -133,7 +177,9 @@ fn class_of(
             | CanonicalCondition::Unavailable
             | CanonicalCondition::FailedPrecondition
             | CanonicalCondition::ResourceExhausted => ErrorClass::NotSent,
-            CanonicalCondition::InvalidArgument => ErrorClass::Final,
+            // The message was validated before sending; the client's own "invalid argument"
+            // covers routing failures too (no queue to pick). Not stored: try elsewhere.
+            CanonicalCondition::InvalidArgument => ErrorClass::NotSent,
             // Anything else: the request may have left; say so rather than guess.
             _ => ErrorClass::MaybeSent,
         },
@@ -356,6 +402,7 @@ mod tests {
                     class: ErrorClass::MaybeSent,
                     code: "transport.response.timeout",
                     broker_code: None,
+                    client_code: None,
                     message: "timed out".into(),
                 },
             )],

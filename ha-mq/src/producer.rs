@@ -850,6 +850,7 @@ impl Inner {
                 class: ErrorClass::MaybeSent,
                 code: "ha_mq.no_result",
                 broker_code: None,
+                client_code: None,
                 message: "the client returned no send result".into(),
             }),
             Ok(Err(e)) => Attempt::Failed(classify(&e)),
@@ -857,6 +858,7 @@ impl Inner {
                 class: ErrorClass::MaybeSent,
                 code: "ha_mq.attempt_timeout",
                 broker_code: None,
+                client_code: None,
                 message: format!("no answer within {budget:?}"),
             }),
         }

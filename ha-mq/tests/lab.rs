@@ -282,7 +282,12 @@ async fn local_broker_killed_sends_move_to_the_backup_and_come_back() {
         back_after,
         killed.elapsed()
     );
-    assert!(errors.is_empty(), "errors: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
     assert!(on_sh > 0, "nothing went to the backup");
     let mut want: HashSet<String> = results
         .iter()
