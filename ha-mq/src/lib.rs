@@ -23,6 +23,11 @@
 //! `rocketmq-client-rust` is re-exported, so users need no second version.
 #![forbid(unsafe_code)]
 
+/// The README's example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod consumer;
 mod dedupe;
 pub mod error;
