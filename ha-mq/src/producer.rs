@@ -527,7 +527,7 @@ impl HaProducer {
             replay_wake: tokio::sync::Notify::new(),
         });
         if inner.spool.is_some() {
-            tokio::spawn(Arc::clone(&inner).replay());
+            tokio::spawn(Inner::replay(Arc::downgrade(&inner)));
         }
         Ok(HaProducer { inner })
     }
@@ -736,29 +736,41 @@ impl Inner {
 
     /// Replays the spool in order through the clusters; commits in groups (a crash replays
     /// at most a group again: duplicates with the same key, never a loss).
-    async fn replay(self: Arc<Self>) {
-        let Some(spool) = self.spool.as_ref() else {
-            return;
-        };
-        let mut wait = self.config.min_avoid;
+    ///
+    /// It holds the producer only for one record at a time: once every handle is dropped it
+    /// ends (what it had not committed is replayed by the next producer on the spool).
+    async fn replay(weak: std::sync::Weak<Self>) {
+        let mut wait = Duration::ZERO;
         let mut last: Option<u64> = None;
         let mut since_commit = 0u32;
-        while !self.closed.load(Ordering::Acquire) {
+        loop {
+            let Some(this) = weak.upgrade() else {
+                return;
+            };
+            let Some(spool) = this.spool.as_ref() else {
+                return;
+            };
+            if this.closed.load(Ordering::Acquire) {
+                return;
+            }
+            if wait.is_zero() {
+                wait = this.config.min_avoid;
+            }
             let next = match spool.next_pending().await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(error = %e, "ha-mq: spool read failed");
-                    tokio::time::sleep(self.config.max_avoid).await;
+                    tokio::time::sleep(this.config.max_avoid).await;
                     continue;
                 }
             };
             let Some((seq, rec)) = next else {
                 if let Some(seq) = last.take() {
-                    self.commit_spool(spool, seq).await;
+                    this.commit_spool(spool, seq).await;
                     since_commit = 0;
                 }
                 let _ =
-                    tokio::time::timeout(Duration::from_millis(100), self.replay_wake.notified())
+                    tokio::time::timeout(Duration::from_millis(100), this.replay_wake.notified())
                         .await;
                 continue;
             };
@@ -766,16 +778,16 @@ impl Inner {
             out.tags = rec.tags;
             out.properties = rec.properties;
             let sent = match to_rocket(&out, &rec.key) {
-                Ok(m) => self.send_clusters(&m, &rec.key, self.config.deadline).await,
+                Ok(m) => this.send_clusters(&m, &rec.key, this.config.deadline).await,
                 Err(e) => Err(e),
             };
             match sent {
                 Ok(_) => {
-                    wait = self.config.min_avoid;
+                    wait = this.config.min_avoid;
                     last = Some(seq);
                     since_commit += 1;
                     if since_commit >= 64 {
-                        self.commit_spool(spool, seq).await;
+                        this.commit_spool(spool, seq).await;
                         last = None;
                         since_commit = 0;
                     }
@@ -784,18 +796,18 @@ impl Inner {
                     // Refused for good by a broker: it would block the spool forever. Said
                     // loudly, counted, and passed.
                     tracing::error!(key = %rec.key, error = %e, "ha-mq: spooled message refused by the broker; dropped from the spool");
-                    metrics::counter!("ha_mq_spool_refused_total", "dependency" => self.config.dependency.clone()).increment(1);
+                    metrics::counter!("ha_mq_spool_refused_total", "dependency" => this.config.dependency.clone()).increment(1);
                     last = Some(seq);
                 }
                 Err(e) => {
                     tracing::debug!(key = %rec.key, error = %e, "ha-mq: replay waits for a cluster");
                     if let Some(seq) = last.take() {
-                        self.commit_spool(spool, seq).await;
+                        this.commit_spool(spool, seq).await;
                         since_commit = 0;
                     }
                     spool.rewind().await;
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(self.config.max_avoid);
+                    wait = (wait * 2).min(this.config.max_avoid);
                 }
             }
         }
