@@ -368,7 +368,10 @@ impl RocketMqLab {
     /// SIGSTOPs `idc`'s broker: connections stay open (the kernel even accepts new ones),
     /// nothing answers.
     pub fn freeze_broker(&self, idc: &str) -> Result<(), LabError> {
-        self.supervisor.freeze(&self.require(idc)?.broker_server)
+        let name = &self.require(idc)?.broker_server;
+        self.supervisor.freeze(name)?;
+        self.wait_frozen(name);
+        Ok(())
     }
 
     /// SIGCONTs `idc`'s broker.
@@ -402,7 +405,22 @@ impl RocketMqLab {
 
     /// SIGSTOPs `idc`'s name server.
     pub fn freeze_namesrv(&self, idc: &str) -> Result<(), LabError> {
-        self.supervisor.freeze(&self.require(idc)?.namesrv_server)
+        let name = &self.require(idc)?.namesrv_server;
+        self.supervisor.freeze(name)?;
+        self.wait_frozen(name);
+        Ok(())
+    }
+
+    /// Waits (bounded, 2 s) until every thread of `name` is stopped: SIGSTOP is delivered
+    /// asynchronously, and a thread still running could answer one more request.
+    fn wait_frozen(&self, name: &str) {
+        let Some(pid) = self.supervisor.pid(name) else {
+            return;
+        };
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while !all_threads_stopped(pid) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONTs `idc`'s name server.
@@ -682,6 +700,27 @@ fn is_stopped(pid: u32) -> bool {
             rest.trim_start().chars().next()
         })
         .is_some_and(|state| state == 'T' || state == 't')
+}
+
+/// True when every thread of `pid` is stopped (`/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        t.file_name()
+            .to_str()
+            .and_then(|tid| tid.parse::<u32>().ok())
+            .is_some_and(|tid| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let (_, rest) = s.rsplit_once(')')?;
+                        rest.trim_start().chars().next()
+                    })
+                    .is_some_and(|state| state == 'T' || state == 't')
+            })
+    })
 }
 
 // === the cluster table ===
