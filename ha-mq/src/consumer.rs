@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use ha_core::{ConfigError, EventBus};
 use parking_lot::Mutex;
-use rocketmq_client_rust::ClientRuntime;
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_queue::MessageQueue;
@@ -20,7 +19,8 @@ use tokio::task::JoinSet;
 
 use crate::dedupe::{Claim, Dedupe};
 use crate::error::{MqError, classify};
-use crate::producer::ClusterConfig;
+use crate::producer::{ClusterConfig, join_addrs};
+use crate::runtime::ClientRt;
 
 /// How an [`HaConsumer`] consumes. Build with [`ConsumerConfig::new`] and the setters.
 #[derive(Debug, Clone)]
@@ -192,8 +192,7 @@ pub struct HaConsumer {
     closed: Arc<AtomicBool>,
     tasks: Mutex<Option<JoinSet<()>>>,
     counters: Arc<Counters>,
-    owner: Mutex<Option<rocketmq_runtime::RuntimeOwner>>,
-    runtime: Arc<ClientRuntime>,
+    rt: ClientRt,
 }
 
 impl std::fmt::Debug for HaConsumer {
@@ -220,25 +219,7 @@ impl HaConsumer {
         E: std::fmt::Display + Send + 'static,
     {
         config.validate()?;
-        let owner = rocketmq_runtime::RuntimeOwner::plan(
-            rocketmq_runtime::RuntimeConfig::for_parallelism("ha-mq-consumer", 2),
-        )
-        .map_err(|e| MqError::InvalidMessage {
-            why: format!("client runtime: {e}"),
-        })?
-        .build()
-        .map_err(|e| MqError::InvalidMessage {
-            why: format!("client runtime: {e}"),
-        })?;
-        let runtime = ClientRuntime::try_new(
-            owner.root_context().component("ha-mq-consumer"),
-            rocketmq_client_rust::ClientRuntimeConfig::default(),
-            rocketmq_observability::TelemetryHandle::noop(),
-        )
-        .map_err(|e| MqError::Start {
-            idc: String::new(),
-            cause: classify(&e),
-        })?;
+        let rt = ClientRt::start("ha-mq-consumer")?;
         let handler: Arc<Handler<E>> = Arc::new(move |d| Box::pin(handler(d)));
         let dedupe = Arc::new(Dedupe::new(config.dedupe_window, config.dedupe_max_keys));
         let permits = Arc::new(Semaphore::new(config.concurrency));
@@ -246,14 +227,9 @@ impl HaConsumer {
         let counters = Arc::new(Counters::default());
         let mut tasks = JoinSet::new();
         for c in &config.clusters {
-            let ns = c
-                .name_servers
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(";");
+            let ns = join_addrs(&c.name_servers);
             let consumer =
-                rocketmq_client_rust::DefaultLitePullConsumer::builder(Arc::clone(&runtime))
+                rocketmq_client_rust::DefaultLitePullConsumer::builder(Arc::clone(&rt.runtime))
                     .name_server_addr(ns)
                     .consumer_group(config.group.clone())
                     .instance_name(format!("ha-mq-consumer-{}-{}", c.idc, std::process::id()))
@@ -299,8 +275,7 @@ impl HaConsumer {
             closed,
             tasks: Mutex::new(Some(tasks)),
             counters,
-            owner: Mutex::new(Some(owner)),
-            runtime,
+            rt,
         })
     }
 
@@ -331,12 +306,7 @@ impl HaConsumer {
                 while tasks.join_next().await.is_some() {}
             }
         }
-        let _report = self.runtime.shutdown().await;
-        let owner = self.owner.lock().take();
-        if let Some(owner) = owner {
-            let _tasks = owner.shutdown_tasks().await;
-            let _bg = owner.shutdown_background();
-        }
+        self.rt.shutdown().await;
     }
 }
 

@@ -272,6 +272,12 @@ pub enum MqError {
         /// `(idc, cause)` per cluster attempt before the spool.
         attempts: Vec<(String, Cause)>,
     },
+    /// The client runtime could not be built (threads, its configuration).
+    #[error("{why}")]
+    Runtime {
+        /// What failed.
+        why: String,
+    },
     /// The producer was shut down.
     #[error("producer is shut down")]
     Closed,

@@ -32,6 +32,7 @@ mod consumer;
 mod dedupe;
 pub mod error;
 mod producer;
+mod runtime;
 pub mod spool;
 
 pub use consumer::{ConsumerConfig, ConsumerStats, Delivery, HaConsumer};

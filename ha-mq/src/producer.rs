@@ -10,13 +10,14 @@ use bytes::Bytes;
 use ha_core::{ConfigError, ErrorClass, EventBus, TopologyEvent};
 use parking_lot::Mutex;
 use rocketmq_client_rust::{
-    ClientConfig, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, SendResult, SendStatus,
+    ClientConfig, ClientRuntime, DefaultMQProducer, SendResult, SendStatus,
 };
 use rocketmq_model::common::message::message_single::Message;
 use tokio::sync::RwLock;
 use tokio::time::Instant;
 
 use crate::error::{Cause, MqError, classify};
+use crate::runtime::ClientRt;
 use crate::spool::{Spool, SpoolConfig, SpoolRecord};
 
 /// The longest topic RocketMQ accepts.
@@ -360,8 +361,7 @@ struct Cluster {
 
 struct Inner {
     config: ProducerConfig,
-    runtime: Arc<ClientRuntime>,
-    owner: Mutex<Option<rocketmq_runtime::RuntimeOwner>>,
+    rt: ClientRt,
     clusters: Vec<Cluster>,
     bus: Option<EventBus>,
     /// The cluster that acknowledged the last send (index), for failover/back events.
@@ -405,7 +405,8 @@ impl std::fmt::Debug for HaProducer {
     }
 }
 
-fn join_addrs(addrs: &[SocketAddr]) -> String {
+/// Addresses as the client takes them: `a;b`.
+pub(crate) fn join_addrs(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
         .map(ToString::to_string)
@@ -468,31 +469,13 @@ impl HaProducer {
                 unreachable.push(i);
             }
         }
-        let owner = rocketmq_runtime::RuntimeOwner::plan(
-            rocketmq_runtime::RuntimeConfig::for_parallelism("ha-mq", 2),
-        )
-        .map_err(|e| MqError::InvalidMessage {
-            why: format!("client runtime: {e}"),
-        })?
-        .build()
-        .map_err(|e| MqError::InvalidMessage {
-            why: format!("client runtime: {e}"),
-        })?;
-        let runtime = ClientRuntime::try_new(
-            owner.root_context().component("ha-mq"),
-            ClientRuntimeConfig::default(),
-            rocketmq_observability::TelemetryHandle::noop(),
-        )
-        .map_err(|e| MqError::Start {
-            idc: String::new(),
-            cause: classify(&e),
-        })?;
+        let rt = ClientRt::start("ha-mq")?;
         let incarnations = AtomicU64::new(0);
         let mut clusters = Vec::with_capacity(config.clusters.len());
         for c in &config.clusters {
             let ns = join_addrs(&c.name_servers);
             let n = incarnations.fetch_add(1, Ordering::Relaxed);
-            let inc = build_incarnation(&runtime, &config, &c.idc, &ns, n)
+            let inc = build_incarnation(&rt.runtime, &config, &c.idc, &ns, n)
                 .await
                 .map_err(|cause| MqError::Start {
                     idc: c.idc.clone(),
@@ -516,8 +499,7 @@ impl HaProducer {
         }
         let inner = Arc::new(Inner {
             config,
-            runtime,
-            owner: Mutex::new(Some(owner)),
+            rt,
             clusters,
             bus,
             serving: Mutex::new(0),
@@ -614,12 +596,7 @@ impl HaProducer {
                 tracing::warn!(idc = %c.idc, "ha-mq: client did not stop within {SHUTDOWN_BOUND:?}");
             }
         }
-        let _report = inner.runtime.shutdown().await;
-        let owner = inner.owner.lock().take();
-        if let Some(owner) = owner {
-            let _tasks = owner.shutdown_tasks().await;
-            let _bg = owner.shutdown_background();
-        }
+        inner.rt.shutdown().await;
     }
 }
 
@@ -1027,7 +1004,7 @@ impl Inner {
             let bound = self.config.connect_timeout * 3;
             match tokio::time::timeout(
                 bound,
-                build_incarnation(&self.runtime, &self.config, &c.idc, &c.name_servers, n),
+                build_incarnation(&self.rt.runtime, &self.config, &c.idc, &c.name_servers, n),
             )
             .await
             {
