@@ -428,5 +428,5 @@ impl<E: std::fmt::Display + Send + 'static> ClusterLoop<E> {
 }
 
 async fn self_shutdown(consumer: &rocketmq_client_rust::DefaultLitePullConsumer) {
-    consumer.shutdown().await;
+    Box::pin(consumer.shutdown()).await;
 }

@@ -591,7 +591,7 @@ impl HaProducer {
         }
         for c in &inner.clusters {
             let inc = c.current.load_full();
-            let stop = async { inc.producer.write().await.shutdown().await };
+            let stop = async { Box::pin(inc.producer.write().await.shutdown()).await };
             if tokio::time::timeout(SHUTDOWN_BOUND, stop).await.is_err() {
                 tracing::warn!(idc = %c.idc, "ha-mq: client did not stop within {SHUTDOWN_BOUND:?}");
             }
@@ -1011,7 +1011,7 @@ impl Inner {
                 Ok(Ok(inc)) => {
                     let old = c.current.swap(Arc::new(inc));
                     // Sends in flight on the old one finish (bounded by their timeout) first.
-                    let stop = async { old.producer.write().await.shutdown().await };
+                    let stop = async { Box::pin(old.producer.write().await.shutdown()).await };
                     if tokio::time::timeout(SHUTDOWN_BOUND, stop).await.is_err() {
                         tracing::warn!(idc = %c.idc, "ha-mq: old client did not stop within {SHUTDOWN_BOUND:?}");
                     }

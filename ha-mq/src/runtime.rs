@@ -43,10 +43,12 @@ impl ClientRt {
 
     /// Stops the client runtime, then its tasks and threads (once; later calls do nothing).
     pub(crate) async fn shutdown(&self) {
-        let _report = self.runtime.shutdown().await;
+        // Boxed: the client runtime's shutdown future is deep enough to overflow the
+        // compiler's layout query depth when it is inlined into a caller's future.
+        let _report = Box::pin(self.runtime.shutdown()).await;
         let owner = self.owner.lock().take();
         if let Some(owner) = owner {
-            let _tasks = owner.shutdown_tasks().await;
+            let _tasks = Box::pin(owner.shutdown_tasks()).await;
             let _bg = owner.shutdown_background();
         }
     }
