@@ -164,6 +164,7 @@ struct RawTopology {
     health: RawHealth,
     #[serde(default)]
     balance: RawBalance,
+    app: Option<toml::Table>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -526,6 +527,7 @@ pub struct Topology {
     health: HealthSettings,
     balance: BalanceSettings,
     classifier: Arc<IdcClassifier>,
+    app: toml::Table,
 }
 
 impl Topology {
@@ -849,6 +851,44 @@ impl Topology {
             health,
             balance,
             classifier,
+            app: raw.app.unwrap_or_default(),
+        })
+    }
+
+    /// Reads the application's own table `[app]` as `T` (an empty table when it is missing):
+    /// ha-core ignores it, so a service keeps its settings (listen address, admin token,
+    /// limits) in the same file as its topology. An error names the file and the dotted path
+    /// of the field, e.g. `app.admin.token`.
+    ///
+    /// ```
+    /// #[derive(Debug, serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct App { listen: std::net::SocketAddr }
+    ///
+    /// let topo = ha_core::Topology::from_toml_str(r#"
+    /// local_idc = "bj-a"
+    /// [[regions]]
+    /// name = "north"
+    /// resolvers = ["127.0.1.53"]
+    /// [[idcs]]
+    /// name = "bj-a"
+    /// region = "north"
+    /// [app]
+    /// listen = "127.0.1.100:nope"
+    /// "#, "t.toml").unwrap();
+    /// let e = topo.app::<App>().unwrap_err();
+    /// assert_eq!(e.field, "app.listen");
+    /// ```
+    pub fn app<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        let value = toml::Value::Table(self.app.clone());
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = dotted(e.path());
+            let field = if path.is_empty() {
+                "app".to_string()
+            } else {
+                format!("app.{path}")
+            };
+            ConfigError::new(&self.file, field, "", e.into_inner().message().to_string())
         })
     }
 
