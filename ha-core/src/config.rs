@@ -873,6 +873,7 @@ impl Topology {
     /// [[idcs]]
     /// name = "bj-a"
     /// region = "north"
+    /// cidrs = ["127.0.1.0/24"]
     /// [app]
     /// listen = "127.0.1.100:nope"
     /// "#, "t.toml").unwrap();
