@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ha_core::{ConfigError, EventBus};
+use ha_core::{ConfigError, EventBus, HaContext};
 use parking_lot::Mutex;
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -72,6 +72,52 @@ impl ConsumerConfig {
         }
     }
 
+    /// The config of a consumer of `group` on `topic` over the clusters of dependency
+    /// `dependency` of `ctx`'s topology (a `kind = "rocketmq"` dependency, see
+    /// [`crate::settings`]), with the defaults; [`dependency`](Self::dependency) is its name.
+    /// Like [`ConsumerConfig::new`], it takes the group: the settings' `group` is the producer
+    /// group, and one service consumes under a group of its own per purpose. The consumer
+    /// reads every cluster, the local IDC's listed first. The errors are
+    /// [`ProducerConfig::from_context`](crate::ProducerConfig::from_context)'s (but `group`
+    /// need not be in the file).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let topology = ha_core::Topology::from_toml_str(r#"
+    /// local_idc = "bj-a"
+    /// [[regions]]
+    /// name = "north"
+    /// resolvers = ["127.0.1.53"]
+    /// [[idcs]]
+    /// name = "bj-a"
+    /// region = "north"
+    /// cidrs = ["127.0.1.0/24"]
+    /// [dependencies.events]
+    /// kind = "rocketmq"
+    /// static_addrs = ["127.0.1.220:9876"]
+    /// [[dependencies.events.settings.clusters]]
+    /// idc = "bj-a"
+    /// name_servers = ["127.0.1.220:9876"]
+    /// "#, "topology.toml")?;
+    /// let ctx = ha_core::HaContext::new(topology);
+    /// let config = ha_mq::ConsumerConfig::from_context(&ctx, "events", "member-history", "member_events")?;
+    /// assert_eq!(config.clusters.len(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_context(
+        ctx: &HaContext,
+        dependency: &str,
+        group: impl Into<String>,
+        topic: impl Into<String>,
+    ) -> Result<ConsumerConfig, MqError> {
+        let read = crate::settings::read(ctx, dependency)?;
+        let mut config = ConsumerConfig::new(group, topic, read.clusters);
+        config.dependency = dependency.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Sets [`from_first_offset`](Self::from_first_offset).
     pub fn from_first_offset(mut self, yes: bool) -> Self {
         self.from_first_offset = yes;
@@ -91,7 +137,7 @@ impl ConsumerConfig {
         self
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, value: String, why: &str| {
             Err(ConfigError::new(
                 "<ha-mq consumer config>",
@@ -106,18 +152,11 @@ impl ConsumerConfig {
         if self.topic.is_empty() {
             return bad("topic", String::new(), "must not be empty");
         }
-        if self.clusters.is_empty() {
-            return bad("clusters", "[]".into(), "needs at least one cluster");
-        }
-        for (i, c) in self.clusters.iter().enumerate() {
-            if c.name_servers.is_empty() {
-                return bad(
-                    &format!("clusters[{i}].name_servers"),
-                    "[]".into(),
-                    "needs at least one name server",
-                );
-            }
-        }
+        crate::settings::validate_clusters(
+            &self.clusters,
+            std::path::Path::new("<ha-mq consumer config>"),
+            "",
+        )?;
         if self.concurrency == 0 || self.concurrency > 10_000 {
             return bad(
                 "concurrency",

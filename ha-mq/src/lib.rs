@@ -33,6 +33,7 @@ mod dedupe;
 pub mod error;
 mod producer;
 mod runtime;
+pub mod settings;
 pub mod spool;
 
 pub use consumer::{ConsumerConfig, ConsumerStats, Delivery, HaConsumer};

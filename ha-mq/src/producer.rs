@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ha_core::{ConfigError, ErrorClass, EventBus, TopologyEvent};
+use ha_core::{ConfigError, ErrorClass, EventBus, HaContext, TopologyEvent};
 use parking_lot::Mutex;
 use rocketmq_client_rust::{
     ClientConfig, ClientRuntime, DefaultMQProducer, SendResult, SendStatus,
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::error::{Cause, MqError, classify};
 use crate::runtime::ClientRt;
-use crate::spool::{Spool, SpoolConfig, SpoolRecord};
+use crate::spool::{MIN_SEGMENT_BYTES, Spool, SpoolConfig, SpoolError, SpoolRecord};
 
 /// The longest topic RocketMQ accepts.
 pub const MAX_TOPIC_LEN: usize = 127;
@@ -99,6 +99,126 @@ impl ProducerConfig {
         }
     }
 
+    /// The config of dependency `dependency` of `ctx`'s topology: a `kind = "rocketmq"`
+    /// dependency whose `[dependencies.NAME.settings]` are [`MqSettings`](crate::settings::MqSettings)
+    /// (see [`crate::settings`] for the format). [`dependency`](Self::dependency) is its name.
+    ///
+    /// The clusters are ordered with the one in the local IDC (`ctx.topology().local_idc()`)
+    /// first and the others in the file's order; when no cluster is in the local IDC, the
+    /// file's order is kept as it is (the first listed is preferred). A `spool_dir` turns the
+    /// spool on (a relative path is relative to the working directory).
+    ///
+    /// Errors are [`MqError::Config`] naming the file and the dotted field: an unknown
+    /// dependency, another `kind` (`dependencies.NAME.kind`), an unknown field, a missing
+    /// `group`, no cluster, an IDC the topology does not know, an address that is not
+    /// `IP:port`, a duration that does not parse (`dependencies.NAME.settings.deadline`).
+    ///
+    /// The producer's events go to the context's bus when it is given to
+    /// [`HaProducer::start`]:
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use ha_core::{HaContext, Topology};
+    /// use ha_mq::{HaProducer, OutgoingMessage, ProducerConfig};
+    ///
+    /// let topology = Topology::from_toml_str(r#"
+    /// local_idc = "sh-a"
+    /// [[regions]]
+    /// name = "north"
+    /// resolvers = ["127.0.1.53"]
+    /// [[regions]]
+    /// name = "south"
+    /// resolvers = ["127.0.3.53"]
+    /// [[idcs]]
+    /// name = "bj-a"
+    /// region = "north"
+    /// cidrs = ["127.0.1.0/24"]
+    /// [[idcs]]
+    /// name = "sh-a"
+    /// region = "south"
+    /// cidrs = ["127.0.3.0/24"]
+    /// [dependencies.events]
+    /// kind = "rocketmq"
+    /// # ha-core wants a source for every dependency; ha-mq reads the clusters below.
+    /// static_addrs = ["127.0.1.220:9876", "127.0.3.220:9876"]
+    /// [dependencies.events.settings]
+    /// group = "membership"
+    /// deadline = "1s"
+    /// [[dependencies.events.settings.clusters]]
+    /// idc = "bj-a"
+    /// name_servers = ["127.0.1.220:9876"]
+    /// [[dependencies.events.settings.clusters]]
+    /// idc = "sh-a"
+    /// name_servers = ["127.0.3.220:9876"]
+    /// "#, "topology.toml")?;
+    /// let ctx = HaContext::new(topology);
+    /// let config = ProducerConfig::from_context(&ctx, "events")?;
+    /// assert_eq!(config.clusters[0].idc, "sh-a"); // the local IDC's first
+    /// let producer = HaProducer::start(config, Some(ctx.events().clone())).await?;
+    /// producer.send(OutgoingMessage::new("member_events", "{}")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_context(ctx: &HaContext, dependency: &str) -> Result<ProducerConfig, MqError> {
+        let read = crate::settings::read(ctx, dependency)?;
+        let s = &read.settings;
+        let group = match s.group.as_deref().map(str::trim) {
+            Some(g) if !g.is_empty() => g.to_string(),
+            other => {
+                return Err(ConfigError::new(
+                    &read.file,
+                    read.field("group"),
+                    other.unwrap_or(""),
+                    "missing: the producer group",
+                )
+                .into());
+            }
+        };
+        let mut config = ProducerConfig::new(group, read.clusters.clone()).dependency(dependency);
+        config.attempt_timeout = read.duration(
+            "attempt_timeout",
+            s.attempt_timeout.as_deref(),
+            config.attempt_timeout,
+        )?;
+        config.deadline = read.duration("deadline", s.deadline.as_deref(), config.deadline)?;
+        match (&s.spool_dir, s.spool_max_bytes) {
+            (None, None) => {}
+            (None, Some(n)) => {
+                return Err(ConfigError::new(
+                    &read.file,
+                    read.field("spool_max_bytes"),
+                    n,
+                    "needs spool_dir (the spool is off without it)",
+                )
+                .into());
+            }
+            (Some(dir), max) => {
+                let mut spool = SpoolConfig::new(dir);
+                if let Some(n) = max {
+                    // Space comes back a segment at a time: keep a few segments in the bound.
+                    let segment = spool.segment_bytes.min(n / 4).max(MIN_SEGMENT_BYTES);
+                    spool = spool.max_bytes(n).segment_bytes(segment);
+                }
+                spool.validate().map_err(|e| {
+                    let (field, value) = match &e {
+                        SpoolError::Config { field: "dir", .. } => {
+                            ("spool_dir", dir.display().to_string())
+                        }
+                        _ => ("spool_max_bytes", max.unwrap_or_default().to_string()),
+                    };
+                    let why = match e {
+                        SpoolError::Config { why, .. } => why,
+                        other => other.to_string(),
+                    };
+                    ConfigError::new(&read.file, read.field(field), value, why)
+                })?;
+                config.spool = Some(spool);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Sets [`dependency`](Self::dependency).
     pub fn dependency(mut self, name: impl Into<String>) -> Self {
         self.dependency = name.into();
@@ -142,7 +262,7 @@ impl ProducerConfig {
         self
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, value: String, why: &str| {
             Err(ConfigError::new(
                 "<ha-mq producer config>",
@@ -154,32 +274,11 @@ impl ProducerConfig {
         if self.group.is_empty() {
             return bad("group", String::new(), "must not be empty");
         }
-        if self.clusters.is_empty() {
-            return bad("clusters", "[]".into(), "needs at least one cluster");
-        }
-        for (i, c) in self.clusters.iter().enumerate() {
-            if c.idc.is_empty() {
-                return bad(
-                    &format!("clusters[{i}].idc"),
-                    String::new(),
-                    "must not be empty",
-                );
-            }
-            if c.name_servers.is_empty() {
-                return bad(
-                    &format!("clusters[{i}].name_servers"),
-                    "[]".into(),
-                    "needs at least one name server",
-                );
-            }
-            if self.clusters[..i].iter().any(|o| o.idc == c.idc) {
-                return bad(
-                    &format!("clusters[{i}].idc"),
-                    c.idc.clone(),
-                    "duplicate IDC",
-                );
-            }
-        }
+        crate::settings::validate_clusters(
+            &self.clusters,
+            std::path::Path::new("<ha-mq producer config>"),
+            "",
+        )?;
         for (field, d) in [
             ("attempt_timeout", self.attempt_timeout),
             ("deadline", self.deadline),
