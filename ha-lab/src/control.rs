@@ -7,9 +7,15 @@
 //! {"op":"fault","target":"proxy-bj-a-1","action":{"round_trip_latency":{"ms":200}}}
 //! {"op":"fault","target":"proxy-bj-a-1","action":{"latency":{"ms":100}}}
 //! {"op":"fault","target":"dns-north","action":"freeze"}
+//! {"op":"stack","fault":"kill_redis_master"}
+//! {"op":"stack","fault":{"restart_broker":{"idc":"bj-a"}}}
 //! {"op":"shutdown"}
 //! -> {"ok":true} | {"ok":false,"error":"unknown server \"x\" (known: ...)"}
+//! -> {"ok":true,"detail":"redis master redis-bj-a 127.0.1.10:20000 -> redis-bj-b ..."}
 //! ```
+//!
+//! `stack` requests are served by a stack daemon (`ha-lab up --stack`, see `ha_lab::stack`);
+//! the default lab refuses them.
 
 use std::{path::Path, time::Duration};
 
@@ -33,8 +39,110 @@ pub enum ControlRequest {
         /// What to do.
         action: FaultAction,
     },
+    /// A fault on the stack of `ha-lab up --stack` (`ha_lab::stack`); the answer's
+    /// [`ControlResponse::detail`] says what happened.
+    Stack {
+        /// The fault.
+        fault: StackFault,
+    },
     /// Stop the lab and the daemon.
     Shutdown,
+}
+
+/// A fault on the stack (Redis + Sentinel, MariaDB with its HA simulator, RocketMQ) that
+/// `ha-lab up --stack` runs. A `server` is a server name of `lab.json` (`redis-bj-a`,
+/// `sentinel-sh-a`, `mariadb-bj-b`, `rocketmq-broker-bj-a`, ...) or a role: `redis-master`,
+/// `mysql-primary`, `mq-broker@<idc>`, `mq-namesrv@<idc>`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackFault {
+    /// SIGKILL the Redis master and wait (bounded) until the sentinels name a new one.
+    KillRedisMaster,
+    /// A planned `SENTINEL FAILOVER`, waited for (bounded).
+    RedisFailover,
+    /// SIGKILL the MariaDB primary and wait (bounded) until the HA simulator promoted a replica.
+    KillMysqlPrimary,
+    /// A planned MariaDB switchover to the first replica.
+    MysqlSwitchover,
+    /// SIGKILL the RocketMQ broker of `idc`.
+    KillBroker {
+        /// The IDC, e.g. `bj-a`.
+        idc: String,
+    },
+    /// Start the RocketMQ broker of `idc` again (same ports and store), waited until registered.
+    RestartBroker {
+        /// The IDC.
+        idc: String,
+    },
+    /// SIGKILL one server.
+    Kill {
+        /// Server name or role.
+        server: String,
+    },
+    /// SIGSTOP one server.
+    Freeze {
+        /// Server name or role.
+        server: String,
+    },
+    /// SIGCONT one server.
+    Thaw {
+        /// Server name or role.
+        server: String,
+    },
+}
+
+impl std::fmt::Display for StackFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StackFault::KillRedisMaster => f.write_str("kill redis-master"),
+            StackFault::RedisFailover => f.write_str("failover redis"),
+            StackFault::KillMysqlPrimary => f.write_str("kill mysql-primary"),
+            StackFault::MysqlSwitchover => f.write_str("switchover mysql"),
+            StackFault::KillBroker { idc } => write!(f, "kill mq-broker@{idc}"),
+            StackFault::RestartBroker { idc } => write!(f, "restart mq-broker@{idc}"),
+            StackFault::Kill { server } => write!(f, "kill {server}"),
+            StackFault::Freeze { server } => write!(f, "freeze {server}"),
+            StackFault::Thaw { server } => write!(f, "thaw {server}"),
+        }
+    }
+}
+
+impl StackFault {
+    /// The fault of the command line `ha-lab fault <verb> <target>`, when it is a stack fault:
+    /// `kill redis-master`, `failover redis`, `kill mysql-primary`, `switchover mysql`,
+    /// `kill mq-broker@<idc>`, `restart mq-broker@<idc>`, and `kill|freeze|thaw <server>`.
+    /// `None` for anything else (`restart redis-bj-a`, `latency ...`).
+    ///
+    /// ```
+    /// use ha_lab::control::StackFault;
+    /// assert_eq!(StackFault::parse("kill", "redis-master"), Some(StackFault::KillRedisMaster));
+    /// assert_eq!(
+    ///     StackFault::parse("restart", "mq-broker@sh-a"),
+    ///     Some(StackFault::RestartBroker { idc: "sh-a".into() })
+    /// );
+    /// assert_eq!(StackFault::parse("restart", "redis-bj-a"), None);
+    /// ```
+    pub fn parse(verb: &str, target: &str) -> Option<StackFault> {
+        let broker = target.strip_prefix("mq-broker@").map(str::to_owned);
+        Some(match (verb, target) {
+            ("kill", "redis-master") => StackFault::KillRedisMaster,
+            ("failover", "redis") => StackFault::RedisFailover,
+            ("kill", "mysql-primary") => StackFault::KillMysqlPrimary,
+            ("switchover", "mysql") => StackFault::MysqlSwitchover,
+            ("kill", _) if broker.is_some() => StackFault::KillBroker { idc: broker? },
+            ("restart", _) if broker.is_some() => StackFault::RestartBroker { idc: broker? },
+            ("kill", _) => StackFault::Kill {
+                server: target.to_owned(),
+            },
+            ("freeze", _) => StackFault::Freeze {
+                server: target.to_owned(),
+            },
+            ("thaw", _) => StackFault::Thaw {
+                server: target.to_owned(),
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// A fault applied to one server of the lab. What each means per kind of server:
@@ -103,19 +211,33 @@ pub struct ControlResponse {
     /// The error, when not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What happened, when the request says more than ok (a stack fault: the old and the new
+    /// master).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl ControlResponse {
     pub(crate) fn from_result(r: Result<(), LabError>) -> ControlResponse {
+        ControlResponse::from_detail(r.map(|()| None))
+    }
+
+    pub(crate) fn from_detail(r: Result<Option<String>, LabError>) -> ControlResponse {
         match r {
-            Ok(()) => ControlResponse {
+            Ok(detail) => ControlResponse {
                 ok: true,
                 error: None,
+                detail,
             },
-            Err(e) => ControlResponse {
-                ok: false,
-                error: Some(e.to_string()),
-            },
+            Err(e) => ControlResponse::error(e.to_string()),
+        }
+    }
+
+    pub(crate) fn error(message: String) -> ControlResponse {
+        ControlResponse {
+            ok: false,
+            error: Some(message),
+            detail: None,
         }
     }
 }

@@ -720,10 +720,7 @@ async fn control_conn(stream: UnixStream, inner: Arc<Inner>) {
     while let Ok(Some(line)) = lines.next_line().await {
         let mut shutdown = false;
         let resp = match serde_json::from_str::<ControlRequest>(&line) {
-            Err(e) => ControlResponse {
-                ok: false,
-                error: Some(format!("bad request {line:?}: {e}")),
-            },
+            Err(e) => ControlResponse::error(format!("bad request {line:?}: {e}")),
             Ok(ControlRequest::Ping) => ControlResponse::from_result(Ok(())),
             Ok(ControlRequest::Shutdown) => {
                 shutdown = true;
@@ -732,6 +729,9 @@ async fn control_conn(stream: UnixStream, inner: Arc<Inner>) {
             Ok(ControlRequest::Fault { target, action }) => {
                 ControlResponse::from_result(inner.apply(&target, action).await)
             }
+            Ok(ControlRequest::Stack { fault }) => ControlResponse::error(format!(
+                "{fault}: this lab runs no stack (start one with `ha-lab up --stack`)"
+            )),
         };
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         out.push('\n');

@@ -12,6 +12,8 @@
 //! - [`redis`]: Redis + Sentinel across three IDCs ([`redis::RedisLab`]).
 //! - [`rocketmq`]: a RocketMQ name server and broker per IDC, two independent clusters
 //!   ([`rocketmq::RocketMqLab`]).
+//! - [`stack`] (feature `mariadb`): Redis, MariaDB and RocketMQ together for the example
+//!   membership service ([`stack::Stack`]), with its configuration files and faults by role.
 //! - [`lab`]: the whole default lab ([`Lab`]), its `lab.json` manifest and its control socket.
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,8 @@ pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod rocketmq;
+#[cfg(feature = "mariadb")]
+pub mod stack;
 
 pub use error::LabError;
 pub use lab::{Lab, LabOptions};

@@ -112,6 +112,11 @@ pub struct MariaDbLabOptions {
     pub host: u8,
     /// Bound on every node's start-up. Default 20 s.
     pub ready_timeout: Duration,
+    /// Directory of the lab's files (data directories, logs). Default `None`: a fresh
+    /// directory under the system temporary directory, removed on drop. A given directory is
+    /// created if needed and kept; the nodes' data directories in it (`mariadb-<idc>`) are
+    /// removed and installed afresh at start.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for MariaDbLabOptions {
@@ -119,7 +124,17 @@ impl Default for MariaDbLabOptions {
         MariaDbLabOptions {
             host: 30,
             ready_timeout: Duration::from_secs(20),
+            dir: None,
         }
+    }
+}
+
+impl MariaDbLabOptions {
+    /// Keeps the lab's files in `dir` (created if needed, not removed).
+    #[must_use]
+    pub fn with_dir(mut self, dir: impl Into<PathBuf>) -> MariaDbLabOptions {
+        self.dir = Some(dir.into());
+        self
     }
 }
 
@@ -197,11 +212,15 @@ struct Shared {
     admin: tokio::sync::Mutex<()>,
 }
 
-/// Removes the lab's directory when dropped (after the supervisor killed the servers).
-struct DirGuard(PathBuf);
+/// Removes the lab's directory when dropped (after the supervisor killed the servers), when the
+/// lab made it.
+struct DirGuard(PathBuf, bool);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
+        if !self.1 {
+            return;
+        }
         if std::fs::remove_dir_all(&self.0).is_err() {
             // A server killed a moment ago may still be closing files.
             std::thread::sleep(Duration::from_millis(100));
@@ -245,16 +264,22 @@ impl MariaDbLab {
     /// (bounded) until both replicas replicate the application database.
     pub async fn start(opts: MariaDbLabOptions) -> Result<MariaDbLab, MariaDbLabError> {
         let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "ha-lab-mariadb-{}-{seq}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
+        let (dir, remove) = match &opts.dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "ha-lab-mariadb-{}-{seq}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                )),
+                true,
+            ),
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| LabError::io(format!("create {}", dir.display()), e))?;
-        let guard = DirGuard(dir.clone());
+        let guard = DirGuard(dir.clone(), remove);
         let sup = Supervisor::new(dir.join("logs")).with_ready_timeout(opts.ready_timeout);
         let layout = [
             ("bj-a", "north", 1u8),
@@ -279,6 +304,12 @@ impl MariaDbLab {
                 server_id: u32::try_from(i).unwrap_or(0) + 1,
                 datadir,
             };
+            if !remove && node.datadir.exists() {
+                // A kept directory from an earlier lab: every start installs afresh.
+                std::fs::remove_dir_all(&node.datadir).map_err(|e| {
+                    LabError::io(format!("remove old {}", node.datadir.display()), e)
+                })?;
+            }
             install_db(&node).await?;
             sup.start(spec(&node, i != 0)).await?;
             nodes.push(node);
@@ -468,6 +499,14 @@ dns = {{ {names} }}
         let mut sim = self.sim.lock();
         if sim.is_none() {
             *sim = Some(tokio::spawn(heartbeat(self.shared.clone())));
+        }
+    }
+
+    /// Stops the HA simulator (idempotent; [`MariaDbLab::start_ha`] starts it again). Stop it
+    /// before killing every node, or it keeps trying to fail over.
+    pub fn stop_ha(&self) {
+        if let Some(task) = self.sim.lock().take() {
+            task.abort();
         }
     }
 

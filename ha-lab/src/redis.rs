@@ -63,6 +63,19 @@ pub struct RedisLabOptions {
     pub min_replicas_max_lag: u32,
     /// Bound on each start-up wait (default 20 s).
     pub ready_timeout: Duration,
+    /// Directory of the lab's files (configs, data, logs). Default `None`: a fresh directory
+    /// under the system temporary directory, removed on drop (kept when `HA_LAB_KEEP` is set).
+    /// A given directory is created if needed and kept; start each lab in an empty one.
+    pub dir: Option<PathBuf>,
+}
+
+impl RedisLabOptions {
+    /// Keeps the lab's files in `dir` (created if needed, not removed).
+    #[must_use]
+    pub fn with_dir(mut self, dir: impl Into<PathBuf>) -> RedisLabOptions {
+        self.dir = Some(dir.into());
+        self
+    }
 }
 
 impl Default for RedisLabOptions {
@@ -76,6 +89,7 @@ impl Default for RedisLabOptions {
             min_replicas_to_write: 0,
             min_replicas_max_lag: 2,
             ready_timeout: Duration::from_secs(20),
+            dir: None,
         }
     }
 }
@@ -154,10 +168,13 @@ impl RedisLab {
     /// knows both replicas and the two other sentinels.
     pub async fn start(options: RedisLabOptions) -> Result<RedisLab, LabError> {
         let (octet, port) = pick_slot().await?;
-        let dir = TempDir::new(&format!(
-            "ha-lab-redis-{}-{octet}-{port}",
-            std::process::id()
-        ))?;
+        let dir = match &options.dir {
+            Some(d) => TempDir::given(d)?,
+            None => TempDir::new(&format!(
+                "ha-lab-redis-{}-{octet}-{port}",
+                std::process::id()
+            ))?,
+        };
         let supervisor =
             Supervisor::new(dir.path().join("logs")).with_ready_timeout(options.ready_timeout);
         let addr = |idc: u8, i: u16| {
@@ -776,9 +793,9 @@ fn read_reply<'a>(
     })
 }
 
-/// A directory removed (recursively) on drop.
+/// The lab's directory: removed (recursively) on drop when the lab made it.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+struct TempDir(PathBuf, bool);
 
 impl TempDir {
     fn new(name: &str) -> Result<TempDir, LabError> {
@@ -786,7 +803,13 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p)
             .map_err(|e| LabError::io(format!("create {}", p.display()), e))?;
-        Ok(TempDir(p))
+        Ok(TempDir(p, true))
+    }
+
+    fn given(p: &Path) -> Result<TempDir, LabError> {
+        std::fs::create_dir_all(p)
+            .map_err(|e| LabError::io(format!("create {}", p.display()), e))?;
+        Ok(TempDir(p.to_owned(), false))
     }
 
     fn path(&self) -> &Path {
@@ -796,6 +819,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if !self.1 {
+            return;
+        }
         // `HA_LAB_KEEP=1` keeps the configs and logs for a look.
         if std::env::var_os("HA_LAB_KEEP").is_some() {
             tracing::warn!(dir = %self.0.display(), "redis lab files kept");

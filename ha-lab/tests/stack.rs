@@ -1,0 +1,216 @@
+//! The whole stack (`ha_lab::stack`): it starts, every server answers, its service
+//! configurations are valid ha-core topologies, a fault is observed, and `stop` leaves no
+//! process behind. Needs redis-server, mariadbd and the RocketMQ servers (`scripts/setup`).
+#![cfg(feature = "mariadb")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use ha_core::config::Source;
+use ha_lab::{
+    lab::probe,
+    mariadb::{APP_PASSWORD, APP_USER},
+    process::pid_alive,
+    stack::{SERVICE_CONFIG, SERVICE_CONFIG_SH_A, SERVICE_DATABASE, Stack, StackOptions},
+};
+use mysql_async::prelude::Queryable;
+
+/// Bound on a whole test: start (~10 s), checks, one failover, stop.
+const TEST_BOUND: Duration = Duration::from_secs(150);
+
+fn check_topology(text: &str, idc: &str, stack: &Stack, with_mq: bool) -> ha_core::Topology {
+    let topo = ha_core::Topology::from_toml_str(text, format!("{idc}.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(&*topo.local_idc().name, idc);
+    assert_eq!(topo.idcs().len(), 3);
+    let cache = topo.dependency("cache").unwrap();
+    assert_eq!(cache.kind.as_deref(), Some("redis"));
+    assert_eq!(
+        cache.source,
+        Source::Static(stack.redis().sentinel_addrs()),
+        "the sentinels"
+    );
+    let db = topo.dependency("db").unwrap();
+    assert_eq!(db.kind.as_deref(), Some("mysql"));
+    let Source::Dns { names, port } = &db.source else {
+        panic!("db by DNS: {:?}", db.source)
+    };
+    assert_eq!(*port, stack.mariadb().primary().addr.port());
+    assert_eq!(names.len(), 2);
+    let settings: serde_json::Value = db.settings().unwrap();
+    assert_eq!(settings["database"], SERVICE_DATABASE);
+    assert_eq!(settings["replicas"].as_array().unwrap().len(), 2);
+    let events = topo.dependency("events");
+    assert_eq!(events.is_some(), with_mq);
+    if let Some(events) = events {
+        let settings: serde_json::Value = events.settings().unwrap();
+        let clusters = settings["clusters"].as_array().unwrap();
+        let mq = stack.rocketmq().unwrap();
+        assert_eq!(clusters.len(), mq.idcs().len());
+        for (c, i) in clusters.iter().zip(mq.idcs()) {
+            assert_eq!(c["idc"], i.idc.as_str());
+            assert_eq!(c["name_servers"][0], i.namesrv.to_string().as_str());
+        }
+    }
+    let app: serde_json::Value = topo.app().unwrap();
+    assert_eq!(app["instance"], format!("{idc}-1").as_str());
+    assert_eq!(app["admin"]["token"], "t\"ok\\en");
+    assert_eq!(app["limits"]["limit"][1]["share"]["idc"], idc);
+    topo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_starts_serves_its_configs_survives_a_failover_and_stops_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = async {
+        let stack = Stack::start(StackOptions::default().with_dir(dir.path()))
+            .await
+            .unwrap();
+        let t = stack.startup();
+        println!(
+            "stack up in {:?} (redis {:?}, mariadb {:?}, rocketmq {:?})",
+            t.total, t.redis, t.mariadb, t.rocketmq
+        );
+        for sub in ["redis", "mariadb", "rocketmq"] {
+            assert!(
+                dir.path().join(sub).is_dir(),
+                "{sub}/ holds its lab's files"
+            );
+        }
+
+        // Every server answers.
+        let servers = stack.servers().await;
+        assert_eq!(servers.len(), 3 + 3 + 3 + 2 + 4, "{servers:#?}");
+        for s in &servers {
+            assert!(probe(s, Duration::from_secs(2)).await, "{} answers", s.name);
+        }
+        let master = stack.redis().master().await.unwrap();
+        let pong = stack.redis().redis_cmd(master, &["PING"]).await.unwrap();
+        assert_eq!(pong.as_str(), Some("PONG"));
+        for i in stack.rocketmq().unwrap().idcs() {
+            assert!(
+                stack
+                    .rocketmq()
+                    .unwrap()
+                    .is_registered(&i.idc)
+                    .await
+                    .unwrap()
+            );
+        }
+        // The application user may create tables in the service database.
+        let primary = stack.mariadb().primary();
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(primary.addr.ip().to_string())
+            .tcp_port(primary.addr.port())
+            .user(Some(APP_USER))
+            .pass(Some(APP_PASSWORD))
+            .db_name(Some(SERVICE_DATABASE))
+            .prefer_socket(false);
+        let mut c = tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts))
+            .await
+            .unwrap()
+            .unwrap();
+        c.query_drop("CREATE TABLE IF NOT EXISTS probe (id INT PRIMARY KEY)")
+            .await
+            .unwrap();
+        c.query_drop("INSERT INTO probe VALUES (1)").await.unwrap();
+        drop(c);
+
+        // The configurations are topologies with the lab's addresses.
+        let token = "t\"ok\\en";
+        for (idc, listen) in [("bj-a", "127.0.1.100:18090"), ("sh-a", "127.0.3.100:18090")] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            check_topology(&stack.service_config(idc, listen, token), idc, &stack, true);
+        }
+        let paths = stack.write_service_configs(dir.path(), token).unwrap();
+        assert_eq!(
+            paths,
+            vec![
+                dir.path().join(SERVICE_CONFIG),
+                dir.path().join(SERVICE_CONFIG_SH_A)
+            ]
+        );
+        let bj = std::fs::read_to_string(&paths[0]).unwrap();
+        let topo = check_topology(&bj, "bj-a", &stack, true);
+        let app: serde_json::Value = topo.app().unwrap();
+        assert_eq!(app["listen"], "127.0.1.100:18090");
+        let sh = std::fs::read_to_string(&paths[1]).unwrap();
+        let app: serde_json::Value = check_topology(&sh, "sh-a", &stack, true).app().unwrap();
+        assert_eq!(app["listen"], "127.0.3.100:18090");
+
+        // A fault: the Redis master is killed, the sentinels promote a replica.
+        let switch = stack.kill_redis_master().await.unwrap();
+        println!("{switch}");
+        assert_eq!(switch.from_addr, master);
+        assert_ne!(switch.to_addr, master);
+        assert_eq!(stack.redis().master().await.unwrap(), switch.to_addr);
+        let pong = stack
+            .redis()
+            .redis_cmd(switch.to_addr, &["SET", "k", "v"])
+            .await;
+        assert_eq!(
+            pong.unwrap().as_str(),
+            Some("OK"),
+            "the new master takes writes"
+        );
+        let old = servers.iter().find(|s| s.name == switch.from).unwrap();
+        assert!(!pid_alive(old.pid), "the old master is gone");
+
+        // The MariaDB primary is killed, the HA simulator promotes a replica.
+        let switch = stack.kill_mysql_primary().await.unwrap();
+        println!("{switch}");
+        assert_eq!(switch.from, primary.name);
+        assert_eq!(stack.mariadb().primary().addr, switch.to_addr);
+
+        // Stop: no server process is left.
+        let pids = stack.pids();
+        assert_eq!(
+            pids.len(),
+            3 + 3 + 3 + 4 - 2,
+            "every server but the two killed: {pids:?}"
+        );
+        stack.stop().await;
+        for (name, pid) in pids {
+            assert!(!pid_alive(pid), "{name} (pid {pid}) survived stop");
+        }
+    };
+    tokio::time::timeout(TEST_BOUND, run)
+        .await
+        .expect("the test finished within its bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_mq_the_stack_has_no_events_and_planned_switches_work() {
+    let run = async {
+        let stack = Stack::start(StackOptions::default().with_mq(false))
+            .await
+            .unwrap();
+        println!("stack without mq up in {:?}", stack.startup().total);
+        assert!(stack.rocketmq().is_none());
+        assert!(stack.startup().rocketmq.is_none());
+        let text = stack.service_config("bj-a", "127.0.1.100:18090".parse().unwrap(), "t\"ok\\en");
+        check_topology(&text, "bj-a", &stack, false);
+        assert!(stack.kill_broker("bj-a").await.is_err(), "no RocketMQ");
+
+        let switch = stack.mysql_switchover().await.unwrap();
+        println!("{switch}");
+        assert_ne!(switch.from, switch.to);
+        let switch = stack.redis_failover().await.unwrap();
+        println!("{switch}");
+        assert_ne!(switch.from_addr, switch.to_addr);
+        // Freeze and thaw by role.
+        let frozen = stack.freeze("mysql-primary").await.unwrap();
+        assert_eq!(stack.thaw(&frozen).await.unwrap(), frozen);
+        assert!(stack.freeze("no-such-server").await.is_err());
+
+        let pids = stack.pids();
+        assert_eq!(pids.len(), 9);
+        stack.stop().await;
+        for (name, pid) in pids {
+            assert!(!pid_alive(pid), "{name} (pid {pid}) survived stop");
+        }
+    };
+    tokio::time::timeout(TEST_BOUND, run)
+        .await
+        .expect("the test finished within its bound");
+}
