@@ -1,0 +1,126 @@
+//! `GET /topology`: every dependency's endpoints with region, IDC, locality, role, health,
+//! generation and whether it is in use, the drained IDCs, and who holds the job's lease.
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+
+use crate::http::AppState;
+
+fn endpoint(st: &AppState, addr: SocketAddr, idc_hint: Option<&str>, extra: Value) -> Value {
+    let topo = st.ctx.topology();
+    let placement = topo.classifier().classify(addr.ip());
+    let idc = idc_hint
+        .map(str::to_string)
+        .or_else(|| placement.idc.as_deref().map(str::to_string));
+    let region = idc
+        .as_deref()
+        .and_then(|i| topo.idc(i))
+        .map(|i| i.region.to_string())
+        .or_else(|| placement.region.as_deref().map(str::to_string));
+    let locality = match (&idc, &region) {
+        (Some(i), _) if **i == *topo.local_idc().name => "same_idc",
+        (_, Some(r)) if **r == *topo.local_region().name => "same_region",
+        _ => "remote",
+    };
+    let drained = idc
+        .as_deref()
+        .is_some_and(|i| st.ctx.control().is_drained(i));
+    let mut v = json!({
+        "addr": addr.to_string(),
+        "region": region,
+        "idc": idc,
+        "locality": locality,
+        "drained": drained,
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    v
+}
+
+/// The snapshot.
+pub async fn snapshot(st: &AppState) -> Value {
+    let topo = st.ctx.topology();
+    let drained: Vec<String> = st
+        .ctx
+        .control()
+        .drained()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut redis = Vec::new();
+    if let Some(m) = st.store.cache().current_master() {
+        redis.push(endpoint(
+            st,
+            m.addr,
+            m.idc.as_deref(),
+            json!({
+                "role": "master",
+                "health": "up",
+                "generation": m.generation,
+                "in_use": true,
+                // Moving a master is Sentinel's job: a drain leaves it where it is.
+                "movable": false,
+            }),
+        ));
+    }
+    let mut mysql = Vec::new();
+    if let Some(m) = st.store.db().master().current() {
+        mysql.push(endpoint(
+            st,
+            m.addr,
+            m.idc.as_deref(),
+            json!({
+                "role": "primary",
+                "health": "up",
+                "generation": m.generation,
+                "in_use": true,
+                // Moving the primary is the HA system's job: a drain leaves it where it is.
+                "movable": false,
+            }),
+        ));
+    }
+    let events = st.store.events();
+    let idcs = events.idcs();
+    let in_use = idcs
+        .iter()
+        .find(|i| !events.is_avoided(i) && !st.ctx.control().is_drained(i))
+        .map(|s| s.to_string());
+    let mq: Vec<Value> = idcs
+        .iter()
+        .map(|idc| {
+            let region = topo.idc(idc).map(|i| i.region.to_string());
+            let locality = if **idc == *topo.local_idc().name {
+                "same_idc"
+            } else if region.as_deref() == Some(&*topo.local_region().name) {
+                "same_region"
+            } else {
+                "remote"
+            };
+            json!({
+                "idc": idc,
+                "region": region,
+                "locality": locality,
+                "role": "cluster",
+                "health": if events.is_avoided(idc) { "avoided" } else { "up" },
+                "generation": null,
+                "in_use": in_use.as_deref() == Some(*idc),
+                "drained": st.ctx.control().is_drained(idc),
+                "movable": true,
+            })
+        })
+        .collect();
+    let job = st.job.as_ref().map(|j| j.snapshot());
+    json!({
+        "instance": &*st.instance,
+        "local_idc": &*topo.local_idc().name,
+        "drained": drained,
+        "dependencies": {
+            "cache": {"kind": "redis", "endpoints": redis},
+            "db": {"kind": "mysql", "endpoints": mysql},
+            "events": {"kind": "rocketmq", "endpoints": mq},
+        },
+        "job": job,
+    })
+}
