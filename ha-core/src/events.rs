@@ -179,6 +179,51 @@ pub enum TopologyEvent {
         /// The preferred cluster it returned to.
         to: Arc<str>,
     },
+    /// A dependency's cluster in one IDC failed and is avoided for a while (e.g. a RocketMQ
+    /// cluster after a failed send); then one request probes it. Published when the cluster
+    /// becomes avoided (again after each failed probe, with the longer time), not for every
+    /// failure while it is avoided.
+    #[non_exhaustive]
+    ClusterAvoided {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The cluster's IDC.
+        idc: Arc<str>,
+        /// How long it is avoided before a probe.
+        for_: Duration,
+        /// The failure's root cause.
+        cause: Arc<str>,
+    },
+    /// An avoided cluster took a request again (its probe succeeded).
+    #[non_exhaustive]
+    ClusterRestored {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The cluster's IDC.
+        idc: Arc<str>,
+    },
+    /// A local spool of messages no cluster took is growing (debounced by the publisher:
+    /// ha-mq publishes when the record count reaches each power of two, and at most every 10 s
+    /// otherwise while it grows).
+    #[non_exhaustive]
+    SpoolGrowing {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Records waiting in the spool.
+        records: u64,
+        /// The spool's size on disk.
+        bytes: u64,
+    },
+    /// A spool was replayed to the end: every record waiting in it was sent.
+    #[non_exhaustive]
+    SpoolReplayed {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// Records sent by this replay.
+        records: u64,
+        /// From the replay's first record to its last commit.
+        took: Duration,
+    },
     /// A rate limit raised an alert (ha-ratelimit: rejections, near capacity, keys evicted,
     /// cluster limit unavailable), debounced per limit and kind.
     #[non_exhaustive]
@@ -249,6 +294,10 @@ impl TopologyEvent {
             TopologyEvent::WritesReleased { .. } => "writes_released",
             TopologyEvent::ClusterFailedOver { .. } => "cluster_failed_over",
             TopologyEvent::ClusterFailedBack { .. } => "cluster_failed_back",
+            TopologyEvent::ClusterAvoided { .. } => "cluster_avoided",
+            TopologyEvent::ClusterRestored { .. } => "cluster_restored",
+            TopologyEvent::SpoolGrowing { .. } => "spool_growing",
+            TopologyEvent::SpoolReplayed { .. } => "spool_replayed",
             TopologyEvent::RateLimitAlert { .. } => "rate_limit_alert",
         }
     }
@@ -379,6 +428,47 @@ impl TopologyEvent {
         }
     }
 
+    /// [`TopologyEvent::ClusterAvoided`].
+    pub fn cluster_avoided(
+        dependency: impl Into<Arc<str>>,
+        idc: impl Into<Arc<str>>,
+        for_: Duration,
+        cause: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::ClusterAvoided {
+            dependency: dependency.into(),
+            idc: idc.into(),
+            for_,
+            cause: cause.into(),
+        }
+    }
+
+    /// [`TopologyEvent::ClusterRestored`].
+    pub fn cluster_restored(dependency: impl Into<Arc<str>>, idc: impl Into<Arc<str>>) -> Self {
+        TopologyEvent::ClusterRestored {
+            dependency: dependency.into(),
+            idc: idc.into(),
+        }
+    }
+
+    /// [`TopologyEvent::SpoolGrowing`].
+    pub fn spool_growing(dependency: impl Into<Arc<str>>, records: u64, bytes: u64) -> Self {
+        TopologyEvent::SpoolGrowing {
+            dependency: dependency.into(),
+            records,
+            bytes,
+        }
+    }
+
+    /// [`TopologyEvent::SpoolReplayed`].
+    pub fn spool_replayed(dependency: impl Into<Arc<str>>, records: u64, took: Duration) -> Self {
+        TopologyEvent::SpoolReplayed {
+            dependency: dependency.into(),
+            records,
+            took,
+        }
+    }
+
     /// [`TopologyEvent::RateLimitAlert`].
     pub fn rate_limit_alert(
         limit: impl Into<Arc<str>>,
@@ -421,6 +511,10 @@ impl TopologyEvent {
             | TopologyEvent::TaskEnded { dependency, .. }
             | TopologyEvent::ClusterFailedOver { dependency, .. }
             | TopologyEvent::ClusterFailedBack { dependency, .. }
+            | TopologyEvent::ClusterAvoided { dependency, .. }
+            | TopologyEvent::ClusterRestored { dependency, .. }
+            | TopologyEvent::SpoolGrowing { dependency, .. }
+            | TopologyEvent::SpoolReplayed { dependency, .. }
             | TopologyEvent::WritesHeld { dependency, .. }
             | TopologyEvent::WritesReleased { dependency, .. } => Some(dependency),
             TopologyEvent::IdcDrained { .. } | TopologyEvent::RateLimitAlert { .. } => None,
@@ -582,6 +676,31 @@ impl EventBus {
             } => {
                 tracing::info!(%dependency, %from, %to, "cluster failed back");
             }
+            TopologyEvent::ClusterAvoided {
+                dependency,
+                idc,
+                for_,
+                cause,
+            } => {
+                tracing::warn!(%dependency, %idc, avoided_for = ?for_, %cause, "cluster avoided");
+            }
+            TopologyEvent::ClusterRestored { dependency, idc } => {
+                tracing::info!(%dependency, %idc, "cluster restored");
+            }
+            TopologyEvent::SpoolGrowing {
+                dependency,
+                records,
+                bytes,
+            } => {
+                tracing::warn!(%dependency, records, bytes, "spool growing: no cluster takes messages");
+            }
+            TopologyEvent::SpoolReplayed {
+                dependency,
+                records,
+                took,
+            } => {
+                tracing::info!(%dependency, records, took_ms = took.as_millis() as u64, "spool replayed");
+            }
             TopologyEvent::RateLimitAlert {
                 limit,
                 kind,
@@ -619,6 +738,40 @@ impl EventBus {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn cluster_and_spool_events_name_their_dependency() {
+        let bus = EventBus::default();
+        let mut rx = bus.subscribe();
+        bus.publish(TopologyEvent::cluster_avoided(
+            "events",
+            "bj-a",
+            Duration::from_millis(100),
+            "transport.connection.failed",
+        ));
+        bus.publish(TopologyEvent::cluster_restored("events", "bj-a"));
+        bus.publish(TopologyEvent::spool_growing("events", 64, 8192));
+        bus.publish(TopologyEvent::spool_replayed(
+            "events",
+            64,
+            Duration::from_millis(300),
+        ));
+        let mut kinds = Vec::new();
+        for _ in 0..4 {
+            let e = rx.recv().await.unwrap();
+            assert_eq!(e.dependency().map(|d| &**d), Some("events"));
+            kinds.push(e.kind());
+        }
+        assert_eq!(
+            kinds,
+            [
+                "cluster_avoided",
+                "cluster_restored",
+                "spool_growing",
+                "spool_replayed"
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn a_hold_and_its_release_reach_subscribers_in_order() {

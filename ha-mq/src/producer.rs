@@ -469,6 +469,38 @@ struct Inner {
     closed: AtomicBool,
     spool: Option<Spool>,
     replay_wake: tokio::sync::Notify,
+    spool_growth: Mutex<SpoolGrowth>,
+}
+
+/// How often `SpoolGrowing` is published at most while the spool grows between powers of two.
+const SPOOL_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// When to publish `SpoolGrowing`: once the spool's record count reaches the next power of two
+/// above the last one reported (1, 2, 4, 8, ...), and otherwise at most every
+/// [`SPOOL_REPORT_EVERY`] while it grows; a spool that is replayed to the end starts over.
+#[derive(Debug, Default)]
+struct SpoolGrowth {
+    last_records: u64,
+    last_at: Option<Instant>,
+}
+
+impl SpoolGrowth {
+    /// True when `records` (now) is to be published.
+    fn observe(&mut self, records: u64, now: Instant) -> bool {
+        if records <= self.last_records {
+            return false;
+        }
+        let power = self.last_records.saturating_add(1).next_power_of_two();
+        let due = records >= power
+            || self
+                .last_at
+                .is_none_or(|t| now.duration_since(t) >= SPOOL_REPORT_EVERY);
+        if due {
+            self.last_records = records;
+            self.last_at = Some(now);
+        }
+        due
+    }
 }
 
 /// A RocketMQ producer over one cluster per IDC. `Clone` shares it.
@@ -565,7 +597,7 @@ impl HaProducer {
                     });
                 }
                 tracing::warn!(idc = %c.idc, %why, "ha-mq: cluster's name servers unreachable at start-up; it starts avoided");
-                unreachable.push(i);
+                unreachable.push((i, why));
             }
         }
         let rt = ClientRt::start("ha-mq")?;
@@ -589,12 +621,20 @@ impl HaProducer {
             });
         }
         let now = Instant::now();
-        for i in unreachable {
+        for (i, why) in unreachable {
             let mut h = clusters[i].health.lock();
             h.failures = 1;
             h.avoid = config.min_avoid;
             h.avoid_until = Some(now + config.min_avoid);
             h.last_failure = Some(now);
+            if let Some(bus) = &bus {
+                bus.publish(TopologyEvent::cluster_avoided(
+                    config.dependency.as_str(),
+                    clusters[i].idc.as_str(),
+                    config.min_avoid,
+                    format!("name servers unreachable at start-up: {why}"),
+                ));
+            }
         }
         let inner = Arc::new(Inner {
             config,
@@ -606,6 +646,7 @@ impl HaProducer {
             closed: AtomicBool::new(false),
             spool,
             replay_wake: tokio::sync::Notify::new(),
+            spool_growth: Mutex::new(SpoolGrowth::default()),
         });
         if inner.spool.is_some() {
             tokio::spawn(Inner::replay(Arc::downgrade(&inner)));
@@ -797,6 +838,14 @@ impl Inner {
             Ok(_) => {
                 metrics::counter!("ha_mq_spooled_total", "dependency" => self.config.dependency.clone()).increment(1);
                 self.replay_wake.notify_one();
+                let records = spool.len();
+                if self.spool_growth.lock().observe(records, Instant::now()) {
+                    self.publish(TopologyEvent::spool_growing(
+                        self.config.dependency.as_str(),
+                        records,
+                        spool.disk_bytes(),
+                    ));
+                }
                 Ok(SendReceipt {
                     key,
                     idc: None,
@@ -819,6 +868,8 @@ impl Inner {
         let mut wait = Duration::ZERO;
         let mut last: Option<u64> = None;
         let mut since_commit = 0u32;
+        // This replay's start and the records it sent, for `SpoolReplayed`.
+        let mut round: Option<(Instant, u64)> = None;
         loop {
             let Some(this) = weak.upgrade() else {
                 return;
@@ -845,11 +896,24 @@ impl Inner {
                     this.commit_spool(spool, seq).await;
                     since_commit = 0;
                 }
+                if spool.is_empty()
+                    && let Some((start, records)) = round.take()
+                {
+                    let took = start.elapsed();
+                    tracing::info!(records, ?took, "ha-mq: spool replayed");
+                    *this.spool_growth.lock() = SpoolGrowth::default();
+                    this.publish(TopologyEvent::spool_replayed(
+                        this.config.dependency.as_str(),
+                        records,
+                        took,
+                    ));
+                }
                 let _ =
                     tokio::time::timeout(Duration::from_millis(100), this.replay_wake.notified())
                         .await;
                 continue;
             };
+            let round = round.get_or_insert_with(|| (Instant::now(), 0));
             let mut out = OutgoingMessage::new(rec.topic, rec.body).key(rec.key.clone());
             out.tags = rec.tags;
             out.properties = rec.properties;
@@ -859,6 +923,7 @@ impl Inner {
             };
             match sent {
                 Ok(_) => {
+                    round.1 += 1;
                     wait = this.config.min_avoid;
                     last = Some(seq);
                     since_commit += 1;
@@ -893,8 +958,11 @@ impl Inner {
         if let Err(e) = spool.commit(seq).await {
             tracing::error!(error = %e, seq, "ha-mq: spool commit failed (the records are replayed again)");
         }
-        if spool.is_empty() {
-            tracing::info!("ha-mq: spool replayed");
+    }
+
+    fn publish(&self, event: TopologyEvent) {
+        if let Some(bus) = &self.bus {
+            bus.publish(event);
         }
     }
 
@@ -1035,11 +1103,15 @@ impl Inner {
         let c = &self.clusters[i];
         {
             let mut h = c.health.lock();
-            if h.avoid_until.is_some() {
-                tracing::info!(idc = %c.idc, "ha-mq: cluster takes messages again");
-            }
             h.failures = 0;
-            h.avoid_until = None;
+            if h.avoid_until.take().is_some() {
+                drop(h);
+                tracing::info!(idc = %c.idc, "ha-mq: cluster takes messages again");
+                self.publish(TopologyEvent::cluster_restored(
+                    self.config.dependency.as_str(),
+                    c.idc.as_str(),
+                ));
+            }
         }
         let mut serving = self.serving.lock();
         if *serving != i {
@@ -1067,8 +1139,11 @@ impl Inner {
     fn failed(self: &Arc<Self>, i: usize, cause: &Cause) {
         let c = &self.clusters[i];
         let now = Instant::now();
-        {
+        let newly_avoided = {
             let mut h = c.health.lock();
+            // An avoided cluster failing again (a send that had no better one) is no news; one
+            // whose time was up (a failed probe) is avoided anew, for longer.
+            let was_avoided = h.avoid_until.is_some_and(|u| u > now);
             let flapping = h
                 .last_failure
                 .is_some_and(|t| now.duration_since(t) < self.config.stable_after);
@@ -1083,6 +1158,15 @@ impl Inner {
             h.last_failure = Some(now);
             h.avoid_until = Some(now + h.avoid);
             tracing::warn!(idc = %c.idc, %cause, avoid = ?h.avoid, "ha-mq: cluster avoided");
+            (!was_avoided).then_some(h.avoid)
+        };
+        if let Some(avoid) = newly_avoided {
+            self.publish(TopologyEvent::cluster_avoided(
+                self.config.dependency.as_str(),
+                c.idc.as_str(),
+                avoid,
+                cause.to_string(),
+            ));
         }
         // A fresh identity for the next try: the transport locks a broker address out for 30 s
         // after 5 failed connects, and a new client escapes it.
@@ -1215,6 +1299,31 @@ mod tests {
             validate_message(&big, max),
             Err(MqError::TooLarge { size: 11, max: 10 })
         ));
+    }
+
+    /// `SpoolGrowing` is published at 1, 2, 4, 8, ... records, and between powers of two at
+    /// most every 10 s while the spool grows (paused time).
+    #[tokio::test(start_paused = true)]
+    async fn spool_growth_is_reported_at_powers_of_two_or_every_10_s() {
+        let mut g = SpoolGrowth::default();
+        let mut reported = Vec::new();
+        for n in 1..=100 {
+            if g.observe(n, Instant::now()) {
+                reported.push(n);
+            }
+        }
+        assert_eq!(reported, [1, 2, 4, 8, 16, 32, 64]);
+        // A jump past a power of two is reported.
+        assert!(g.observe(130, Instant::now()));
+        // Growing slowly: the next report 10 s after the last one, not before.
+        tokio::time::advance(SPOOL_REPORT_EVERY - Duration::from_millis(1)).await;
+        assert!(!g.observe(131, Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(g.observe(132, Instant::now()));
+        // Shrinking (replay) or standing still is not reported, however long.
+        tokio::time::advance(SPOOL_REPORT_EVERY * 3).await;
+        assert!(!g.observe(132, Instant::now()));
+        assert!(!g.observe(50, Instant::now()));
     }
 
     #[test]

@@ -28,9 +28,9 @@ use ha_core::{ConfigError, HaContext};
 use serde::Deserialize;
 
 use crate::error::MqError;
+use crate::producer::ClusterConfig;
 #[cfg(doc)]
 use crate::{ConsumerConfig, ProducerConfig};
-use crate::producer::ClusterConfig;
 
 /// The `kind` a RocketMQ dependency has in the topology file.
 pub const KIND: &str = "rocketmq";
