@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::{ConfigError, HaContext, HaError};
-use ha_mq::{ClusterConfig, ConsumerConfig, HaConsumer, HaProducer, MqError, ProducerConfig};
+use ha_mq::{ConsumerConfig, HaConsumer, HaProducer, MqError, ProducerConfig};
 use ha_mysql::{HaMysql, MysqlError};
 use ha_ratelimit::Limiter;
 use ha_redis::{HaRedis, StartupError};
@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{EventsSettings, ServiceConfig};
+use crate::config::ServiceConfig;
 use crate::http::{AppState, DRAIN_REQUESTS, router};
 use crate::job::JobView;
 use crate::store::{MemberEvent, Store};
@@ -35,6 +35,9 @@ pub enum StartError {
     /// MySQL, while creating the tables.
     #[error("mysql schema: {0}")]
     Schema(HaError),
+    /// The job's lease settings.
+    #[error("job: {0}")]
+    Job(#[from] crate::lease::LeaseError),
     /// RocketMQ.
     #[error("rocketmq: {0}")]
     Mq(#[from] MqError),
@@ -70,26 +73,6 @@ impl std::fmt::Debug for Service {
     }
 }
 
-fn clusters(ctx: &HaContext, dependency: &str) -> Result<Vec<ClusterConfig>, ConfigError> {
-    let topo = ctx.topology();
-    let dep = topo.require_dependency(dependency)?;
-    let s: EventsSettings = dep.settings()?;
-    let local = &*topo.local_idc().name;
-    let mut out: Vec<ClusterConfig> = s
-        .clusters
-        .into_iter()
-        .map(|c| ClusterConfig::new(c.idc, c.name_servers))
-        .collect();
-    // The local IDC's cluster first: the producer prefers clusters in order.
-    out.sort_by_key(|c| c.idc != local);
-    Ok(out)
-}
-
-fn group(ctx: &HaContext, dependency: &str) -> Result<String, ConfigError> {
-    let dep = ctx.topology().require_dependency(dependency)?;
-    Ok(dep.settings::<EventsSettings>()?.group)
-}
-
 impl Service {
     /// Connects everything. `prometheus` renders `/metrics` (install the recorder once per
     /// process, in `main`).
@@ -111,20 +94,21 @@ impl Service {
             .await
             .map_err(StartError::Schema)?;
 
-        let clusters = clusters(&ctx, &deps.events)?;
-        let mut pc = ProducerConfig::new(group(&ctx, &deps.events)?, clusters.clone())
-            .dependency(deps.events.clone());
+        // The local IDC's cluster first; `spool_dir` in the dependency's settings turns the
+        // spool on.
+        let mut pc = ProducerConfig::from_context(&ctx, &deps.events)?;
         if let Some(dir) = &config.app.spool_dir {
             pc = pc.spool(ha_mq::spool::SpoolConfig::new(dir.clone()));
         }
         let producer = Arc::new(HaProducer::start(pc, Some(ctx.events().clone())).await?);
 
         let history_db = db.clone();
-        let cc = ConsumerConfig::new(
+        let cc = ConsumerConfig::from_context(
+            &ctx,
+            &deps.events,
             config.app.consumer_group.clone(),
             config.app.topic.clone(),
-            clusters,
-        );
+        )?;
         let consumer = HaConsumer::start(cc, Some(ctx.events().clone()), move |d| {
             let db = history_db.clone();
             async move {
@@ -166,7 +150,7 @@ impl Service {
         );
         let job_view = JobView::default();
         let (job_stop, job_rx) = tokio::sync::watch::channel(false);
-        let job = crate::job::spawn(store.clone(), &config, job_view.clone(), job_rx);
+        let job = crate::job::spawn(store.clone(), &config, job_view.clone(), job_rx)?;
         let state = AppState {
             store,
             ctx,

@@ -300,25 +300,6 @@ impl ServiceConfig {
     }
 }
 
-/// `[dependencies.events.settings]` as far as this service reads it: the producer's group and
-/// one cluster per IDC.
-#[derive(Debug, Clone, Deserialize)]
-pub struct EventsSettings {
-    /// The producer group.
-    pub group: String,
-    /// One cluster per IDC.
-    pub clusters: Vec<ClusterSettings>,
-}
-
-/// One RocketMQ cluster.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClusterSettings {
-    /// Its IDC.
-    pub idc: String,
-    /// Its name servers.
-    pub name_servers: Vec<SocketAddr>,
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

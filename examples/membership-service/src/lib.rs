@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod job;
+pub mod lease;
 pub mod model;
 pub mod store;
 pub mod topology;

@@ -40,7 +40,8 @@ pub const SCHEMA: &[&str] = &[
       expires_at DATETIME(6) NOT NULL,
       version BIGINT UNSIGNED NOT NULL,
       deleted TINYINT(1) NOT NULL DEFAULT 0,
-      expired TINYINT(1) NOT NULL DEFAULT 0
+      expired TINYINT(1) NOT NULL DEFAULT 0,
+      KEY expiry (expired, deleted, expires_at)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "CREATE TABLE IF NOT EXISTS member_history (
       id BIGINT UNSIGNED NOT NULL,

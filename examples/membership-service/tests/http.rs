@@ -1,0 +1,362 @@
+//! The HTTP API against the real lab stack (Redis + Sentinel, MariaDB + the HA simulator,
+//! RocketMQ in two IDCs): every route, every bad input with its status, the admin token, the
+//! history consumer, read-your-writes across a Redis failover, and the graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{JSON, TOKEN, call, client, member, raw, stack, start};
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_bad_input_admin_history_and_shutdown() {
+    let stack = stack().await;
+    let mut svc = start(&stack, "bj-a", "").await;
+    let c = client();
+    let a = svc.addr;
+    let auth = format!("Bearer {TOKEN}");
+
+    // Liveness and readiness.
+    assert_eq!(
+        call(&c, a, "GET", "/healthz", &[], b"")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = call(&c, a, "GET", "/readyz", &[], b"").await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Create: 200 with version 1; replace: version 2.
+    let r = call(&c, a, "PUT", "/members/42", &[JSON], &member("Zoë", "gold"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["version"], 1);
+    assert_eq!(j["name"], "Zoë");
+    assert_eq!(j["expires_at"], "2030-01-01T00:00:00.000000Z");
+    let r = call(
+        &c,
+        a,
+        "PUT",
+        "/members/42",
+        &[JSON],
+        &member("Zoë B", "platinum"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.json()["version"], 2);
+    let r = call(&c, a, "GET", "/members/42", &[], b"").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], 2);
+    assert_eq!(r.json()["level"], "platinum");
+
+    // Absent: 404 as JSON.
+    let r = call(&c, a, "GET", "/members/7", &[], b"").await.unwrap();
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    let r = call(&c, a, "GET", "/members/7/history", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+
+    // Delete: 204, then 404; a PUT after it continues the versions (3 was the delete).
+    let r = call(&c, a, "DELETE", "/members/42", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let r = call(&c, a, "GET", "/members/42", &[], b"").await.unwrap();
+    assert_eq!(r.status, 404);
+    let r = call(
+        &c,
+        a,
+        "PUT",
+        "/members/42",
+        &[JSON],
+        &member("Back", "basic"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.json()["version"], 4);
+
+    // Bad ids: 400.
+    for id in ["%2B5", "-1", "abc", "18446744073709551616", "1.5"] {
+        let r = call(&c, a, "GET", &format!("/members/{id}"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_id"), "{id}");
+    }
+    // Bad bodies.
+    let cases: [(&[u8], u16); 8] = [
+        (b"{", 400),
+        (b"[1,2]", 400),
+        (b"\"x\"", 400),
+        (br#"{"name":"a","level":"gold"}"#, 422),
+        (
+            br#"{"name":"a","level":"gold","expires_at":"2030-01-01T00:00:00Z","x":1}"#,
+            422,
+        ),
+        (
+            br#"{"name":"","level":"gold","expires_at":"2030-01-01T00:00:00Z"}"#,
+            422,
+        ),
+        (
+            br#"{"name":"a","level":"diamond","expires_at":"2030-01-01T00:00:00Z"}"#,
+            422,
+        ),
+        (
+            br#"{"name":"a","level":"gold","expires_at":"next year"}"#,
+            422,
+        ),
+    ];
+    for (body, status) in cases {
+        let r = call(&c, a, "PUT", "/members/9", &[JSON], body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(body));
+        r.code();
+    }
+    // Wrong content type: 415.
+    let r = call(
+        &c,
+        a,
+        "PUT",
+        "/members/9",
+        &[("content-type", "text/plain")],
+        &member("a", "gold"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    // Too large, declared: 413; streamed (chunked, no length): 413.
+    let big = vec![b' '; 17 * 1024];
+    let r = call(&c, a, "PUT", "/members/9", &[JSON], &big)
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.code().as_str()), (413, "body_too_large"));
+    let mut chunked = b"PUT /members/9 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..20 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b' '; 0x400]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw(a, &chunked).await, 413);
+    // Unknown route 404, wrong method 405, both JSON.
+    let r = call(&c, a, "GET", "/nope", &[], b"").await.unwrap();
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    let r = call(&c, a, "POST", "/members/1", &[JSON], b"{}")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    // None of the refused PUTs wrote member 9.
+    let r = call(&c, a, "GET", "/members/9", &[], b"").await.unwrap();
+    assert_eq!(r.status, 404);
+
+    // Admin: 401 without or with a wrong token; drain and undrain are idempotent; 422 for an
+    // unknown IDC.
+    let body = br#"{"idc":"bj-b"}"#;
+    for h in [
+        vec![JSON],
+        vec![JSON, ("authorization", "Bearer wrong-token-xxxxxx")],
+        vec![JSON, ("authorization", TOKEN)],
+    ] {
+        let r = call(&c, a, "POST", "/admin/drain", &h, body).await.unwrap();
+        assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+    }
+    let admin = [JSON, ("authorization", auth.as_str())];
+    for _ in 0..2 {
+        let r = call(&c, a, "POST", "/admin/drain", &admin, body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["drained"], serde_json::json!(["bj-b"]));
+    }
+    let topo = call(&c, a, "GET", "/topology", &[], b"")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(topo["drained"], serde_json::json!(["bj-b"]));
+    assert_eq!(topo["local_idc"], "bj-a");
+    let db = &topo["dependencies"]["db"]["endpoints"][0];
+    assert_eq!(db["role"], "primary");
+    assert_eq!(db["in_use"], true);
+    assert!(db["generation"].as_u64().is_some(), "{topo}");
+    let cache = &topo["dependencies"]["cache"]["endpoints"][0];
+    assert_eq!(cache["role"], "master");
+    for _ in 0..2 {
+        let r = call(&c, a, "POST", "/admin/undrain", &admin, body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["drained"], serde_json::json!([]));
+    }
+    let r = call(
+        &c,
+        a,
+        "POST",
+        "/admin/drain",
+        &admin,
+        br#"{"idc":"mars-1"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.code().as_str()), (422, "unknown_idc"));
+
+    // The history: every version the consumer saw (1, 2, 3 = the delete, 4), in order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = call(&c, a, "GET", "/members/42/history", &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        if r.json()["versions"] == serde_json::json!([1, 2, 3, 4]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history incomplete: {}",
+            r.json()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Graceful shutdown with requests in flight: every request sent before it is answered.
+    let mut inflight = Vec::new();
+    for i in 0..20u64 {
+        let c = c.clone();
+        inflight.push(tokio::spawn(async move {
+            call(
+                &c,
+                a,
+                "PUT",
+                &format!("/members/{}", 1000 + i),
+                &[JSON],
+                &member("x", "basic"),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let stopping = Instant::now();
+    svc.shutdown();
+    let mut ok = 0;
+    for t in inflight {
+        match t.await.unwrap() {
+            Ok(r) if r.status == 200 => ok += 1,
+            // A request that had not reached the server yet: refused or reset, never a 5xx.
+            Ok(r) => assert!(r.status < 500, "{r:?}"),
+            Err(_) => {}
+        }
+    }
+    let task = &mut svc.task;
+    let out = tokio::time::timeout(Duration::from_secs(15), task).await;
+    assert!(out.is_ok(), "the server did not stop within 15 s");
+    out.unwrap().unwrap().unwrap();
+    assert!(ok > 0, "no request in flight was answered");
+    let _took = stopping.elapsed();
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_across_redis_failovers() {
+    let stack = stack().await;
+    let svc = start(&stack, "bj-a", "").await;
+    let c = client();
+    let a = svc.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let c = c.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut violations = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = w * 100 + (i % 10);
+                i += 1;
+                match call(
+                    &c,
+                    a,
+                    "PUT",
+                    &format!("/members/{id}"),
+                    &[JSON],
+                    &member("w", "gold"),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => {
+                        let v = r.json()["version"].as_u64().unwrap();
+                        acked.insert(id, v);
+                        // Read it back at once, on another connection of the pool.
+                        if let Ok(g) = call(&c, a, "GET", &format!("/members/{id}"), &[], b"").await
+                            && g.status == 200
+                        {
+                            let got = g.json()["version"].as_u64().unwrap();
+                            if got < v {
+                                violations.push((id, v, got));
+                            }
+                        }
+                    }
+                    Ok(r) => {
+                        assert!(r.status == 503, "{r:?}");
+                        errors += 1;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (acked, violations, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.redis_failover().await.expect("planned failover");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack
+        .kill_redis_master()
+        .await
+        .expect("kill -9 of the master");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = BTreeMap::new();
+    let mut errors = 0;
+    for w in writers {
+        let (acked, violations, e) = w.await.unwrap();
+        assert!(
+            violations.is_empty(),
+            "read-your-writes violated: {violations:?}"
+        );
+        errors += e;
+        all.extend(acked);
+    }
+    assert!(all.len() >= 20, "too few writes: {}", all.len());
+    // Every acknowledged version is still there (or a newer one), from a fresh GET.
+    for (id, v) in &all {
+        let r = call(&c, a, "GET", &format!("/members/{id}"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{id}: {r:?}");
+        assert!(
+            r.json()["version"].as_u64().unwrap() >= *v,
+            "{id}: {}",
+            r.json()
+        );
+    }
+    eprintln!("ids {} errors {errors}", all.len());
+    drop(svc);
+    stack.stop().await;
+}
