@@ -108,10 +108,11 @@ impl std::fmt::Display for StackFault {
 }
 
 impl StackFault {
-    /// The fault of the command line `ha-lab fault <verb> <target>`, when it is a stack fault:
-    /// `kill redis-master`, `failover redis`, `kill mysql-primary`, `switchover mysql`,
-    /// `kill mq-broker@<idc>`, `restart mq-broker@<idc>`, and `kill|freeze|thaw <server>`.
-    /// `None` for anything else (`restart redis-bj-a`, `latency ...`).
+    /// The fault of the command line `ha-lab fault <verb> <target>` when its target is a role
+    /// of the stack: `kill redis-master`, `failover redis`, `kill mysql-primary`, `switchover
+    /// mysql`, `kill|restart mq-broker@<idc>`, and `kill|freeze|thaw` of a role
+    /// (`redis-master`, `mysql-primary`, `mq-broker@<idc>`, `mq-namesrv@<idc>`). `None` for
+    /// anything else: a server named in `lab.json` takes a [`ControlRequest::Fault`].
     ///
     /// ```
     /// use ha_lab::control::StackFault;
@@ -120,26 +121,34 @@ impl StackFault {
     ///     StackFault::parse("restart", "mq-broker@sh-a"),
     ///     Some(StackFault::RestartBroker { idc: "sh-a".into() })
     /// );
-    /// assert_eq!(StackFault::parse("restart", "redis-bj-a"), None);
+    /// assert_eq!(
+    ///     StackFault::parse("freeze", "mysql-primary"),
+    ///     Some(StackFault::Freeze { server: "mysql-primary".into() })
+    /// );
+    /// assert_eq!(StackFault::parse("kill", "redis-bj-a"), None);
     /// ```
     pub fn parse(verb: &str, target: &str) -> Option<StackFault> {
-        let broker = target.strip_prefix("mq-broker@").map(str::to_owned);
+        let broker = target.strip_prefix("mq-broker@").filter(|i| !i.is_empty());
+        let role = matches!(target, "redis-master" | "mysql-primary")
+            || broker.is_some()
+            || target
+                .strip_prefix("mq-namesrv@")
+                .is_some_and(|i| !i.is_empty());
+        let server = || target.to_owned();
         Some(match (verb, target) {
             ("kill", "redis-master") => StackFault::KillRedisMaster,
             ("failover", "redis") => StackFault::RedisFailover,
             ("kill", "mysql-primary") => StackFault::KillMysqlPrimary,
             ("switchover", "mysql") => StackFault::MysqlSwitchover,
-            ("kill", _) if broker.is_some() => StackFault::KillBroker { idc: broker? },
-            ("restart", _) if broker.is_some() => StackFault::RestartBroker { idc: broker? },
-            ("kill", _) => StackFault::Kill {
-                server: target.to_owned(),
+            ("kill", _) if broker.is_some() => StackFault::KillBroker {
+                idc: broker?.to_owned(),
             },
-            ("freeze", _) => StackFault::Freeze {
-                server: target.to_owned(),
+            ("restart", _) if broker.is_some() => StackFault::RestartBroker {
+                idc: broker?.to_owned(),
             },
-            ("thaw", _) => StackFault::Thaw {
-                server: target.to_owned(),
-            },
+            ("kill", _) if role => StackFault::Kill { server: server() },
+            ("freeze", _) if role => StackFault::Freeze { server: server() },
+            ("thaw", _) if role => StackFault::Thaw { server: server() },
             _ => return None,
         })
     }

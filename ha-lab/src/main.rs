@@ -12,7 +12,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use ha_lab::{
     Lab, LabError, LabOptions,
-    control::{ControlRequest, FaultAction, request},
+    control::{ControlRequest, FaultAction, StackFault, request},
     lab::{DaemonState, Manifest, probe},
     partition,
 };
@@ -36,12 +36,24 @@ enum Cmd {
         /// Lab directory (lab.json, control socket, logs).
         #[arg(long)]
         dir: PathBuf,
-        /// Added to every default port (to run beside another lab).
-        #[arg(long, default_value_t = 0)]
+        /// Added to every default port (to run beside another lab; not with --stack, whose
+        /// ports are picked free).
+        #[arg(long, default_value_t = 0, conflicts_with = "stack")]
         port_offset: u16,
-        /// Bound on waiting for the lab to be up, in seconds.
-        #[arg(long, default_value_t = 20)]
-        timeout_secs: u64,
+        /// Bound on waiting for the lab to be up, in seconds (default 20, with --stack 120).
+        #[arg(long)]
+        timeout_secs: Option<u64>,
+        /// Run the membership service's stack instead of the default lab: Redis + Sentinel,
+        /// MariaDB with its HA simulator, RocketMQ; writes DIR/membership-service.toml (bj-a)
+        /// and DIR/membership-service-sh-a.toml (sh-a). Needs the `mariadb` feature.
+        #[arg(long)]
+        stack: bool,
+        /// With --stack: the admin token written into the service configs.
+        #[arg(long, default_value = "lab-admin-token", requires = "stack")]
+        admin_token: String,
+        /// With --stack: without RocketMQ (the service configs have no [dependencies.events]).
+        #[arg(long, requires = "stack")]
+        no_mq: bool,
     },
     /// Run the lab in the foreground (what `up` spawns).
     Serve {
@@ -49,8 +61,17 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
         /// Added to every default port.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "stack")]
         port_offset: u16,
+        /// Run the stack (see `up --stack`).
+        #[arg(long)]
+        stack: bool,
+        /// With --stack: the admin token written into the service configs.
+        #[arg(long, default_value = "lab-admin-token", requires = "stack")]
+        admin_token: String,
+        /// With --stack: without RocketMQ (the service configs have no [dependencies.events]).
+        #[arg(long, requires = "stack")]
+        no_mq: bool,
     },
     /// Show every server of the lab and whether it answers (exit 1 if any is down).
     Status {
@@ -66,7 +87,9 @@ enum Cmd {
     },
     /// Apply a fault: kill|freeze|thaw|restart|blackhole|heal <target>, latency <MS> <target>
     /// (a request/response round trip through the proxy gains MS: MS/2 each way),
-    /// partition <idc>, heal <idc>.
+    /// partition <idc>, heal <idc>. On a stack (`up --stack`) also: kill redis-master,
+    /// failover redis, kill mysql-primary, switchover mysql, kill|restart mq-broker@<idc>,
+    /// kill|freeze|thaw redis-master|mysql-primary|mq-broker@<idc>|mq-namesrv@<idc>.
     Fault {
         /// Lab directory.
         #[arg(long)]
@@ -110,8 +133,27 @@ async fn run(cmd: Cmd) -> Result<ExitCode, LabError> {
             dir,
             port_offset,
             timeout_secs,
-        } => up(&dir, port_offset, Duration::from_secs(timeout_secs)).await,
-        Cmd::Serve { dir, port_offset } => serve(dir, port_offset).await,
+            stack,
+            admin_token,
+            no_mq,
+        } => {
+            let wait = Duration::from_secs(timeout_secs.unwrap_or(if stack { 120 } else { 20 }));
+            let stack = stack.then_some(StackArgs { admin_token, no_mq });
+            up(&dir, port_offset, wait, stack.as_ref()).await
+        }
+        Cmd::Serve {
+            dir,
+            port_offset,
+            stack: false,
+            ..
+        } => serve(dir, port_offset).await,
+        Cmd::Serve {
+            dir,
+            stack: true,
+            admin_token,
+            no_mq,
+            ..
+        } => serve_stack(dir, StackArgs { admin_token, no_mq }).await,
         Cmd::Status { dir } => status(&dir).await,
         Cmd::Down { dir } => down(&dir).await,
         Cmd::Fault { dir, args } => fault(&dir, &args).await,
@@ -124,7 +166,31 @@ fn absolute(dir: &Path) -> Result<PathBuf, LabError> {
     std::fs::canonicalize(dir).map_err(|e| LabError::io(format!("resolve {}", dir.display()), e))
 }
 
-async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, LabError> {
+/// The two service configurations a stack daemon writes into its directory.
+fn service_configs(dir: &Path) -> [PathBuf; 2] {
+    [
+        dir.join("membership-service.toml"),
+        dir.join("membership-service-sh-a.toml"),
+    ]
+}
+
+/// The options of `--stack`.
+#[derive(Debug)]
+struct StackArgs {
+    admin_token: String,
+    no_mq: bool,
+}
+
+/// `up`; `stack` is given with `--stack`.
+async fn up(
+    dir: &Path,
+    port_offset: u16,
+    wait: Duration,
+    stack: Option<&StackArgs>,
+) -> Result<ExitCode, LabError> {
+    if stack.is_some() && !cfg!(feature = "mariadb") {
+        return Err(no_stack());
+    }
     let dir = absolute(dir)?;
     // Refused here, not in the daemon's log: the offset must leave every port below 65536.
     LabOptions::new(&dir).with_port_offset(port_offset)?;
@@ -148,12 +214,20 @@ async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, La
         .map_err(|e| LabError::io(format!("open {}", log_path.display()), e))?;
     // Its own process group: a Ctrl-C in the shell that ran `up` does not reach the daemon.
     use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(exe)
-        .arg("serve")
-        .arg("--dir")
-        .arg(&dir)
-        .arg("--port-offset")
-        .arg(port_offset.to_string())
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve").arg("--dir").arg(&dir);
+    match stack {
+        Some(s) => {
+            cmd.arg("--stack").arg("--admin-token").arg(&s.admin_token);
+            if s.no_mq {
+                cmd.arg("--no-mq");
+            }
+        }
+        None => {
+            cmd.arg("--port-offset").arg(port_offset.to_string());
+        }
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
@@ -193,8 +267,12 @@ async fn up(dir: &Path, port_offset: u16, wait: Duration) -> Result<ExitCode, La
                 }
             }
             if all {
-                println!("lab up in {} (daemon pid {pid})", dir.display());
+                let what = if stack.is_some() { "stack" } else { "lab" };
+                println!("{what} up in {} (daemon pid {pid})", dir.display());
                 print_table(&m, None);
+                if stack.is_some() {
+                    print_service_configs(&dir);
+                }
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -223,6 +301,80 @@ async fn serve(dir: PathBuf, port_offset: u16) -> Result<ExitCode, LabError> {
         _ = lab.shutdown_requested() => tracing::info!("shutdown requested"),
     }
     lab.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn no_stack() -> LabError {
+    LabError::Control(
+        "this ha-lab was built without the `mariadb` feature, which the stack needs: \
+         cargo run -p ha-lab --features mariadb -- up --dir DIR --stack"
+            .into(),
+    )
+}
+
+fn print_service_configs(dir: &Path) {
+    for p in service_configs(dir) {
+        if p.exists() {
+            println!("service config: {}", p.display());
+        }
+    }
+}
+
+#[cfg(not(feature = "mariadb"))]
+async fn serve_stack(_dir: PathBuf, _args: StackArgs) -> Result<ExitCode, LabError> {
+    Err(no_stack())
+}
+
+/// `serve --stack`: the stack, its service configs, its control socket and `lab.json`, until
+/// SIGTERM, SIGINT or a shutdown request.
+#[cfg(feature = "mariadb")]
+async fn serve_stack(dir: PathBuf, args: StackArgs) -> Result<ExitCode, LabError> {
+    use ha_lab::stack::{Stack, StackControl, StackOptions};
+    use std::sync::Arc;
+    let dir = absolute(&dir)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| LabError::io("install SIGTERM handler", e))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| LabError::io("install SIGINT handler", e))?;
+    // A signal during the start drops it: the servers started so far are killed by pid.
+    let stack = tokio::select! {
+        r = Stack::start(StackOptions::default().with_dir(&dir).with_mq(!args.no_mq)) => Arc::new(r?),
+        _ = term.recv() => return Ok(ExitCode::FAILURE),
+        _ = int.recv() => return Ok(ExitCode::FAILURE),
+    };
+    let t = stack.startup();
+    tracing::info!(total = ?t.total, redis = ?t.redis, mariadb = ?t.mariadb, rocketmq = ?t.rocketmq, "stack up");
+    for p in stack.write_service_configs(&dir, &args.admin_token)? {
+        tracing::info!(path = %p.display(), "service config written");
+    }
+    let control = StackControl::start(stack.clone(), &dir).await?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = control.shutdown_requested() => tracing::info!("shutdown requested"),
+    }
+    control.stop().await;
+    // The control connections' tasks hold the stack until the runtime dropped them.
+    let mut stack = stack;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match Arc::try_unwrap(stack) {
+            Ok(s) => {
+                s.stop().await;
+                break;
+            }
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                stack = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                // Dropped at the end: every server is SIGKILLed by pid without waiting.
+                tracing::warn!("the stack is still in use; killing its servers");
+                break;
+            }
+        }
+    }
+    tracing::info!(dir = %dir.display(), "stack stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -275,6 +427,7 @@ async fn status(dir: &Path) -> Result<ExitCode, LabError> {
     let states =
         futures::future::join_all(m.servers.iter().map(|s| probe(s, Duration::from_secs(1)))).await;
     print_table(&m, Some(&states));
+    print_service_configs(dir);
     Ok(if daemon && states.iter().all(|s| *s) {
         ExitCode::SUCCESS
     } else {
@@ -325,7 +478,8 @@ async fn down(dir: &Path) -> Result<ExitCode, LabError> {
             {
                 tracing::warn!(error = %e, "control shutdown failed; signalling the daemon");
             }
-            if !wait_gone(&m, Duration::from_secs(10)).await {
+            // A stack's stop is bounded by 30 s (ha_lab::stack::STOP_TIMEOUT); a lab's is quick.
+            if !wait_gone(&m, Duration::from_secs(35)).await {
                 signal_daemon(&m, Signal::SIGTERM);
                 if !wait_gone(&m, Duration::from_secs(5)).await {
                     signal_daemon(&m, Signal::SIGKILL);
@@ -360,10 +514,31 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
     let m = Manifest::read(dir)?;
     let usage = || {
         LabError::Control(
-            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS per round trip> <target> | partition <idc> | heal <idc>"
+            "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS per round trip> <target> | partition <idc> | heal <idc>; \
+             on a stack also: kill redis-master | failover redis | kill mysql-primary | switchover mysql | kill|restart mq-broker@<idc>"
                 .into(),
         )
     };
+    // A stack fault by role (`kill redis-master`, `failover redis`, ...); a server of lab.json
+    // by its name takes the generic path below, which a stack daemon serves too.
+    if let [verb, target] = args
+        && m.server(target).is_err()
+        && let Some(fault) = StackFault::parse(verb, target)
+    {
+        let resp = request(
+            &m.control,
+            &ControlRequest::Stack {
+                fault: fault.clone(),
+            },
+            Duration::from_secs(90),
+        )
+        .await?;
+        println!(
+            "{}",
+            resp.detail.unwrap_or_else(|| format!("{fault} applied"))
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let idc_names = || {
         m.idcs
             .iter()
@@ -421,15 +596,19 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
     };
     // Check the name here too, so a typo is reported even when the daemon is gone.
     m.server(target)?;
-    request(
+    let resp = request(
         &m.control,
         &ControlRequest::Fault {
             target: target.clone(),
             action,
         },
-        Duration::from_secs(10),
+        // A stack restarts a broker or a sentinel and waits until it is back.
+        Duration::from_secs(60),
     )
     .await?;
-    println!("{action} applied to {target}");
+    match resp.detail {
+        Some(detail) => println!("{detail}"),
+        None => println!("{action} applied to {target}"),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -442,7 +442,7 @@ impl Stack {
         for (region, addr) in self.mariadb.dns_servers() {
             let idc = if region == "south" { "sh-a" } else { "bj-a" };
             out.push(ServerEntry {
-                name: format!("mariadb-dns-{region}"),
+                name: format!("db-dns-{region}"),
                 kind: ServerKind::Dns,
                 region,
                 idc: idc.into(),

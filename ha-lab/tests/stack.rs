@@ -214,3 +214,125 @@ async fn without_mq_the_stack_has_no_events_and_planned_switches_work() {
         .await
         .expect("the test finished within its bound");
 }
+
+// === the CLI: `ha-lab up --stack` ===
+
+const BIN: &str = env!("CARGO_BIN_EXE_ha-lab");
+
+fn ha_lab(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let (sub, rest) = args.split_first().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg(sub)
+        .arg("--dir")
+        .arg(dir)
+        .args(rest)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Takes the stack down even when an assertion panics; then SIGKILLs any server (and the
+/// daemon) `lab.json` listed that still runs.
+struct Down<'a>(&'a std::path::Path, Vec<u32>);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = ha_lab(self.0, &["down"]);
+        for pid in &self.1 {
+            if pid_alive(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn stack_pids(dir: &std::path::Path) -> Vec<u32> {
+    let m = ha_lab::lab::Manifest::read(dir).unwrap();
+    let mut pids: Vec<u32> = m
+        .servers
+        .iter()
+        .map(|s| s.pid)
+        .filter(|p| *p != 0)
+        .collect();
+    pids.push(m.daemon_pid);
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+#[test]
+fn the_cli_runs_the_stack_writes_configs_applies_faults_and_takes_it_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut guard = Down(d, Vec::new());
+    let (ok, out) = ha_lab(
+        d,
+        &[
+            "up",
+            "--stack",
+            "--admin-token",
+            "tok",
+            "--timeout-secs",
+            "90",
+        ],
+    );
+    if ha_lab::lab::Manifest::read(d).is_ok() {
+        guard.1 = stack_pids(d);
+    }
+    assert!(ok, "{out}");
+    println!("{out}");
+    for f in [SERVICE_CONFIG, SERVICE_CONFIG_SH_A] {
+        let path = d.join(f);
+        assert!(out.contains(&path.display().to_string()), "{out}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let topo = ha_core::Topology::from_toml_str(&text, &path).unwrap();
+        assert!(topo.dependency("events").is_some());
+        let app: serde_json::Value = topo.app().unwrap();
+        assert_eq!(app["admin"]["token"], "tok");
+    }
+    let (ok, out) = ha_lab(d, &["status"]);
+    assert!(ok, "{out}");
+    for name in [
+        "sentinel-sh-a",
+        "mariadb-bj-b",
+        "rocketmq-broker-sh-a",
+        "db-dns-north",
+    ] {
+        assert!(out.contains(name), "{name} in\n{out}");
+    }
+
+    let (ok, out) = ha_lab(d, &["fault", "kill", "redis-master"]);
+    assert!(ok && out.contains("redis master redis-"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "switchover", "mysql"]);
+    assert!(ok && out.contains("mysql primary mariadb-bj-a"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "kill", "mq-broker@bj-a"]);
+    assert!(ok, "{out}");
+    let (ok, out) = ha_lab(d, &["status"]);
+    assert!(!ok, "two servers are down:\n{out}");
+    let (ok, out) = ha_lab(d, &["fault", "restart", "mq-broker@bj-a"]);
+    assert!(ok && out.contains("registered"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "restart", "redis-bj-a"]);
+    assert!(ok, "{out}");
+    let (ok, out) = ha_lab(d, &["status"]);
+    assert!(ok, "everything is back:\n{out}");
+    let (ok, out) = ha_lab(d, &["fault", "kill", "no-such-server"]);
+    assert!(!ok && out.contains("unknown server"), "{out}");
+
+    let pids = stack_pids(d);
+    guard.1 = pids.clone();
+    let (ok, out) = ha_lab(d, &["down"]);
+    assert!(ok, "{out}");
+    for pid in pids {
+        // The daemon is gone once `down` returns; its children were reaped before it exited.
+        assert!(!pid_alive(pid), "pid {pid} survived down");
+    }
+    assert!(!d.join("lab.json").exists());
+}
