@@ -28,6 +28,7 @@ use ha_mysql::mysql_async::{self, TxOpts};
 use ha_redis::HaRedis;
 use ha_redis::redis;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use crate::model::{Level, Member, MemberInput};
 
@@ -250,12 +251,13 @@ impl Store {
 
     /// Creates or replaces member `id`; returns it with its new version.
     pub async fn put(&self, id: u64, input: &MemberInput) -> Result<Member, StoreError> {
+        let deadline = Instant::now() + self.write_timeout;
         let name = input.name.clone();
         let level = input.level.as_str();
         let expires = input.expires_at_sql.clone();
         let (version, gtid) = self
             .db
-            .write(self.write_timeout, |c| {
+            .write(left(deadline), |c| {
                 let name = name.clone();
                 let expires = expires.clone();
                 Box::pin(async move {
@@ -287,18 +289,19 @@ impl Store {
             version,
             expired: false,
         };
-        self.cache_set(id, version, &Cached::Live(member.clone()), &gtid, true)
+        self.cache_set(id, version, &Cached::Live(member.clone()), &gtid, true, deadline)
             .await?;
-        self.publish("member.updated", id, version).await?;
+        self.publish("member.updated", id, version, deadline).await?;
         Ok(member)
     }
 
     /// Marks member `id` deleted (a tombstone keeps its version, so versions are never
     /// reused). `Ok(false)` when it was never written.
     pub async fn delete(&self, id: u64) -> Result<bool, StoreError> {
+        let deadline = Instant::now() + self.write_timeout;
         let got = self
             .db
-            .write(self.write_timeout, |c| {
+            .write(left(deadline), |c| {
                 Box::pin(async move {
                     let mut tx = c.start_transaction(TxOpts::default()).await?;
                     let row: Option<(u64, bool)> = tx
@@ -330,10 +333,10 @@ impl Store {
             return Ok(false);
         };
         // Also when it was already deleted: the tombstone may be what a failover lost.
-        self.cache_set(id, version, &Cached::Deleted, &gtid, true)
+        self.cache_set(id, version, &Cached::Deleted, &gtid, true, deadline)
             .await?;
         if changed {
-            self.publish("member.deleted", id, version).await?;
+            self.publish("member.deleted", id, version, deadline).await?;
         }
         Ok(true)
     }
@@ -410,7 +413,8 @@ impl Store {
             None => Cached::Deleted,
         };
         // A fill: best effort, never replacing a newer version.
-        if let Err(e) = self.cache_set(id, version, &entry, "", false).await {
+        let fill_by = Instant::now() + self.read_timeout / 3;
+        if let Err(e) = self.cache_set(id, version, &entry, "", false, fill_by).await {
             tracing::debug!(id, error = %e, "cache fill failed");
         }
         Ok((member, source))
@@ -468,6 +472,7 @@ impl Store {
     /// `(id, version)` pairs (the rows are read back from the primary).
     pub async fn expired(&self, changed: &[(u64, u64)]) -> Result<(), StoreError> {
         for &(id, version) in changed {
+            let deadline = Instant::now() + self.write_timeout;
             let mut conn = self.db.writer().await.map_err(StoreError::mysql)?;
             let row = conn
                 .exec_first::<Row, _, _>(SELECT_MEMBER, (id,))
@@ -477,10 +482,11 @@ impl Store {
             if let Some(row) = row {
                 let v = row.3;
                 if let Some(m) = member_of(id, row)? {
-                    self.cache_set(id, v, &Cached::Live(m), "", true).await?;
+                    self.cache_set(id, v, &Cached::Live(m), "", true, deadline)
+                        .await?;
                 }
             }
-            self.publish("member.expired", id, version).await?;
+            self.publish("member.expired", id, version, deadline).await?;
         }
         Ok(())
     }
@@ -492,6 +498,7 @@ impl Store {
         entry: &Cached,
         gtid: &str,
         durable: bool,
+        deadline: Instant,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(entry).map_err(|e| StoreError::Corrupt {
             id,
@@ -506,7 +513,7 @@ impl Store {
             .arg(json)
             .arg(gtid)
             .arg(CACHE_TTL_SECS);
-        let mut handle = self.cache.master().with_timeout(self.write_timeout);
+        let mut handle = self.cache.master().with_timeout(left(deadline));
         if durable {
             handle = handle.durable(1, Duration::from_millis(500));
         }
@@ -517,7 +524,13 @@ impl Store {
             .map_err(StoreError::redis)
     }
 
-    async fn publish(&self, kind: &str, id: u64, version: u64) -> Result<(), StoreError> {
+    async fn publish(
+        &self,
+        kind: &str,
+        id: u64,
+        version: u64,
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
         let event = MemberEvent {
             kind: kind.into(),
             id,
@@ -531,11 +544,19 @@ impl Store {
             .key(format!("member-{id}-v{version}"))
             .tags(kind);
         self.events
-            .send_within(msg, self.write_timeout)
+            .send_within(msg, left(deadline))
             .await
             .map(|_| ())
             .map_err(StoreError::events)
     }
+}
+
+/// The time left until `deadline` (at least 1 ms: a zero budget would mean "no bound" to
+/// some clients).
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
 }
 
 fn parse_entry(id: u64, entry: &str) -> Option<Option<Member>> {
