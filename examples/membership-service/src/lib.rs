@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod job;
 pub mod lease;

@@ -1,4 +1,6 @@
 //! `membership-service serve --config FILE [--listen ADDR]`: the example membership service.
+//! `membership-service demo [--json FILE] [--phase-secs N]`: the service under faults against
+//! the lab stack started in-process, measured (see `membership_service::demo`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -27,6 +29,27 @@ enum Cmd {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Start the lab stack and two instances (bj-a, sh-a) in-process, drive a load through
+    /// Redis, MySQL and RocketMQ faults, a drain and a rate-limit flood, and print PASS/FAIL per
+    /// phase. Exits 1 when a phase failed, 2 when the demo could not run. Logs: RUST_LOG
+    /// (default `error`).
+    Demo {
+        /// Also write the table as JSON to this file (opened at start).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds of load per phase (the fault's own time comes on top), at least 3.
+        #[arg(long, default_value_t = 6.0)]
+        phase_secs: f64,
+        /// Phases to run, in order, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',', value_enum, default_values_t = membership_service::demo::Phase::ALL.to_vec())]
+        phases: Vec<membership_service::demo::Phase>,
+        /// Steady workers calling the bj-a instance (each about 30 calls/s).
+        #[arg(long, default_value_t = 6)]
+        workers: usize,
+        /// Steady workers calling the sh-a instance.
+        #[arg(long, default_value_t = 2)]
+        workers_sh: usize,
+    },
 }
 
 async fn terminate() {
@@ -51,15 +74,38 @@ async fn terminate() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo's own lines say what happens; the services' logs only when asked for.
+    let default_filter = match cli.cmd {
+        Cmd::Demo { .. } => "error",
+        Cmd::Serve { .. } => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Demo {
+            json,
+            phase_secs,
+            phases,
+            workers,
+            workers_sh,
+        } => {
+            demo(
+                json,
+                membership_service::demo::Options {
+                    phases,
+                    phase_secs,
+                    workers_bj: workers,
+                    workers_sh,
+                },
+            )
+            .await
+        }
         Cmd::Serve { config, listen } => {
             let cfg = match ServiceConfig::load(&config) {
                 Ok(c) => c,
@@ -101,5 +147,63 @@ async fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `membership-service demo`.
+async fn demo(json: Option<PathBuf>, opts: membership_service::demo::Options) -> ExitCode {
+    use membership_service::demo::JsonOut;
+    let json = match json.as_deref().map(JsonOut::create).transpose() {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("membership-service demo: --json: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // On Ctrl-C the run is dropped: the services' tasks end with the process and the stack's
+    // servers are killed by its Drop.
+    let report = tokio::select! {
+        r = Box::pin(membership_service::demo::run(opts)) => match r {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("membership-service demo: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("membership-service demo: interrupted");
+            return ExitCode::from(130);
+        }
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "\nmembership-service demo, {}: stack up in {:.1} s, services in {:.1} s, {:.0} s per phase\n",
+            report.started_at,
+            report.stack_startup_secs,
+            report.services_startup_secs,
+            report.phase_secs
+        );
+        print!("{}", report.table());
+        println!(
+            "\n{}",
+            if report.pass {
+                "ALL PHASES PASSED"
+            } else {
+                "SOME PHASES FAILED"
+            }
+        );
+    }
+    if let Some(json) = json {
+        let path = json.path().display().to_string();
+        if let Err(e) = json.write(&report) {
+            eprintln!("membership-service demo: cannot write --json {path}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if report.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

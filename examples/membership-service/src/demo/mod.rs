@@ -1,0 +1,935 @@
+//! `membership-service demo`: the service under faults, measured.
+//!
+//! Starts the lab stack in-process (Redis + Sentinel, MariaDB with its HA simulator, one
+//! RocketMQ cluster per IDC; `ha_lab::stack`), starts the service twice in-process (bj-a on
+//! `127.0.1.100`, sh-a on `127.0.3.100`, ephemeral ports), drives a steady mixed load (see
+//! [`load`]) against both, mostly bj-a, and runs the phases in order, each a few seconds of
+//! load around one fault:
+//!
+//! | phase | fault |
+//! |---|---|
+//! | `baseline` | none |
+//! | `kill-redis-master` | SIGKILL of the Redis master; Sentinel fails over (the old master comes back as a replica after the phase) |
+//! | `redis-failover` | a planned `SENTINEL FAILOVER` |
+//! | `kill-mysql-primary` | SIGKILL of the MariaDB primary; the HA simulator promotes a replica and repoints DNS |
+//! | `mysql-switchover` | a planned switchover to the other running replica |
+//! | `kill-broker` | SIGKILL of bj-a's RocketMQ broker, restarted a third of a phase later |
+//! | `drain` | `POST /admin/drain {"idc":"bj-a"}` on the bj-a instance, undrained a third of a phase later |
+//! | `rate-limit-flood` | many unpaced calls from one client address: expect 429 with `Retry-After` |
+//!
+//! Per phase it counts calls, errors by kind, the longest error window ([`report`]), latency,
+//! read-your-writes violations, and, when the phase's load stopped, reads back every id
+//! acknowledged in the phase (its version must be at least the acknowledged one: else a lost
+//! write). After the last phase it looks for every acknowledged `(id, version)` in
+//! `/members/{id}/history` (written by the service's RocketMQ consumer) for at most
+//! [`HISTORY_WAIT`]. A phase passes with no violation, no lost write, no missing event, at
+//! least one acknowledged write and its fault applied; the baseline also with no error; the
+//! flood with 429s seen, each with `Retry-After`, and no 5xx.
+//!
+//! Everything started is stopped at the end, also on error: the services shut down
+//! gracefully, then the stack stops.
+
+pub mod client;
+pub mod load;
+pub mod progress;
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ha_lab::LabError;
+use ha_lab::stack::{Stack, StackOptions, Switch};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+
+use crate::demo::client::DemoClient;
+use crate::demo::load::{FloodResult, Load, WorkerSpec, worker_id};
+use crate::demo::progress::{PhaseLine, Progress};
+use crate::demo::report::{PhaseRow, Report, utc_now};
+use crate::{Service, ServiceConfig, StartError};
+
+/// The admin token of the demo's instances.
+pub const TOKEN: &str = "demo-admin-token-0123456789";
+/// Bound on waiting for every acknowledged version to show in `/history`.
+pub const HISTORY_WAIT: Duration = Duration::from_secs(30);
+/// Bound on reading back one acknowledged id at a phase's end (errors are retried until then).
+pub const VERIFY_WAIT: Duration = Duration::from_secs(15);
+/// Bound on the stack's start.
+pub const STACK_START_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound on one instance's start.
+pub const SERVICE_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The shortest `--phase-secs`.
+pub const MIN_PHASE_SECS: f64 = 3.0;
+/// Concurrent callers of the flood.
+pub const FLOOD_TASKS: usize = 48;
+/// The flood's client address (its own per-client bucket, apart from the steady load's).
+pub const FLOOD_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 77));
+
+/// One phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// No fault.
+    Baseline,
+    /// SIGKILL of the Redis master.
+    KillRedisMaster,
+    /// A planned Sentinel failover.
+    RedisFailover,
+    /// SIGKILL of the MariaDB primary.
+    KillMysqlPrimary,
+    /// A planned MariaDB switchover.
+    MysqlSwitchover,
+    /// SIGKILL of bj-a's broker, then its restart.
+    KillBroker,
+    /// Drain bj-a through the admin route, then undrain.
+    Drain,
+    /// Flood the per-client rate limit.
+    RateLimitFlood,
+}
+
+impl Phase {
+    /// Every phase, in the demo's order.
+    pub const ALL: [Phase; 8] = [
+        Phase::Baseline,
+        Phase::KillRedisMaster,
+        Phase::RedisFailover,
+        Phase::KillMysqlPrimary,
+        Phase::MysqlSwitchover,
+        Phase::KillBroker,
+        Phase::Drain,
+        Phase::RateLimitFlood,
+    ];
+
+    /// Its name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Baseline => "baseline",
+            Phase::KillRedisMaster => "kill-redis-master",
+            Phase::RedisFailover => "redis-failover",
+            Phase::KillMysqlPrimary => "kill-mysql-primary",
+            Phase::MysqlSwitchover => "mysql-switchover",
+            Phase::KillBroker => "kill-broker",
+            Phase::Drain => "drain",
+            Phase::RateLimitFlood => "rate-limit-flood",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The phases, in order.
+    pub phases: Vec<Phase>,
+    /// Seconds of load per phase (the fault's own time comes on top).
+    pub phase_secs: f64,
+    /// Steady workers calling the bj-a instance.
+    pub workers_bj: usize,
+    /// Steady workers calling the sh-a instance.
+    pub workers_sh: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            phases: Phase::ALL.to_vec(),
+            phase_secs: 6.0,
+            workers_bj: 6,
+            workers_sh: 2,
+        }
+    }
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The lab stack did not start.
+    #[error("the lab stack did not start: {0}")]
+    Stack(#[source] LabError),
+    /// The lab stack did not start in time.
+    #[error("the lab stack did not start within {0:?}")]
+    StackTimeout(Duration),
+    /// The configuration the lab wrote was refused.
+    #[error("the {idc} service configuration: {source}")]
+    Config {
+        /// The instance's IDC.
+        idc: &'static str,
+        /// Why.
+        source: ha_core::ConfigError,
+    },
+    /// An instance did not start.
+    #[error("the {idc} service did not start: {source}")]
+    Service {
+        /// The instance's IDC.
+        idc: &'static str,
+        /// Why.
+        source: StartError,
+    },
+    /// An instance did not start in time.
+    #[error("the {idc} service did not start within {timeout:?}")]
+    ServiceTimeout {
+        /// The instance's IDC.
+        idc: &'static str,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The options.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// A `--json` file, opened at the start so that a bad path fails before the run.
+#[derive(Debug)]
+pub struct JsonOut {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl JsonOut {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &Path) -> std::io::Result<JsonOut> {
+        Ok(JsonOut {
+            path: path.to_path_buf(),
+            file: std::fs::File::create(path)?,
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the report.
+    pub fn write(self, report: &Report) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::new(self.file);
+        serde_json::to_writer_pretty(&mut w, report).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")?;
+        w.flush()
+    }
+}
+
+/// A service instance serving in a task.
+struct Instance {
+    idc: &'static str,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Instance {
+    async fn start(stack: &Stack, idc: &'static str, ip: Ipv4Addr) -> Result<Instance, DemoError> {
+        let listen = SocketAddr::new(IpAddr::V4(ip), 0);
+        let text = stack.service_config(idc, listen, TOKEN);
+        let cfg = ServiceConfig::from_toml_str(&text, format!("demo-{idc}.toml"))
+            .map_err(|source| DemoError::Config { idc, source })?;
+        let service = tokio::time::timeout(SERVICE_START_TIMEOUT, Service::start(cfg, None))
+            .await
+            .map_err(|_| DemoError::ServiceTimeout {
+                idc,
+                timeout: SERVICE_START_TIMEOUT,
+            })?
+            .map_err(|source| DemoError::Service { idc, source })?;
+        let listener = service
+            .bind(Some(listen))
+            .await
+            .map_err(|source| DemoError::Service { idc, source })?;
+        let addr = listener.local_addr().map_err(|e| DemoError::Service {
+            idc,
+            source: StartError::Listen {
+                addr: listen,
+                source: e,
+            },
+        })?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(service.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Ok(Instance {
+            idc,
+            addr,
+            stop: Some(tx),
+            task,
+        })
+    }
+
+    /// Graceful shutdown (bounded); a problem is returned as a note.
+    async fn shutdown(mut self) -> Option<String> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(30), &mut self.task).await {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(format!("the {} service stopped with: {e}", self.idc)),
+            Ok(Err(e)) => Some(format!("the {} service task: {e}", self.idc)),
+            Err(_) => {
+                self.task.abort();
+                Some(format!("the {} service did not stop within 30 s", self.idc))
+            }
+        }
+    }
+}
+
+/// What the phases share.
+struct Env<'a> {
+    stack: &'a Stack,
+    bj: SocketAddr,
+    workers: Vec<WorkerSpec>,
+    checker: DemoClient,
+    phase_secs: f64,
+    progress: Progress,
+}
+
+/// Starts everything, runs the phases, stops everything; the report (its `pass` says whether
+/// every phase passed).
+pub async fn run(opts: Options) -> Result<Report, DemoError> {
+    if !(opts.phase_secs >= MIN_PHASE_SECS && opts.phase_secs <= 600.0) {
+        return Err(DemoError::Options(format!(
+            "--phase-secs must be {MIN_PHASE_SECS} to 600, not {}",
+            opts.phase_secs
+        )));
+    }
+    if opts.workers_bj == 0 {
+        return Err(DemoError::Options("--workers must be at least 1".into()));
+    }
+    let progress = Progress::detect();
+    let started_at = utc_now();
+    progress.info(
+        "starting the lab stack (Redis + Sentinel, MariaDB + HA simulator, RocketMQ per IDC)...",
+    );
+    let begin = Instant::now();
+    let stack = match tokio::time::timeout(
+        STACK_START_TIMEOUT,
+        Stack::start(StackOptions::default()),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(DemoError::Stack(e)),
+        Err(_) => return Err(DemoError::StackTimeout(STACK_START_TIMEOUT)),
+    };
+    let stack_secs = begin.elapsed().as_secs_f64();
+    let t = stack.startup();
+    progress.info(&format!(
+        "stack up in {:.1} s (redis {:.1} s, mariadb {:.1} s, rocketmq {})",
+        stack_secs,
+        t.redis.as_secs_f64(),
+        t.mariadb.as_secs_f64(),
+        t.rocketmq
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "not started".into()),
+    ));
+    let result = with_stack(&stack, &opts, progress, started_at, stack_secs).await;
+    progress.info("stopping the lab stack...");
+    stack.stop().await;
+    result
+}
+
+async fn with_stack(
+    stack: &Stack,
+    opts: &Options,
+    progress: Progress,
+    started_at: String,
+    stack_secs: f64,
+) -> Result<Report, DemoError> {
+    let begin = Instant::now();
+    let bj = Instance::start(stack, "bj-a", Ipv4Addr::new(127, 0, 1, 100)).await?;
+    let sh = match Instance::start(stack, "sh-a", Ipv4Addr::new(127, 0, 3, 100)).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(n) = bj.shutdown().await {
+                progress.info(&n);
+            }
+            return Err(e);
+        }
+    };
+    let services_secs = begin.elapsed().as_secs_f64();
+    progress.info(&format!(
+        "services up in {services_secs:.1} s: bj-a on {}, sh-a on {}",
+        bj.addr, sh.addr
+    ));
+    // Clients in their instance's IDC, each IDC's workers from one address.
+    let bj_client = DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 10)), 64);
+    let sh_client = DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 3, 10)), 64);
+    let mut workers = Vec::new();
+    for i in 0..opts.workers_bj {
+        workers.push(WorkerSpec {
+            index: i,
+            instance: "bj-a",
+            addr: bj.addr,
+            client: bj_client.clone(),
+        });
+    }
+    for i in 0..opts.workers_sh {
+        workers.push(WorkerSpec {
+            index: opts.workers_bj + i,
+            instance: "sh-a",
+            addr: sh.addr,
+            client: sh_client.clone(),
+        });
+    }
+    let env = Env {
+        stack,
+        bj: bj.addr,
+        workers,
+        checker: DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 11)), 32),
+        phase_secs: opts.phase_secs,
+        progress,
+    };
+    let mut report = Report {
+        started_at,
+        stack_startup_secs: stack_secs,
+        services_startup_secs: services_secs,
+        phase_secs: opts.phase_secs,
+        workers: BTreeMap::from([
+            ("bj-a".to_string(), opts.workers_bj),
+            ("sh-a".to_string(), opts.workers_sh),
+        ]),
+        history_wait_secs: 0.0,
+        rows: Vec::new(),
+        notes: Vec::new(),
+        pass: false,
+    };
+    run_phases(&env, &opts.phases, &mut report).await;
+    progress.info("stopping the services...");
+    for inst in [bj, sh] {
+        if let Some(n) = inst.shutdown().await {
+            report.notes.push(n);
+        }
+    }
+    report.pass = !report.rows.is_empty() && report.rows.iter().all(|r| r.pass);
+    Ok(report)
+}
+
+/// Every acknowledged write of the run: `(id, version) -> phase index`.
+type Acked = BTreeMap<(u64, u64), usize>;
+
+async fn run_phases(env: &Env<'_>, phases: &[Phase], report: &mut Report) {
+    let mut acked: Acked = BTreeMap::new();
+    for (i, &phase) in phases.iter().enumerate() {
+        let (row, writes) = run_phase(env, phase, i as u64).await;
+        for (id, v, _) in writes {
+            acked.entry((id, v)).or_insert(i);
+        }
+        report.rows.push(row);
+    }
+    // The history, for every acknowledged (id, version).
+    let line = env.progress.phase("history");
+    let begin = Instant::now();
+    let missing = history_check(env, &acked, &line).await;
+    report.history_wait_secs = begin.elapsed().as_secs_f64();
+    for (i, row) in report.rows.iter_mut().enumerate() {
+        let checked = acked.values().filter(|p| **p == i).count() as u64;
+        let miss: Vec<(u64, u64)> = missing
+            .iter()
+            .filter(|k| acked.get(k) == Some(&i))
+            .copied()
+            .collect();
+        row.events_checked = checked;
+        row.events_missing = miss.len() as u64;
+        row.check(
+            miss.is_empty(),
+            format!(
+                "0 acknowledged versions missing from /history within {:.0} s: {} of {checked}{}",
+                HISTORY_WAIT.as_secs_f64(),
+                miss.len(),
+                sample_pairs(&miss)
+            ),
+        );
+        row.settle();
+    }
+    line.note(&format!(
+        "{} acknowledged versions, {} missing after {:.1} s",
+        acked.len(),
+        missing.len(),
+        report.history_wait_secs
+    ));
+    line.done();
+}
+
+fn sample_pairs(pairs: &[(u64, u64)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = pairs
+        .iter()
+        .take(5)
+        .map(|(id, v)| format!("{id} v{v}"))
+        .collect();
+    format!(" (e.g. {})", list.join(", "))
+}
+
+/// Waits until every acknowledged version is in its id's `/history`, at most
+/// [`HISTORY_WAIT`]; returns those still missing.
+async fn history_check(env: &Env<'_>, acked: &Acked, line: &PhaseLine) -> BTreeSet<(u64, u64)> {
+    let mut missing: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for &(id, v) in acked.keys() {
+        missing.entry(id).or_default().insert(v);
+    }
+    let deadline = Instant::now() + HISTORY_WAIT;
+    let live = load::Live::default();
+    loop {
+        let ids: Vec<u64> = missing.keys().copied().collect();
+        let answers: Vec<(u64, Option<Vec<u64>>)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let got = env
+                    .checker
+                    .get(env.bj, &format!("/members/{id}/history"))
+                    .await;
+                let versions = match got {
+                    Ok(a) if a.status == 200 => a.json().and_then(|v| {
+                        v.get("versions")?
+                            .as_array()
+                            .map(|l| l.iter().filter_map(serde_json::Value::as_u64).collect())
+                    }),
+                    _ => None,
+                };
+                (id, versions)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (id, versions) in answers {
+            if let (Some(seen), Some(want)) = (versions, missing.get_mut(&id)) {
+                for v in seen {
+                    want.remove(&v);
+                }
+                if want.is_empty() {
+                    missing.remove(&id);
+                }
+            }
+        }
+        let left: usize = missing.values().map(BTreeSet::len).sum();
+        line.update(
+            HISTORY_WAIT.saturating_sub(deadline.saturating_duration_since(Instant::now())),
+            &format!("{left} versions not yet in /history"),
+            &live,
+        );
+        if missing.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    missing
+        .into_iter()
+        .flat_map(|(id, vs)| vs.into_iter().map(move |v| (id, v)))
+        .collect()
+}
+
+/// What a phase's fault step reported.
+#[derive(Default)]
+struct FaultLog {
+    lines: Vec<String>,
+    errors: Vec<String>,
+    flood: Option<FloodResult>,
+    admin_failures: Vec<String>,
+    switch: Option<Switch>,
+}
+
+impl FaultLog {
+    fn ok(&mut self, line: &PhaseLine, text: String) {
+        line.note(&text);
+        self.lines.push(text);
+    }
+
+    fn err(&mut self, line: &PhaseLine, text: String) {
+        line.note(&format!("FAILED: {text}"));
+        self.errors.push(text);
+    }
+}
+
+fn secs(d: f64) -> Duration {
+    Duration::from_secs_f64(d.max(0.0))
+}
+
+/// Applies the phase's fault while the load runs (`lead` seconds of load before it, the rest
+/// of the phase after it).
+async fn fault(env: &Env<'_>, phase: Phase, line: &PhaseLine, log: &mut FaultLog) {
+    let lead = env.phase_secs / 3.0;
+    let tail = env.phase_secs - lead;
+    sleep(secs(lead)).await;
+    let begin = Instant::now();
+    let stack = env.stack;
+    match phase {
+        Phase::Baseline => {}
+        Phase::KillRedisMaster => match stack.kill_redis_master().await {
+            Ok(s) => {
+                log.ok(line, format!("killed: {s}"));
+                log.switch = Some(s);
+            }
+            Err(e) => log.err(line, format!("kill the redis master: {e}")),
+        },
+        Phase::RedisFailover => match stack.redis_failover().await {
+            Ok(s) => log.ok(line, format!("failover: {s}")),
+            Err(e) => log.err(line, format!("sentinel failover: {e}")),
+        },
+        Phase::KillMysqlPrimary => match stack.kill_mysql_primary().await {
+            Ok(s) => log.ok(
+                line,
+                format!("killed: {s} (from the first missed heartbeat)"),
+            ),
+            Err(e) => log.err(line, format!("kill the mysql primary: {e}")),
+        },
+        Phase::MysqlSwitchover => match stack.mysql_switchover().await {
+            Ok(s) => log.ok(line, format!("switchover: {s}")),
+            Err(e) => log.err(line, format!("mysql switchover: {e}")),
+        },
+        Phase::KillBroker => {
+            match stack.kill_broker("bj-a").await {
+                Ok(()) => log.ok(line, "killed the bj-a broker".into()),
+                Err(e) => log.err(line, format!("kill the bj-a broker: {e}")),
+            }
+            sleep(secs(lead)).await;
+            let t = Instant::now();
+            match stack.restart_broker("bj-a").await {
+                Ok(pid) => log.ok(
+                    line,
+                    format!(
+                        "bj-a broker restarted (pid {pid}), registered in {:.2} s, {:.2} s after the kill",
+                        t.elapsed().as_secs_f64(),
+                        begin.elapsed().as_secs_f64()
+                    ),
+                ),
+                Err(e) => log.err(line, format!("restart the bj-a broker: {e}")),
+            }
+        }
+        Phase::Drain => {
+            admin(env, "/admin/drain", line, log).await;
+            sleep(secs(lead)).await;
+            admin(env, "/admin/undrain", line, log).await;
+        }
+        Phase::RateLimitFlood => {
+            let client = DemoClient::new(FLOOD_CLIENT, FLOOD_TASKS);
+            let path = format!("/members/{}", worker_id(0, 0));
+            let length = secs(tail - 1.0);
+            let r = load::flood(
+                client,
+                env.bj,
+                path,
+                FLOOD_TASKS,
+                length,
+                Arc::new(load::Live::default()),
+            )
+            .await;
+            log.ok(
+                line,
+                format!(
+                    "flood from {FLOOD_CLIENT}: {} calls in {:.1} s ({:.0}/s), {} x 429 ({} with Retry-After, e.g. {:?}), statuses {:?}, transport errors {:?}",
+                    r.requests,
+                    r.seconds,
+                    r.requests as f64 / r.seconds.max(0.001),
+                    r.rejected(),
+                    r.retry_after_on_429,
+                    r.retry_after_sample.as_deref().unwrap_or("-"),
+                    r.statuses,
+                    r.transport
+                ),
+            );
+            log.flood = Some(r);
+            sleep(secs(1.0)).await;
+            return;
+        }
+    }
+    sleep(secs(tail)).await;
+}
+
+async fn admin(env: &Env<'_>, route: &str, line: &PhaseLine, log: &mut FaultLog) {
+    let body = serde_json::json!({"idc": "bj-a"});
+    let t = Instant::now();
+    match env.checker.post_admin(env.bj, route, TOKEN, &body).await {
+        Ok(a) if a.status == 200 => log.ok(
+            line,
+            format!(
+                "POST {route} bj-a: 200 {} in {:.1} ms",
+                String::from_utf8_lossy(&a.body),
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
+        ),
+        Ok(a) => {
+            let text = format!(
+                "POST {route} bj-a: {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+            log.admin_failures.push(text.clone());
+            log.err(line, text);
+        }
+        Err(kind) => {
+            let text = format!("POST {route} bj-a: {kind}");
+            log.admin_failures.push(text.clone());
+            log.err(line, text);
+        }
+    }
+}
+
+/// One phase: the load, the fault in it, then the read-back of its acknowledged writes.
+async fn run_phase(
+    env: &Env<'_>,
+    phase: Phase,
+    index: u64,
+) -> (PhaseRow, Vec<(u64, u64, &'static str)>) {
+    let line = env.progress.phase(phase.name());
+    let ids_total = env.workers.len();
+    let seed = index.wrapping_add(1).wrapping_mul(0x1000_0000_01B3) ^ std::process::id() as u64;
+    let load = Load::start(&env.workers, ids_total, seed);
+    let live = load.live();
+    let begin = Instant::now();
+    let mut log = FaultLog::default();
+    {
+        let step = fault(env, phase, &line, &mut log);
+        tokio::pin!(step);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                () = &mut step => break,
+                _ = tick.tick() => line.update(begin.elapsed(), "", &live),
+            }
+        }
+    }
+    let result = load.stop().await;
+    let seconds = begin.elapsed().as_secs_f64();
+
+    let mut row = PhaseRow::from_samples(phase.name(), seconds, &result.samples);
+    row.fault = log.lines.clone();
+    row.writes_acked = result.acked.len() as u64;
+    row.ryw_checks = result.ryw_checks;
+    row.ryw_violations = result.violations.len() as u64;
+    row.violation_samples = result.violations.iter().take(10).cloned().collect();
+
+    // After the load: the killed Redis master comes back as a replica (the later phases want a
+    // full lab).
+    if phase == Phase::KillRedisMaster {
+        after_redis_kill(env, &line, &mut row, &log).await;
+    }
+
+    // Read back every id acknowledged in the phase.
+    line.update(
+        begin.elapsed(),
+        "reading back the acknowledged writes",
+        &live,
+    );
+    let mut want: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(id, v, _) in &result.acked {
+        let e = want.entry(id).or_insert(v);
+        *e = (*e).max(v);
+    }
+    let (lost, unverified) = verify(env, &want).await;
+    row.ids_verified = want.len() as u64;
+    row.acked_lost = lost.len() as u64;
+    row.acked_unverified = unverified.len() as u64;
+
+    // The checks (the history's is added after the last phase).
+    row.check(
+        log.errors.is_empty(),
+        if log.errors.is_empty() {
+            "the fault applied".to_string()
+        } else {
+            format!("the fault applied: {}", log.errors.join("; "))
+        },
+    );
+    row.check(
+        row.writes_acked > 0,
+        format!("writes acknowledged: {}", row.writes_acked),
+    );
+    row.check(
+        row.ryw_violations == 0,
+        format!(
+            "0 read-your-writes violations: {} in {} read-backs{}",
+            row.ryw_violations,
+            row.ryw_checks,
+            row.violation_samples
+                .first()
+                .map(|v| format!(
+                    " (e.g. {} acked v{} on {}, read {})",
+                    v.id, v.acked, v.instance, v.read
+                ))
+                .unwrap_or_default()
+        ),
+    );
+    row.check(
+        lost.is_empty(),
+        format!(
+            "0 acknowledged writes lost: {} of {} ids read back older{}",
+            lost.len(),
+            want.len(),
+            lost.first()
+                .map(|(id, acked, read)| format!(" (e.g. {id} acked v{acked}, read {read})"))
+                .unwrap_or_default()
+        ),
+    );
+    row.check(
+        unverified.is_empty(),
+        format!(
+            "every acknowledged id readable within {:.0} s of the phase's end: {} not{}",
+            VERIFY_WAIT.as_secs_f64(),
+            unverified.len(),
+            unverified
+                .first()
+                .map(|(id, why)| format!(" (e.g. {id}: {why})"))
+                .unwrap_or_default()
+        ),
+    );
+    match phase {
+        Phase::Baseline => {
+            let errors: u64 = row.errors.values().sum();
+            row.check(errors == 0, format!("no errors: {errors}"));
+        }
+        Phase::Drain => {
+            row.check(
+                log.admin_failures.is_empty(),
+                format!(
+                    "drain and undrain answered 200{}",
+                    if log.admin_failures.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", log.admin_failures.join("; "))
+                    }
+                ),
+            );
+        }
+        Phase::RateLimitFlood => {
+            let steady_5xx: u64 = row
+                .errors
+                .iter()
+                .filter(|(k, _)| k.starts_with('5'))
+                .map(|(_, n)| n)
+                .sum();
+            let steady_429: u64 = row
+                .errors
+                .iter()
+                .filter(|(k, _)| k.starts_with("429"))
+                .map(|(_, n)| n)
+                .sum();
+            match &log.flood {
+                Some(f) => {
+                    row.check(
+                        f.rejected() > 0,
+                        format!("429s seen: {} of {} flood calls", f.rejected(), f.requests),
+                    );
+                    row.check(
+                        f.retry_after_on_429 == f.rejected(),
+                        format!(
+                            "every 429 with Retry-After: {} of {}",
+                            f.retry_after_on_429,
+                            f.rejected()
+                        ),
+                    );
+                    row.check(
+                        f.server_errors() == 0 && steady_5xx == 0,
+                        format!(
+                            "no 5xx: {} in the flood, {steady_5xx} in the steady load",
+                            f.server_errors()
+                        ),
+                    );
+                }
+                None => row.check(false, "the flood ran"),
+            }
+            if steady_429 > 0 {
+                row.notes.push(format!(
+                    "the steady load got {steady_429} x 429 too (the IDC-wide share limit, \
+                     shared by every client)"
+                ));
+            }
+            row.flood = log.flood.clone();
+        }
+        _ => {}
+    }
+    if !result.violations.is_empty() {
+        row.notes.push(format!(
+            "read-your-writes violations: {}",
+            result
+                .violations
+                .iter()
+                .take(5)
+                .map(|v| format!(
+                    "{} acked v{} on {}, read {}",
+                    v.id, v.acked, v.instance, v.read
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    if !lost.is_empty() {
+        row.notes.push(format!(
+            "lost writes: {}",
+            lost.iter()
+                .take(5)
+                .map(|(id, a, r)| format!("{id} acked v{a}, read {r}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    line.finish(&row);
+    (row, result.acked)
+}
+
+async fn after_redis_kill(env: &Env<'_>, line: &PhaseLine, row: &mut PhaseRow, log: &FaultLog) {
+    let Some(old) = log.switch.as_ref().map(|s| s.from.clone()) else {
+        return;
+    };
+    let t = Instant::now();
+    match env.stack.restart(&old).await {
+        Ok((name, pid)) => {
+            let text = format!(
+                "after the load: {name} restarted as a replica (pid {pid}) in {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+            line.note(&text);
+            row.notes.push(text);
+        }
+        Err(e) => {
+            let text = format!("after the load: restarting {old} failed: {e}");
+            line.note(&text);
+            row.notes.push(text);
+        }
+    }
+}
+
+/// Reads back each id (retrying errors until [`VERIFY_WAIT`]): `(lost, unverified)`, lost as
+/// `(id, acked, read)`, unverified as `(id, last error)`.
+async fn verify(
+    env: &Env<'_>,
+    want: &BTreeMap<u64, u64>,
+) -> (Vec<(u64, u64, String)>, Vec<(u64, String)>) {
+    let results: Vec<(u64, u64, Result<Option<u64>, String>)> =
+        futures::stream::iter(want.iter().map(|(&id, &v)| (id, v)))
+            .map(|(id, v)| async move {
+                let deadline = Instant::now() + VERIFY_WAIT;
+                let path = format!("/members/{id}");
+                loop {
+                    let why = match env.checker.get(env.bj, &path).await {
+                        Ok(a) if a.status == 200 => match a.version() {
+                            Some(r) => return (id, v, Ok(Some(r))),
+                            None => "200 without a version".to_string(),
+                        },
+                        Ok(a) if a.status == 404 => return (id, v, Ok(None)),
+                        Ok(a) => a.error_kind(),
+                        Err(kind) => kind,
+                    };
+                    if Instant::now() >= deadline {
+                        return (id, v, Err(why));
+                    }
+                    sleep(Duration::from_millis(250)).await;
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+    let mut lost = Vec::new();
+    let mut unverified = Vec::new();
+    for (id, v, r) in results {
+        match r {
+            Ok(Some(read)) if read >= v => {}
+            Ok(Some(read)) => lost.push((id, v, format!("v{read}"))),
+            Ok(None) => lost.push((id, v, "404".into())),
+            Err(why) => unverified.push((id, why)),
+        }
+    }
+    lost.sort();
+    unverified.sort();
+    (lost, unverified)
+}
