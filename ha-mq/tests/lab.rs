@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ha_core::{EventBus, TopologyEvent};
 use ha_lab::rocketmq::{RocketMqLab, RocketMqLabOptions};
 use ha_mq::{
     ClusterConfig, ConsumerConfig, HaConsumer, HaProducer, MqError, OutgoingMessage, ProducerConfig,
@@ -432,9 +433,13 @@ async fn every_cluster_down_sends_go_to_the_spool_and_are_replayed_when_one_is_b
     let lab = lab().await;
     warm(&lab).await;
     let dir = tempfile::tempdir().unwrap();
+    let bus = EventBus::new(4096);
+    let mut events = bus.subscribe();
     let p = HaProducer::start(
-        ProducerConfig::new("p", clusters(&lab)).spool(ha_mq::spool::SpoolConfig::new(dir.path())),
-        None,
+        ProducerConfig::new("p", clusters(&lab))
+            .dependency("events")
+            .spool(ha_mq::spool::SpoolConfig::new(dir.path())),
+        Some(bus.clone()),
     )
     .await
     .unwrap();
@@ -468,6 +473,44 @@ async fn every_cluster_down_sends_go_to_the_spool_and_are_replayed_when_one_is_b
     let r = p.send(OutgoingMessage::new(TOPIC, "after")).await.unwrap();
     assert!(!r.spooled);
     want.insert(r.key);
+    // The events said so: both clusters avoided, the spool growing at powers of two, sh-a
+    // restored, the replay done with every record (bounded wait: it follows the last commit).
+    let mut seen = Vec::new();
+    let replayed = timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            seen.push(e.clone());
+            if let TopologyEvent::SpoolReplayed { records, took, .. } = e {
+                break (records, took);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no SpoolReplayed event; saw {seen:?}"));
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    println!("spool replayed: {replayed:?}");
+    assert_eq!(replayed.0, 100, "{seen:?}");
+    for idc in ["bj-a", "sh-a"] {
+        assert!(
+            seen.iter().any(|e| matches!(e, TopologyEvent::ClusterAvoided { idc: i, dependency, .. } if &**i == idc && &**dependency == "events")),
+            "{idc} never avoided: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, TopologyEvent::ClusterRestored { idc, .. } if &**idc == "sh-a")),
+        "sh-a never restored: {seen:?}"
+    );
+    let growing: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            TopologyEvent::SpoolGrowing { records, .. } => Some(*records),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(growing, [1, 2, 4, 8, 16, 32, 64], "{seen:?}");
     lab.restart_broker("bj-a").await.unwrap();
     let (c, seen) = consumer(&lab, "c-spool").await;
     want.insert("warm-bj-a".into());
