@@ -348,10 +348,26 @@ impl Supervisor {
         Ok(())
     }
 
-    /// SIGSTOPs `name` (a hung server: connections stay open, nothing answers).
+    /// SIGSTOPs `name` (a hung server: connections stay open, nothing answers) and returns
+    /// once every thread of it is stopped, or after 2 s (a warning is logged then): SIGSTOP is
+    /// delivered asynchronously, and a thread still running could answer one more request.
     pub fn freeze(&self, name: &str) -> Result<(), LabError> {
         let pid = self.running_pid(name)?;
-        signal_group(name, pid, Signal::SIGSTOP)
+        signal_group(name, pid, Signal::SIGSTOP)?;
+        // A sync wait (freeze is sync): at most 2 000 naps of 1 ms (std's Instant is
+        // disallowed, so naps are counted).
+        for _ in 0..2000 {
+            if all_threads_stopped(pid) || !pid_alive(pid) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::warn!(
+            name,
+            pid,
+            "a thread of the frozen process still runs after 2 s"
+        );
+        Ok(())
     }
 
     /// SIGCONTs `name`.
@@ -435,6 +451,22 @@ fn signal_group(name: &str, pid: u32, signal: Signal) -> Result<(), LabError> {
             signal: signal.as_str(),
             source,
         })
+}
+
+/// True when every thread of `pid` is stopped (state `T` or `t` in `/proc/<pid>/task/*/stat`).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let (_, rest) = s.rsplit_once(')')?;
+                rest.trim_start().chars().next()
+            })
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
 }
 
 /// Looks `program` up on `PATH` (or checks the path itself when it contains a `/`).

@@ -366,12 +366,9 @@ impl RocketMqLab {
     }
 
     /// SIGSTOPs `idc`'s broker: connections stay open (the kernel even accepts new ones),
-    /// nothing answers.
+    /// nothing answers. Returns once every thread of it is stopped ([`Supervisor::freeze`]).
     pub fn freeze_broker(&self, idc: &str) -> Result<(), LabError> {
-        let name = &self.require(idc)?.broker_server;
-        self.supervisor.freeze(name)?;
-        self.wait_frozen(name);
-        Ok(())
+        self.supervisor.freeze(&self.require(idc)?.broker_server)
     }
 
     /// SIGCONTs `idc`'s broker.
@@ -403,27 +400,9 @@ impl RocketMqLab {
         Ok(pid)
     }
 
-    /// SIGSTOPs `idc`'s name server.
+    /// SIGSTOPs `idc`'s name server; returns once every thread of it is stopped.
     pub fn freeze_namesrv(&self, idc: &str) -> Result<(), LabError> {
-        let name = &self.require(idc)?.namesrv_server;
-        self.supervisor.freeze(name)?;
-        self.wait_frozen(name);
-        Ok(())
-    }
-
-    /// Waits (bounded, 2 s) until every thread of `name` is stopped: SIGSTOP is delivered
-    /// asynchronously, and a thread still running could answer one more request.
-    fn wait_frozen(&self, name: &str) {
-        let Some(pid) = self.supervisor.pid(name) else {
-            return;
-        };
-        // A sync wait (freeze is sync): at most 2 000 naps of 1 ms.
-        for _ in 0..2000 {
-            if all_threads_stopped(pid) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.supervisor.freeze(&self.require(idc)?.namesrv_server)
     }
 
     /// SIGCONTs `idc`'s name server.
@@ -703,27 +682,6 @@ fn is_stopped(pid: u32) -> bool {
             rest.trim_start().chars().next()
         })
         .is_some_and(|state| state == 'T' || state == 't')
-}
-
-/// True when every thread of `pid` is stopped (`/proc/<pid>/task/*/stat`).
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        t.file_name()
-            .to_str()
-            .and_then(|tid| tid.parse::<u32>().ok())
-            .is_some_and(|tid| {
-                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-                    .ok()
-                    .and_then(|s| {
-                        let (_, rest) = s.rsplit_once(')')?;
-                        rest.trim_start().chars().next()
-                    })
-                    .is_some_and(|state| state == 'T' || state == 't')
-            })
-    })
 }
 
 // === the cluster table ===
