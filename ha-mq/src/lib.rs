@@ -17,6 +17,9 @@
 //!   [`MqError::OutcomeUnknown`] (converts to [`ha_core::HaError::OutcomeUnknown`]) when no
 //!   other cluster took the message.
 //! - Every message carries a key (the caller's or a generated one): the consumers' dedupe key.
+//! - [`ProducerConfig::from_context`] and [`ConsumerConfig::from_context`] read a
+//!   `kind = "rocketmq"` dependency of a ha-core topology ([`settings`]); the producer publishes
+//!   cluster avoided/restored, spool growing and spool replayed events on the bus it is given.
 //! - Errors name the root cause (the deepest descriptor of the client's error chain, the
 //!   broker's response code), classified by [`error::classify`], never by text.
 //!
