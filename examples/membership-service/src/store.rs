@@ -289,9 +289,17 @@ impl Store {
             version,
             expired: false,
         };
-        self.cache_set(id, version, &Cached::Live(member.clone()), &gtid, true, deadline)
+        self.cache_set(
+            id,
+            version,
+            &Cached::Live(member.clone()),
+            &gtid,
+            true,
+            deadline,
+        )
+        .await?;
+        self.publish("member.updated", id, version, deadline)
             .await?;
-        self.publish("member.updated", id, version, deadline).await?;
         Ok(member)
     }
 
@@ -336,7 +344,8 @@ impl Store {
         self.cache_set(id, version, &Cached::Deleted, &gtid, true, deadline)
             .await?;
         if changed {
-            self.publish("member.deleted", id, version, deadline).await?;
+            self.publish("member.deleted", id, version, deadline)
+                .await?;
         }
         Ok(true)
     }
@@ -414,7 +423,10 @@ impl Store {
         };
         // A fill: best effort, never replacing a newer version.
         let fill_by = Instant::now() + self.read_timeout / 3;
-        if let Err(e) = self.cache_set(id, version, &entry, "", false, fill_by).await {
+        if let Err(e) = self
+            .cache_set(id, version, &entry, "", false, fill_by)
+            .await
+        {
             tracing::debug!(id, error = %e, "cache fill failed");
         }
         Ok((member, source))
@@ -486,7 +498,8 @@ impl Store {
                         .await?;
                 }
             }
-            self.publish("member.expired", id, version, deadline).await?;
+            self.publish("member.expired", id, version, deadline)
+                .await?;
         }
         Ok(())
     }
