@@ -78,6 +78,9 @@ pub struct ProducerConfig {
     pub start_degraded: bool,
     /// The local spool for when every cluster fails (default off).
     pub spool: Option<SpoolConfig>,
+    /// The operator's drain switch: a drained IDC's cluster is tried only after every other
+    /// one (default none; [`from_context`](Self::from_context) takes the context's).
+    pub control: Option<ha_core::Control>,
 }
 
 impl ProducerConfig {
@@ -96,7 +99,15 @@ impl ProducerConfig {
             connect_timeout: Duration::from_secs(1),
             start_degraded: false,
             spool: None,
+            control: None,
         }
+    }
+
+    /// Follows `control`'s drains: a drained IDC's cluster is tried last.
+    #[must_use]
+    pub fn control(mut self, control: ha_core::Control) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// The config of dependency `dependency` of `ctx`'s topology: a `kind = "rocketmq"`
@@ -174,7 +185,9 @@ impl ProducerConfig {
                 .into());
             }
         };
-        let mut config = ProducerConfig::new(group, read.clusters.clone()).dependency(dependency);
+        let mut config = ProducerConfig::new(group, read.clusters.clone())
+            .dependency(dependency)
+            .control(ctx.control().clone());
         config.attempt_timeout = read.duration(
             "attempt_timeout",
             s.attempt_timeout.as_deref(),
@@ -990,6 +1003,11 @@ impl Inner {
             // Better a cluster that failed than none: soonest due first.
             avoided.sort_by_key(|&(_, until)| until);
             ready.extend(avoided.into_iter().map(|(i, _)| (i, false)));
+        }
+        if let Some(control) = &self.config.control {
+            // A drained IDC's cluster last (a stable sort keeps the preference otherwise); still
+            // tried when nothing else takes the message.
+            ready.sort_by_key(|&(i, _)| control.is_drained(&self.clusters[i].idc));
         }
         ready
     }

@@ -121,6 +121,53 @@ async fn sends_stay_local_and_each_key_is_consumed_once() {
         assert!(!r.spooled);
         want.insert(r.key);
     }
+    // An operator's drain of bj-a moves the sends to sh-a at once; undrained, they come back.
+    let topo = ha_core::Topology::from_toml_str(
+        r#"
+local_idc = "bj-a"
+[[regions]]
+name = "north"
+resolvers = ["127.0.1.53"]
+[[regions]]
+name = "south"
+resolvers = ["127.0.3.53"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[[idcs]]
+name = "sh-a"
+region = "south"
+cidrs = ["127.0.3.0/24"]
+"#,
+        "drain.toml",
+    )
+    .unwrap();
+    let control = ha_core::Control::new(&topo, EventBus::default());
+    let drained = HaProducer::start(
+        ProducerConfig::new("p3", clusters(&lab)).control(control.clone()),
+        None,
+    )
+    .await
+    .unwrap();
+    control.drain("bj-a").unwrap();
+    for i in 0..5 {
+        let r = drained
+            .send(OutgoingMessage::new(TOPIC, "drained").key(format!("d{i}")))
+            .await
+            .unwrap();
+        assert_eq!(r.idc.as_deref(), Some("sh-a"), "drained bj-a: {r:?}");
+        assert_eq!(r.attempts, 1, "no attempt on the drained cluster: {r:?}");
+        want.insert(r.key);
+    }
+    control.undrain("bj-a").unwrap();
+    let r = drained
+        .send(OutgoingMessage::new(TOPIC, "back").key("d-back"))
+        .await
+        .unwrap();
+    assert_eq!(r.idc.as_deref(), Some("bj-a"), "undrained: {r:?}");
+    want.insert(r.key);
+    drained.shutdown().await;
     // A duplicate (as a failover makes) on the other cluster: handled once.
     let only_sh = HaProducer::start(
         ProducerConfig::new("p2", vec![clusters(&lab)[1].clone()]),
