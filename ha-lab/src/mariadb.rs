@@ -117,6 +117,12 @@ pub struct MariaDbLabOptions {
     /// created if needed and kept; the nodes' data directories in it (`mariadb-<idc>`) are
     /// removed and installed afresh at start.
     pub dir: Option<PathBuf>,
+    /// Semi-synchronous replication (`rpl_semi_sync_master_enabled` and `_slave_enabled` on
+    /// every node, wait point `AFTER_SYNC`): a commit is acknowledged once a replica has it, so
+    /// a promoted replica holds every acknowledged write. The value is
+    /// `rpl_semi_sync_master_timeout`, after which a primary with no replica answering falls
+    /// back to asynchronous replication. Default `None` (asynchronous).
+    pub semi_sync: Option<Duration>,
 }
 
 impl Default for MariaDbLabOptions {
@@ -125,6 +131,7 @@ impl Default for MariaDbLabOptions {
             host: 30,
             ready_timeout: Duration::from_secs(20),
             dir: None,
+            semi_sync: None,
         }
     }
 }
@@ -311,7 +318,7 @@ impl MariaDbLab {
                 })?;
             }
             install_db(&node).await?;
-            sup.start(spec(&node, i != 0)).await?;
+            sup.start(spec(&node, i != 0, opts.semi_sync)).await?;
             nodes.push(node);
         }
         for node in &nodes {
@@ -849,7 +856,7 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-fn spec(node: &MariaNode, replica: bool) -> ServerSpec {
+fn spec(node: &MariaNode, replica: bool, semi_sync: Option<Duration>) -> ServerSpec {
     let program = crate::process::find_program("mariadbd")
         .or_else(|| {
             let p = Path::new("/usr/sbin/mariadbd");
@@ -877,6 +884,18 @@ fn spec(node: &MariaNode, replica: bool) -> ServerSpec {
     ];
     if replica {
         spec.args.push("--read-only=1".into());
+    }
+    if let Some(timeout) = semi_sync {
+        // Every node both ways: whichever is promoted acts as the semi-sync primary at once.
+        spec.args.extend([
+            "--rpl-semi-sync-master-enabled=ON".into(),
+            "--rpl-semi-sync-slave-enabled=ON".into(),
+            "--rpl-semi-sync-master-wait-point=AFTER_SYNC".into(),
+            format!(
+                "--rpl-semi-sync-master-timeout={}",
+                timeout.as_millis().max(1)
+            ),
+        ]);
     }
     if is_root() {
         spec.args.insert(1, "--user=root".into());
