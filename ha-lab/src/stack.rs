@@ -94,7 +94,7 @@ pub struct StackOptions {
     pub with_mq: bool,
     /// The Redis lab's options.
     pub redis: RedisLabOptions,
-    /// The MariaDB lab's options.
+    /// The MariaDB lab's options. Default: semi-synchronous replication on (2 s timeout).
     pub mariadb: MariaDbLabOptions,
     /// The RocketMQ lab's options.
     pub rocketmq: RocketMqLabOptions,
@@ -106,7 +106,12 @@ impl Default for StackOptions {
             dir: None,
             with_mq: true,
             redis: RedisLabOptions::default(),
-            mariadb: MariaDbLabOptions::default(),
+            mariadb: MariaDbLabOptions {
+                // A commit acknowledged to the service is on a replica before the answer, so
+                // whichever replica the HA simulator promotes holds it.
+                semi_sync: Some(Duration::from_secs(2)),
+                ..MariaDbLabOptions::default()
+            },
             rocketmq: RocketMqLabOptions::default(),
         }
     }

@@ -65,6 +65,20 @@ pub struct Service {
     config: ServiceConfig,
 }
 
+impl Drop for Service {
+    /// A service dropped without [`Service::stop`] (its task aborted, a panic) stops its job
+    /// at once without releasing the lease, which then expires after its TTL: what another
+    /// instance sees when this process dies.
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            job.abort();
+        }
+        if let Some(s) = self.sweeper.take() {
+            s.abort();
+        }
+    }
+}
+
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service")

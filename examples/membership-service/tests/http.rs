@@ -60,6 +60,28 @@ async fn routes_bad_input_admin_history_and_shutdown() {
     let r = call(&c, a, "GET", "/members/42", &[], b"").await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["version"], 2);
+    // The lab's replication is semi-synchronous: those commits were acknowledged by a replica.
+    {
+        use ha_mysql::mysql_async::prelude::Queryable;
+        let primary = stack.mariadb().primary();
+        let mut admin = stack.mariadb().admin_conn(&primary).await.unwrap();
+        let status: Vec<(String, String)> = admin
+            .query("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_%'")
+            .await
+            .unwrap();
+        let get = |k: &str| {
+            status
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(get("Rpl_semi_sync_master_status"), "ON", "{status:?}");
+        assert!(
+            get("Rpl_semi_sync_master_yes_tx").parse::<u64>().unwrap() >= 2,
+            "{status:?}"
+        );
+    }
     assert_eq!(r.json()["level"], "platinum");
 
     // Absent: 404 as JSON.
@@ -358,5 +380,115 @@ async fn read_your_writes_across_redis_failovers() {
     }
     eprintln!("ids {} errors {errors}", all.len());
     drop(svc);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_expiry_job_runs_in_one_instance_and_moves_when_it_stops() {
+    let stack = stack().await;
+    let fast = "";
+    let bj = start(&stack, "bj-a", fast).await;
+    let sh = start(&stack, "sh-a", fast).await;
+    let c = client();
+    // Who holds the lease: exactly one of the two, both agree.
+    let holder_of = |j: &serde_json::Value| j["job"]["holder"].as_str().map(str::to_string);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let a = call(&c, bj.addr, "GET", "/topology", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        let b = call(&c, sh.addr, "GET", "/topology", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        let here = [a["job"]["held_here"] == true, b["job"]["held_here"] == true];
+        if let (Some(h), Some(h2)) = (holder_of(&a), holder_of(&b))
+            && h == h2
+            && here.iter().filter(|x| **x).count() == 1
+        {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no single holder: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // A member whose expiry passed is expired by the holder (a new version), with its event.
+    let past = br#"{"name":"old","level":"basic","expires_at":"2020-01-01T00:00:00Z"}"#;
+    let r = call(&c, bj.addr, "PUT", "/members/500", &[JSON], past)
+        .await
+        .unwrap();
+    assert_eq!(r.json()["version"], 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = call(&c, sh.addr, "GET", "/members/500", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        if g["expired"] == true {
+            assert_eq!(g["version"], 2, "{g}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired: {g}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The holder dies (its task aborted: no graceful release): the other takes over once the
+    // lease's TTL has passed.
+    let (survivor, stopped) = if first.starts_with("bj-a") {
+        bj.task.abort();
+        (&sh, "bj-a")
+    } else {
+        sh.task.abort();
+        (&bj, "sh-a")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = call(&c, survivor.addr, "GET", "/topology", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        if j["job"]["held_here"] == true {
+            assert!(
+                !holder_of(&j).unwrap_or_default().starts_with(stopped),
+                "{j}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no takeover: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And it runs the job: another expired member is handled by the survivor.
+    let r = call(&c, survivor.addr, "PUT", "/members/501", &[JSON], past)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = call(&c, survivor.addr, "GET", "/members/501", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        if g["expired"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never expired after the takeover: {g}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let h = call(&c, survivor.addr, "GET", "/members/500/history", &[], b"")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut h = h.json();
+    while h["versions"] != serde_json::json!([1, 2]) {
+        assert!(Instant::now() < deadline, "history: {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        h = call(&c, survivor.addr, "GET", "/members/500/history", &[], b"")
+            .await
+            .unwrap()
+            .json();
+    }
+    drop(bj);
     stack.stop().await;
 }
