@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::demo::client::DemoClient;
+use crate::demo::probe::ProbeTx;
 
 /// The pace of one steady worker: one step (one or two calls) per `STEP`.
 pub const STEP: Duration = Duration::from_millis(50);
@@ -164,8 +165,14 @@ pub struct Load {
 
 impl Load {
     /// Starts the workers; `ids_total` is how many workers own ids (random reads spread over
-    /// all of them); `seed` varies the random choices between phases.
-    pub fn start(workers: &[WorkerSpec], ids_total: usize, seed: u64) -> Load {
+    /// all of them); `seed` varies the random choices between phases; acknowledged writes are
+    /// offered to `probe` with the phase's index.
+    pub fn start(
+        workers: &[WorkerSpec],
+        ids_total: usize,
+        seed: u64,
+        probe: Option<(ProbeTx, usize)>,
+    ) -> Load {
         let (stop, rx) = watch::channel(false);
         let live = Arc::new(Live::default());
         let mut tasks = JoinSet::new();
@@ -176,6 +183,7 @@ impl Load {
                 seed,
                 rx.clone(),
                 Arc::clone(&live),
+                probe.clone(),
             ));
         }
         Load { stop, tasks, live }
@@ -221,6 +229,7 @@ async fn worker(
     seed: u64,
     mut stop: watch::Receiver<bool>,
     live: Arc<Live>,
+    probe: Option<(ProbeTx, usize)>,
 ) -> WorkerResult {
     let mut rng = Rng::new(seed ^ (spec.index as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut out = WorkerResult::default();
@@ -280,6 +289,9 @@ async fn worker(
                 }
             };
             let Some(v) = acked else { continue };
+            if let Some((tx, phase)) = &probe {
+                tx.offer((*phase, id, v, Instant::now()));
+            }
             live.acked.fetch_add(1, Ordering::Relaxed);
             out.acked.push((id, v, spec.instance));
             let start = Instant::now();

@@ -22,7 +22,7 @@
 //! acknowledged in the phase (its version must be at least the acknowledged one: else a lost
 //! write). After the last phase it looks for every acknowledged `(id, version)` in
 //! `/members/{id}/history` (written by the service's RocketMQ consumer) for at most
-//! [`HISTORY_WAIT`]. A phase passes with no violation, no lost write, no missing event, at
+//! `--history-secs` (default [`HISTORY_WAIT`]). A phase passes with no violation, no lost write, no missing event, at
 //! least one acknowledged write and its fault applied; the baseline also with no error; the
 //! flood with 429s seen, each with `Retry-After`, and no 5xx.
 //!
@@ -31,6 +31,7 @@
 
 pub mod client;
 pub mod load;
+pub mod probe;
 pub mod progress;
 pub mod report;
 
@@ -49,13 +50,14 @@ use tokio::time::{Instant, sleep};
 
 use crate::demo::client::DemoClient;
 use crate::demo::load::{FloodResult, Load, WorkerSpec, worker_id};
+use crate::demo::probe::{ProbeTx, Prober};
 use crate::demo::progress::{PhaseLine, Progress};
 use crate::demo::report::{PhaseRow, Report, utc_now};
 use crate::{Service, ServiceConfig, StartError};
 
 /// The admin token of the demo's instances.
 pub const TOKEN: &str = "demo-admin-token-0123456789";
-/// Bound on waiting for every acknowledged version to show in `/history`.
+/// The default bound on waiting for every acknowledged version to show in `/history`.
 pub const HISTORY_WAIT: Duration = Duration::from_secs(30);
 /// Bound on reading back one acknowledged id at a phase's end (errors are retried until then).
 pub const VERIFY_WAIT: Duration = Duration::from_secs(15);
@@ -131,6 +133,8 @@ pub struct Options {
     pub workers_bj: usize,
     /// Steady workers calling the sh-a instance.
     pub workers_sh: usize,
+    /// Bound on the history check after the last phase.
+    pub history_wait: Duration,
 }
 
 impl Default for Options {
@@ -140,6 +144,7 @@ impl Default for Options {
             phase_secs: 6.0,
             workers_bj: 6,
             workers_sh: 2,
+            history_wait: HISTORY_WAIT,
         }
     }
 }
@@ -280,7 +285,9 @@ struct Env<'a> {
     bj: SocketAddr,
     workers: Vec<WorkerSpec>,
     checker: DemoClient,
+    probe: ProbeTx,
     phase_secs: f64,
+    history_wait: Duration,
     progress: Progress,
 }
 
@@ -372,12 +379,18 @@ async fn with_stack(
             client: sh_client.clone(),
         });
     }
+    let prober = Prober::start(
+        DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 12)), 32),
+        bj.addr,
+    );
     let env = Env {
         stack,
         bj: bj.addr,
         workers,
         checker: DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 11)), 32),
+        probe: prober.tx(),
         phase_secs: opts.phase_secs,
+        history_wait: opts.history_wait,
         progress,
     };
     let mut report = Report {
@@ -390,11 +403,12 @@ async fn with_stack(
             ("sh-a".to_string(), opts.workers_sh),
         ]),
         history_wait_secs: 0.0,
+        history_bound_secs: opts.history_wait.as_secs_f64(),
         rows: Vec::new(),
         notes: Vec::new(),
         pass: false,
     };
-    run_phases(&env, &opts.phases, &mut report).await;
+    run_phases(&env, prober, &opts.phases, &mut report).await;
     progress.info("stopping the services...");
     for inst in [bj, sh] {
         if let Some(n) = inst.shutdown().await {
@@ -408,7 +422,7 @@ async fn with_stack(
 /// Every acknowledged write of the run: `(id, version) -> phase index`.
 type Acked = BTreeMap<(u64, u64), usize>;
 
-async fn run_phases(env: &Env<'_>, phases: &[Phase], report: &mut Report) {
+async fn run_phases(env: &Env<'_>, prober: Prober, phases: &[Phase], report: &mut Report) {
     let mut acked: Acked = BTreeMap::new();
     for (i, &phase) in phases.iter().enumerate() {
         let (row, writes) = run_phase(env, phase, i as u64).await;
@@ -420,7 +434,8 @@ async fn run_phases(env: &Env<'_>, phases: &[Phase], report: &mut Report) {
     // The history, for every acknowledged (id, version).
     let line = env.progress.phase("history");
     let begin = Instant::now();
-    let missing = history_check(env, &acked, &line).await;
+    let (history, lags) = tokio::join!(history_check(env, &acked, &line), prober.finish());
+    let missing = &history.missing;
     report.history_wait_secs = begin.elapsed().as_secs_f64();
     for (i, row) in report.rows.iter_mut().enumerate() {
         let checked = acked.values().filter(|p| **p == i).count() as u64;
@@ -431,11 +446,13 @@ async fn run_phases(env: &Env<'_>, phases: &[Phase], report: &mut Report) {
             .collect();
         row.events_checked = checked;
         row.events_missing = miss.len() as u64;
+        row.history_complete_secs = history.complete_at.get(&i).copied();
+        row.set_lags(lags.get(&i).map(Vec::as_slice).unwrap_or_default());
         row.check(
             miss.is_empty(),
             format!(
                 "0 acknowledged versions missing from /history within {:.0} s: {} of {checked}{}",
-                HISTORY_WAIT.as_secs_f64(),
+                env.history_wait.as_secs_f64(),
                 miss.len(),
                 sample_pairs(&miss)
             ),
@@ -443,10 +460,23 @@ async fn run_phases(env: &Env<'_>, phases: &[Phase], report: &mut Report) {
         row.settle();
     }
     line.note(&format!(
-        "{} acknowledged versions, {} missing after {:.1} s",
+        "{} acknowledged versions, {} missing after {:.1} s ({} rounds of reads); complete per phase after: {}",
         acked.len(),
         missing.len(),
-        report.history_wait_secs
+        report.history_wait_secs,
+        history.rounds,
+        report
+            .rows
+            .iter()
+            .map(|r| format!(
+                "{} {}",
+                r.phase,
+                r.history_complete_secs
+                    .map(|s| format!("{s:.1} s"))
+                    .unwrap_or_else(|| "never".into())
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     line.done();
 }
@@ -464,14 +494,17 @@ fn sample_pairs(pairs: &[(u64, u64)]) -> String {
 }
 
 /// Waits until every acknowledged version is in its id's `/history`, at most
-/// [`HISTORY_WAIT`]; returns those still missing.
-async fn history_check(env: &Env<'_>, acked: &Acked, line: &PhaseLine) -> BTreeSet<(u64, u64)> {
+/// `env.history_wait`; returns those still missing.
+async fn history_check(env: &Env<'_>, acked: &Acked, line: &PhaseLine) -> HistoryResult {
     let mut missing: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     for &(id, v) in acked.keys() {
         missing.entry(id).or_default().insert(v);
     }
-    let deadline = Instant::now() + HISTORY_WAIT;
+    let begin = Instant::now();
+    let deadline = begin + env.history_wait;
     let live = load::Live::default();
+    let mut complete_at: BTreeMap<usize, f64> = BTreeMap::new();
+    let mut rounds = 0u64;
     loop {
         let ids: Vec<u64> = missing.keys().copied().collect();
         let answers: Vec<(u64, Option<Vec<u64>>)> = futures::stream::iter(ids)
@@ -503,9 +536,33 @@ async fn history_check(env: &Env<'_>, acked: &Acked, line: &PhaseLine) -> BTreeS
                 }
             }
         }
+        rounds += 1;
+        let now = begin.elapsed().as_secs_f64();
+        let mut open: BTreeSet<usize> = BTreeSet::new();
+        for (id, vs) in &missing {
+            for v in vs {
+                if let Some(p) = acked.get(&(*id, *v)) {
+                    open.insert(*p);
+                }
+            }
+        }
+        for p in acked.values() {
+            if !open.contains(p) {
+                complete_at.entry(*p).or_insert(now);
+            }
+        }
         let left: usize = missing.values().map(BTreeSet::len).sum();
+        tracing::debug!(
+            round = rounds,
+            at = now,
+            left,
+            ids = missing.len(),
+            sample = ?missing.iter().take(3).collect::<Vec<_>>(),
+            "history check"
+        );
         line.update(
-            HISTORY_WAIT.saturating_sub(deadline.saturating_duration_since(Instant::now())),
+            env.history_wait
+                .saturating_sub(deadline.saturating_duration_since(Instant::now())),
             &format!("{left} versions not yet in /history"),
             &live,
         );
@@ -514,10 +571,25 @@ async fn history_check(env: &Env<'_>, acked: &Acked, line: &PhaseLine) -> BTreeS
         }
         sleep(Duration::from_millis(500)).await;
     }
-    missing
-        .into_iter()
-        .flat_map(|(id, vs)| vs.into_iter().map(move |v| (id, v)))
-        .collect()
+    HistoryResult {
+        missing: missing
+            .into_iter()
+            .flat_map(|(id, vs)| vs.into_iter().map(move |v| (id, v)))
+            .collect(),
+        complete_at,
+        rounds,
+    }
+}
+
+/// What the history check found.
+struct HistoryResult {
+    /// The acknowledged `(id, version)` pairs still missing at the end.
+    missing: BTreeSet<(u64, u64)>,
+    /// Per phase index, seconds from the check's start until every version of the phase was
+    /// seen (absent: never).
+    complete_at: BTreeMap<usize, f64>,
+    /// Rounds of reads.
+    rounds: u64,
 }
 
 /// What a phase's fault step reported.
@@ -675,7 +747,12 @@ async fn run_phase(
     let line = env.progress.phase(phase.name());
     let ids_total = env.workers.len();
     let seed = index.wrapping_add(1).wrapping_mul(0x1000_0000_01B3) ^ std::process::id() as u64;
-    let load = Load::start(&env.workers, ids_total, seed);
+    let load = Load::start(
+        &env.workers,
+        ids_total,
+        seed,
+        Some((env.probe.clone(), index as usize)),
+    );
     let live = load.live();
     let begin = Instant::now();
     let mut log = FaultLog::default();

@@ -66,6 +66,17 @@ pub struct PhaseRow {
     pub events_checked: u64,
     /// Those not in `/history` within the bound.
     pub events_missing: u64,
+    /// Seconds from the start of the history check (after the last phase) until every
+    /// acknowledged version of this phase was in `/history` (`None`: not within the bound).
+    pub history_complete_secs: Option<f64>,
+    /// Acknowledged writes of the phase whose event lag was probed (see `probe`).
+    pub event_lag_samples: u64,
+    /// Of those, not seen in `/history` within the probe's bound.
+    pub event_lag_unseen: u64,
+    /// Median event lag (PUT answered to version in `/history`), ms.
+    pub event_lag_p50_ms: f64,
+    /// Largest event lag seen, ms.
+    pub event_lag_max_ms: f64,
     /// The flood's counts (the flood phase).
     pub flood: Option<FloodResult>,
     /// The expectations, each with its measured value.
@@ -149,11 +160,26 @@ impl PhaseRow {
             acked_unverified: 0,
             events_checked: 0,
             events_missing: 0,
+            history_complete_secs: None,
+            event_lag_samples: 0,
+            event_lag_unseen: 0,
+            event_lag_p50_ms: 0.0,
+            event_lag_max_ms: 0.0,
             flood: None,
             checks: Vec::new(),
             notes: Vec::new(),
             pass: false,
         }
+    }
+
+    /// Fills the event lag columns from the probes of the phase.
+    pub fn set_lags(&mut self, lags: &[Option<Duration>]) {
+        let mut seen: Vec<Duration> = lags.iter().flatten().copied().collect();
+        seen.sort();
+        self.event_lag_samples = lags.len() as u64;
+        self.event_lag_unseen = lags.iter().filter(|l| l.is_none()).count() as u64;
+        self.event_lag_p50_ms = millis(percentile(&seen, 0.5));
+        self.event_lag_max_ms = millis(seen.last().copied().unwrap_or_default());
     }
 
     /// Adds a check.
@@ -203,6 +229,8 @@ pub struct Report {
     pub workers: BTreeMap<String, usize>,
     /// How long the history check waited, seconds.
     pub history_wait_secs: f64,
+    /// The history check's bound, seconds.
+    pub history_bound_secs: f64,
     /// One row per phase, in order.
     pub rows: Vec<PhaseRow>,
     /// Problems of the run outside the phases (cleanup, ...).
@@ -225,7 +253,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<16} {:>5} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6}  result",
+            "{:<16} {:>5} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  result",
             "phase",
             "secs",
             "reqs",
@@ -239,6 +267,8 @@ impl Report {
             "ryw",
             "lost",
             "ev-mis",
+            "hist",
+            "ev-lag p50/max",
         );
         for r in &self.rows {
             let win = if r.longest_error_window_ms > 0.0 {
@@ -248,7 +278,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>5.1} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6}  {}",
+                "{:<16} {:>5.1} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  {}",
                 r.phase,
                 r.seconds,
                 r.requests,
@@ -262,16 +292,32 @@ impl Report {
                 r.ryw_violations,
                 r.acked_lost + r.acked_unverified,
                 r.events_missing,
+                r.history_complete_secs
+                    .map(|s| format!("{s:.1}s"))
+                    .unwrap_or_else(|| "-".into()),
+                if r.event_lag_samples == 0 {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{}/{}{}",
+                        fmt_ms(r.event_lag_p50_ms),
+                        fmt_ms(r.event_lag_max_ms),
+                        if r.event_lag_unseen > 0 { "+" } else { "" }
+                    )
+                },
                 if r.pass { "PASS" } else { "FAIL" }
             );
         }
         let _ = writeln!(
             out,
-            "\n(err-win: longest run of consecutive failed calls of one worker, first start to \
-             last end; ryw: read-your-writes violations; lost: acknowledged writes not read back \
-             at the phase's end, lost or unverifiable; ev-mis: acknowledged versions missing from \
-             /history after {:.0} s)\n",
-            self.history_wait_secs
+            "\n(errors: `503` dependency_unavailable, `503?` outcome_unknown, `429` rate_limited; \
+             err-win: longest run of consecutive failed calls of one worker, first start to last \
+             end; ryw: read-your-writes violations; lost: acknowledged writes not read back at \
+             the phase's end, lost or unverifiable; ev-mis: acknowledged versions missing from \
+             /history after at most {:.0} s; hist: when the phase's last acknowledged version \
+             was seen in /history, seconds into that check; ev-lag: PUT answered to version in \
+             /history for a sample, `+` when some were never seen)\n",
+            self.history_bound_secs
         );
         for r in &self.rows {
             let _ = writeln!(out, "{} {}", r.phase, if r.pass { "PASS" } else { "FAIL" });
