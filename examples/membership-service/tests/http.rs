@@ -256,6 +256,38 @@ async fn routes_bad_input_admin_history_and_shutdown() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Rate limits: an instance with a tight per-IP line answers 429 with Retry-After as JSON;
+    // the probes are never limited.
+    let tight = common::start_with(&stack, "bj-a", |t| {
+        assert!(t.contains("rate = \"500r/s\"\nburst = 1000"), "{t}");
+        t.replace(
+            "rate = \"500r/s\"\nburst = 1000",
+            "rate = \"1r/m\"\nburst = 3",
+        )
+        .replace("instance = \"bj-a-1\"", "instance = \"bj-a-2\"")
+    })
+    .await;
+    let mut limited = None;
+    for _ in 0..10 {
+        let r = call(&c, tight.addr, "GET", "/members/42", &[], b"")
+            .await
+            .unwrap();
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = limited.expect("a flood of 10 on burst 3 is limited");
+    assert_eq!(r.code(), "rate_limited");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "{retry}");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = call(&c, tight.addr, "GET", path, &[], b"").await.unwrap();
+        assert_ne!(r.status, 429, "{path} is limited");
+    }
+    drop(tight);
+
     // Graceful shutdown with requests in flight: every request sent before it is answered.
     let mut inflight = Vec::new();
     for i in 0..20u64 {

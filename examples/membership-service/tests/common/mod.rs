@@ -50,16 +50,26 @@ pub async fn stack() -> Stack {
 
 /// Starts the service of `idc` on an ephemeral port of its IDC's address.
 pub async fn start(stack: &Stack, idc: &str, extra_app: &str) -> Running {
+    let extra = extra_app.to_string();
+    start_with(stack, idc, move |text| {
+        if extra.is_empty() {
+            text
+        } else {
+            text.replacen("[app]\n", &format!("[app]\n{extra}\n"), 1)
+        }
+    })
+    .await
+}
+
+/// Starts the service of `idc` with its generated config passed through `edit`.
+pub async fn start_with(stack: &Stack, idc: &str, edit: impl FnOnce(String) -> String) -> Running {
     let ip = match idc {
         "bj-a" => "127.0.1.100",
         "bj-b" => "127.0.2.100",
         _ => "127.0.3.100",
     };
     let listen: SocketAddr = format!("{ip}:0").parse().unwrap();
-    let mut text = stack.service_config(idc, listen, TOKEN);
-    if !extra_app.is_empty() {
-        text = text.replacen("[app]\n", &format!("[app]\n{extra_app}\n"), 1);
-    }
+    let text = edit(stack.service_config(idc, listen, TOKEN));
     let cfg = ServiceConfig::from_toml_str(&text, "test.toml").expect("config");
     let service = tokio::time::timeout(Duration::from_secs(60), Service::start(cfg, None))
         .await
