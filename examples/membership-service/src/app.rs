@@ -174,6 +174,7 @@ impl Service {
             prometheus,
             job: Some(job_view),
             instance: config.instance.clone().into(),
+            deps: Arc::new(config.app.dependencies.clone()),
         };
         Ok(Service {
             state,

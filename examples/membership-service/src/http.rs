@@ -45,6 +45,8 @@ pub struct AppState {
     pub job: Option<crate::job::JobView>,
     /// This instance's name.
     pub instance: Arc<str>,
+    /// The dependency names.
+    pub deps: Arc<crate::config::DependencyNames>,
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with `application/json`.

@@ -39,6 +39,27 @@ fn endpoint(st: &AppState, addr: SocketAddr, idc_hint: Option<&str>, extra: Valu
     v
 }
 
+fn published(st: &AppState, name: &str) -> Vec<ha_core::Endpoint> {
+    st.ctx.publisher(name).watch().borrow().endpoints.to_vec()
+}
+
+fn configured_replicas(st: &AppState, dependency: &str) -> Vec<SocketAddr> {
+    let Some(dep) = st.ctx.topology().dependency(dependency) else {
+        return Vec::new();
+    };
+    let Ok(settings) = dep.settings::<Value>() else {
+        return Vec::new();
+    };
+    settings["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The snapshot.
 pub async fn snapshot(st: &AppState) -> Value {
     let topo = st.ctx.topology();
@@ -65,6 +86,28 @@ pub async fn snapshot(st: &AppState) -> Value {
             }),
         ));
     }
+    let deps = &st.deps;
+    let redis_master = redis
+        .first()
+        .and_then(|m| m["addr"].as_str().map(str::to_string));
+    for e in published(st, &format!("{}-replicas", deps.cache)) {
+        if Some(e.addr.to_string()) == redis_master {
+            continue;
+        }
+        redis.push(endpoint(
+            st,
+            e.addr,
+            e.idc.as_deref(),
+            json!({
+                "role": "replica",
+                "health": "up",
+                "generation": null,
+                // ha-redis reads from the master (reads of the example need its writes).
+                "in_use": false,
+                "movable": true,
+            }),
+        ));
+    }
     let mut mysql = Vec::new();
     if let Some(m) = st.store.db().master().current() {
         mysql.push(endpoint(
@@ -78,6 +121,27 @@ pub async fn snapshot(st: &AppState) -> Value {
                 "in_use": true,
                 // Moving the primary is the HA system's job: a drain leaves it where it is.
                 "movable": false,
+            }),
+        ));
+    }
+    // Every configured replica: "up" while ha-mysql publishes it (SQL thread running, within
+    // the lag bound), else "lagging_or_down".
+    let healthy: Vec<SocketAddr> = published(st, &format!("{}.replicas", deps.db))
+        .iter()
+        .map(|e| e.addr)
+        .collect();
+    for addr in configured_replicas(st, &deps.db) {
+        let up = healthy.contains(&addr);
+        mysql.push(endpoint(
+            st,
+            addr,
+            None,
+            json!({
+                "role": "replica",
+                "health": if up { "up" } else { "lagging_or_down" },
+                "generation": null,
+                "in_use": up,
+                "movable": true,
             }),
         ));
     }

@@ -217,6 +217,25 @@ async fn routes_bad_input_admin_history_and_shutdown() {
     assert_eq!(db["role"], "primary");
     assert_eq!(db["in_use"], true);
     assert!(db["generation"].as_u64().is_some(), "{topo}");
+    let replicas: Vec<_> = topo["dependencies"]["db"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["role"] == "replica")
+        .collect();
+    assert_eq!(replicas.len(), 2, "{topo}");
+    assert!(
+        replicas
+            .iter()
+            .any(|e| e["idc"] == "bj-b" && e["locality"] == "same_region"),
+        "{topo}"
+    );
+    assert!(
+        replicas
+            .iter()
+            .any(|e| e["idc"] == "sh-a" && e["locality"] == "remote"),
+        "{topo}"
+    );
     let cache = &topo["dependencies"]["cache"]["endpoints"][0];
     assert_eq!(cache["role"], "master");
     for _ in 0..2 {
