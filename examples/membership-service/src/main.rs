@@ -53,6 +53,9 @@ enum Cmd {
         /// /members/{id}/history.
         #[arg(long, default_value_t = 30.0)]
         history_secs: f64,
+        /// Start only the bj-a instance (no sh-a instance, no sh-a workers).
+        #[arg(long)]
+        no_sh_a: bool,
     },
 }
 
@@ -100,6 +103,7 @@ async fn main() -> ExitCode {
             workers,
             workers_sh,
             history_secs,
+            no_sh_a,
         } => {
             demo(
                 json,
@@ -111,6 +115,7 @@ async fn main() -> ExitCode {
                     history_wait: std::time::Duration::from_secs_f64(
                         history_secs.clamp(0.0, 3600.0),
                     ),
+                    with_sh: !no_sh_a,
                 },
             )
             .await
@@ -187,10 +192,15 @@ async fn demo(json: Option<PathBuf>, opts: membership_service::demo::Options) ->
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "\nmembership-service demo, {}: stack up in {:.1} s, services in {:.1} s, {:.0} s per phase\n",
+            "\nmembership-service demo, {}: stack up in {:.1} s, services in {:.1} s, history \
+             consumer's first record {}, {:.0} s per phase\n",
             report.started_at,
             report.stack_startup_secs,
             report.services_startup_secs,
+            report
+                .consumer_warmup_secs
+                .map(|s| format!("{s:.1} s after a first write"))
+                .unwrap_or_else(|| "never seen".into()),
             report.phase_secs
         );
         print!("{}", report.table());

@@ -392,23 +392,32 @@ impl FloodResult {
     }
 }
 
-/// Floods `GET path` on `addr` from `client` with `tasks` concurrent callers for `length`.
+/// Floods `GET path` on `addr` from `client` with `tasks` concurrent callers for `length`, and
+/// on until a 429 was seen (a busy machine may not reach the limit in `length`), at most
+/// `max`.
 pub async fn flood(
     client: DemoClient,
     addr: SocketAddr,
     path: String,
     tasks: usize,
     length: Duration,
+    max: Duration,
     live: Arc<Live>,
 ) -> FloodResult {
     let begin = Instant::now();
-    let until = begin + length;
+    let min_until = begin + length;
+    let max_until = begin + max.max(length);
     let mut set = JoinSet::new();
     for _ in 0..tasks {
         let (client, path, live) = (client.clone(), path.clone(), Arc::clone(&live));
         set.spawn(async move {
             let mut r = FloodResult::default();
-            while Instant::now() < until {
+            loop {
+                let now = Instant::now();
+                let rejected = live.flood_429.load(Ordering::Relaxed) > 0;
+                if now >= max_until || (now >= min_until && rejected) {
+                    break;
+                }
                 r.requests += 1;
                 live.flood.fetch_add(1, Ordering::Relaxed);
                 match client.get(addr, &path).await {

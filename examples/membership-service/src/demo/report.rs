@@ -229,6 +229,9 @@ pub struct Report {
     pub workers: BTreeMap<String, usize>,
     /// How long the history check waited, seconds.
     pub history_wait_secs: f64,
+    /// How long after the services started the history consumer recorded a first write
+    /// (before the first phase), seconds; `None`: not within the bound.
+    pub consumer_warmup_secs: Option<f64>,
     /// The history check's bound, seconds.
     pub history_bound_secs: f64,
     /// One row per phase, in order.
