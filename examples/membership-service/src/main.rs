@@ -56,6 +56,10 @@ enum Cmd {
         /// Start only the bj-a instance (no sh-a instance, no sh-a workers).
         #[arg(long)]
         no_sh_a: bool,
+        /// Run the sh-a instance as a child process (`membership-service serve`) instead of
+        /// in this process.
+        #[arg(long)]
+        sh_a_process: bool,
     },
 }
 
@@ -104,6 +108,7 @@ async fn main() -> ExitCode {
             workers_sh,
             history_secs,
             no_sh_a,
+            sh_a_process,
         } => {
             demo(
                 json,
@@ -116,6 +121,7 @@ async fn main() -> ExitCode {
                         history_secs.clamp(0.0, 3600.0),
                     ),
                     with_sh: !no_sh_a,
+                    sh_process: sh_a_process,
                 },
             )
             .await

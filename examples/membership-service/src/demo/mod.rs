@@ -141,6 +141,9 @@ pub struct Options {
     pub history_wait: Duration,
     /// Start the sh-a instance too (default true).
     pub with_sh: bool,
+    /// Run the sh-a instance as a child process (`membership-service serve`) instead of in
+    /// this process (default false).
+    pub sh_process: bool,
 }
 
 impl Default for Options {
@@ -152,6 +155,7 @@ impl Default for Options {
             workers_sh: 2,
             history_wait: HISTORY_WAIT,
             with_sh: true,
+            sh_process: false,
         }
     }
 }
@@ -192,6 +196,9 @@ pub enum DemoError {
     /// The options.
     #[error("{0}")]
     Options(String),
+    /// A service child process.
+    #[error("{0}")]
+    Process(String),
 }
 
 /// A `--json` file, opened at the start so that a bad path fails before the run.
@@ -225,12 +232,22 @@ impl JsonOut {
     }
 }
 
-/// A service instance serving in a task.
+/// A service instance: serving in a task of this process, or a child process.
 struct Instance {
     idc: &'static str,
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+    runner: Runner,
+}
+
+enum Runner {
+    Task {
+        stop: Option<oneshot::Sender<()>>,
+        task: JoinHandle<std::io::Result<()>>,
+    },
+    Process {
+        child: tokio::process::Child,
+        dir: PathBuf,
+    },
 }
 
 impl Instance {
@@ -264,23 +281,146 @@ impl Instance {
         Ok(Instance {
             idc,
             addr,
-            stop: Some(tx),
-            task,
+            runner: Runner::Task {
+                stop: Some(tx),
+                task,
+            },
+        })
+    }
+
+    /// Starts `membership-service serve` (this executable) as a child process with the lab's
+    /// configuration for `idc`; its log goes to a file in a temporary directory.
+    async fn start_process(
+        stack: &Stack,
+        idc: &'static str,
+        ip: Ipv4Addr,
+    ) -> Result<Instance, DemoError> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            DemoError::Process(format!("the {idc} service process: {what}: {e}"))
+        };
+        let dir =
+            std::env::temp_dir().join(format!("membership-demo-{}-{idc}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| fail("temporary directory", &e))?;
+        let config = dir.join("service.toml");
+        let listen = SocketAddr::new(IpAddr::V4(ip), 0);
+        std::fs::write(&config, stack.service_config(idc, listen, TOKEN))
+            .map_err(|e| fail("write its configuration", &e))?;
+        let exe = std::env::current_exe().map_err(|e| fail("this executable", &e))?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,rocketmq_client_rust=off")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail("spawn", &e))?;
+        let Some(stderr) = child.stderr.take() else {
+            return Err(fail("stderr", &"not piped"));
+        };
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let needle = format!("{ip}:");
+        let mut early = Vec::new();
+        let found = tokio::time::timeout(SERVICE_START_TIMEOUT, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.contains("serving")
+                    && let Some(pos) = l.find(&needle)
+                {
+                    let port: String = l[pos + needle.len()..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    if let Ok(port) = port.parse::<u16>() {
+                        early.push(l);
+                        return Some(port);
+                    }
+                }
+                early.push(l);
+            }
+            None
+        })
+        .await;
+        let port = match found {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                let tail: Vec<&String> = early.iter().rev().take(5).collect();
+                return Err(fail("exited before serving", &format!("{tail:?}")));
+            }
+            Err(_) => {
+                return Err(DemoError::ServiceTimeout {
+                    idc,
+                    timeout: SERVICE_START_TIMEOUT,
+                });
+            }
+        };
+        let log = dir.join("service.log");
+        tokio::spawn(async move {
+            let Ok(mut f) = tokio::fs::File::create(&log).await else {
+                return;
+            };
+            for l in early {
+                let _ = f.write_all(format!("{l}\n").as_bytes()).await;
+            }
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = f.write_all(format!("{l}\n").as_bytes()).await;
+            }
+            let _ = f.flush().await;
+        });
+        Ok(Instance {
+            idc,
+            addr: SocketAddr::new(IpAddr::V4(ip), port),
+            runner: Runner::Process { child, dir },
         })
     }
 
     /// Graceful shutdown (bounded); a problem is returned as a note.
-    async fn shutdown(mut self) -> Option<String> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        match tokio::time::timeout(Duration::from_secs(30), &mut self.task).await {
-            Ok(Ok(Ok(()))) => None,
-            Ok(Ok(Err(e))) => Some(format!("the {} service stopped with: {e}", self.idc)),
-            Ok(Err(e)) => Some(format!("the {} service task: {e}", self.idc)),
-            Err(_) => {
-                self.task.abort();
-                Some(format!("the {} service did not stop within 30 s", self.idc))
+    async fn shutdown(self) -> Option<String> {
+        let idc = self.idc;
+        match self.runner {
+            Runner::Task { mut stop, mut task } => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+                match tokio::time::timeout(Duration::from_secs(30), &mut task).await {
+                    Ok(Ok(Ok(()))) => None,
+                    Ok(Ok(Err(e))) => Some(format!("the {idc} service stopped with: {e}")),
+                    Ok(Err(e)) => Some(format!("the {idc} service task: {e}")),
+                    Err(_) => {
+                        task.abort();
+                        Some(format!("the {idc} service did not stop within 30 s"))
+                    }
+                }
+            }
+            Runner::Process { mut child, dir } => {
+                let pid = child
+                    .id()
+                    .and_then(|p| i32::try_from(p).ok())
+                    .map(nix::unistd::Pid::from_raw);
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                }
+                let note = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+                    Ok(Ok(st)) if st.success() => None,
+                    Ok(Ok(st)) => Some(format!(
+                        "the {idc} service process exited with {st} (log: {})",
+                        dir.join("service.log").display()
+                    )),
+                    Ok(Err(e)) => Some(format!("the {idc} service process: {e}")),
+                    Err(_) => {
+                        let _ = child.kill().await;
+                        Some(format!(
+                            "the {idc} service process did not stop within 30 s of SIGTERM: killed"
+                        ))
+                    }
+                };
+                if note.is_none() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                note
             }
         }
     }
@@ -353,7 +493,13 @@ async fn with_stack(
     let begin = Instant::now();
     let bj = Instance::start(stack, "bj-a", Ipv4Addr::new(127, 0, 1, 100)).await?;
     let sh = if opts.with_sh {
-        match Instance::start(stack, "sh-a", Ipv4Addr::new(127, 0, 3, 100)).await {
+        let ip = Ipv4Addr::new(127, 0, 3, 100);
+        let started = if opts.sh_process {
+            Instance::start_process(stack, "sh-a", ip).await
+        } else {
+            Instance::start(stack, "sh-a", ip).await
+        };
+        match started {
             Ok(s) => Some(s),
             Err(e) => {
                 if let Some(n) = bj.shutdown().await {
