@@ -89,7 +89,7 @@ async fn main() -> ExitCode {
     // The demo's own lines say what happens; the services' logs only when asked for.
     let default_filter = match cli.cmd {
         // The RocketMQ client logs every failed pull as an error: the demo's faults cause them.
-        Cmd::Demo { .. } => "error,rocketmq_client_rust=off",
+        Cmd::Demo { .. } => "error,rocketmq_client_rust=off,rocketmq_transport=off",
         Cmd::Serve { .. } => "info",
     };
     tracing_subscriber::fmt()

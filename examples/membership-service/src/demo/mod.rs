@@ -26,6 +26,15 @@
 //! least one acknowledged write and its fault applied; the baseline also with no error; the
 //! flood with 429s seen, each with `Retry-After`, and no 5xx.
 //!
+//! Before the first phase a warm-up write waits (at most [`WARMUP_WAIT`]) until the history
+//! consumer recorded it: the consumer takes about 20 s after a start to get its queues, which
+//! would otherwise be the first phases' event lag. The event lag itself is sampled per phase
+//! ([`probe`]) and shown, not judged.
+//!
+//! Caveat: both instances in one process (the default) share the RocketMQ consumers' instance
+//! names (ha-mq names them `ha-mq-consumer-<idc>-<pid>`), so the broker sees one client where
+//! there are two; `--sh-a-process` runs the sh-a instance as a child process instead.
+//!
 //! Everything started is stopped at the end, also on error: the services shut down
 //! gracefully, then the stack stops.
 

@@ -350,3 +350,69 @@ pub fn utc_now() -> String {
         Err(_) => now.unix_timestamp().to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::demo::load::Op;
+    use tokio::time::Instant;
+
+    fn sample(worker: usize, t0: Instant, start_ms: u64, ms: u64, error: bool) -> Sample {
+        Sample {
+            worker,
+            instance: "bj-a",
+            op: Op::Get,
+            start: t0 + Duration::from_millis(start_ms),
+            latency: Duration::from_millis(ms),
+            error: error.then(|| "503 dependency_unavailable".to_string()),
+        }
+    }
+
+    #[test]
+    fn the_error_window_is_the_longest_run_of_one_worker() {
+        let t0 = Instant::now();
+        let samples = vec![
+            sample(0, t0, 0, 10, false),
+            sample(0, t0, 10, 100, true),
+            sample(0, t0, 110, 200, true),
+            sample(0, t0, 310, 5, false),
+            // Worker 1 fails at the same time: runs are per worker, not merged.
+            sample(1, t0, 50, 30, true),
+            sample(1, t0, 80, 5, false),
+            sample(1, t0, 400, 50, true),
+        ];
+        assert_eq!(longest_error_window(&samples), Duration::from_millis(300));
+        assert_eq!(longest_error_window(&samples[..1]), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_row_counts_errors_by_kind_and_latency() {
+        let t0 = Instant::now();
+        let samples: Vec<Sample> = (0..100)
+            .map(|i| sample(0, t0, i * 10, i + 1, i == 99))
+            .collect();
+        let mut row = PhaseRow::from_samples("baseline", 1.0, &samples);
+        assert_eq!((row.requests, row.successes), (100, 99));
+        assert_eq!(row.errors.get("503 dependency_unavailable"), Some(&1));
+        assert_eq!(row.errors_text(), "503:1");
+        assert_eq!(row.p50_ms, 50.0);
+        assert_eq!(row.p99_ms, 99.0);
+        assert_eq!(row.max_ms, 100.0);
+        row.settle();
+        assert!(!row.pass, "no checks: no pass");
+        row.check(true, "a");
+        row.settle();
+        assert!(row.pass);
+        row.check(false, "b");
+        row.settle();
+        assert!(!row.pass);
+        row.set_lags(&[
+            Some(Duration::from_millis(20)),
+            None,
+            Some(Duration::from_millis(5)),
+        ]);
+        assert_eq!((row.event_lag_samples, row.event_lag_unseen), (3, 1));
+        assert_eq!((row.event_lag_p50_ms, row.event_lag_max_ms), (5.0, 20.0));
+    }
+}
