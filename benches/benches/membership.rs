@@ -18,8 +18,8 @@
 //!
 //! Criterion reports the mean per GET (`ha_stack` and `bare`). Each request's latency is also
 //! recorded; the summary at the end (stderr) gives p50, p99 and mean of both from criterion's
-//! runs, then from interleaved rounds (ours, bare, ours, ... `ROUNDS` times `PER_ROUND`
-//! requests, so a noisy neighbour hits both alike), and the ratios ours / bare.
+//! runs, then from interleaved rounds (`ROUNDS` rounds of `PER_ROUND` requests to each server,
+//! one to each in turn, so a noisy neighbour hits both alike), and the ratios ours / bare.
 //! `-- nomatch` skips criterion and prints only the interleaved rounds.
 #![forbid(unsafe_code)]
 #![allow(
@@ -337,11 +337,15 @@ fn main() {
     rt.block_on(async {
         for _ in 0..ROUNDS {
             let (mut o, mut b) = (Vec::with_capacity(PER_ROUND), Vec::with_capacity(PER_ROUND));
-            for _ in 0..PER_ROUND {
-                o.push(get(&http, &ours_uri).await);
-            }
-            for _ in 0..PER_ROUND {
-                b.push(get(&http, &bare_uri).await);
+            // One request to each in turn, the first of each pair alternating.
+            for i in 0..PER_ROUND {
+                if i % 2 == 0 {
+                    o.push(get(&http, &ours_uri).await);
+                    b.push(get(&http, &bare_uri).await);
+                } else {
+                    b.push(get(&http, &bare_uri).await);
+                    o.push(get(&http, &ours_uri).await);
+                }
             }
             if let (Some(so), Some(sb)) = (stats(&o), stats(&b)) {
                 round_ratios.push(us(so.p50) / us(sb.p50));
