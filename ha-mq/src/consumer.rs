@@ -242,6 +242,9 @@ impl std::fmt::Debug for HaConsumer {
     }
 }
 
+/// Numbers the consumers of this process (their clients' instance names).
+static CONSUMERS: AtomicU64 = AtomicU64::new(0);
+
 type Handler<E> =
     dyn Fn(Delivery) -> std::pin::Pin<Box<dyn Future<Output = Result<(), E>> + Send>> + Send + Sync;
 
@@ -271,7 +274,14 @@ impl HaConsumer {
                 rocketmq_client_rust::DefaultLitePullConsumer::builder(Arc::clone(&rt.runtime))
                     .name_server_addr(ns)
                     .consumer_group(config.group.clone())
-                    .instance_name(format!("ha-mq-consumer-{}-{}", c.idc, std::process::id()))
+                    // Unique per consumer: two consumers of one group in one process under one
+                    // name would look like one client to the broker's rebalance.
+                    .instance_name(format!(
+                        "ha-mq-consumer-{}-{}-{}",
+                        c.idc,
+                        std::process::id(),
+                        CONSUMERS.fetch_add(1, Ordering::Relaxed)
+                    ))
                     .auto_commit(false)
                     .consume_from_where(if config.from_first_offset {
                         ConsumeFromWhere::ConsumeFromFirstOffset
@@ -432,6 +442,10 @@ impl<E: std::fmt::Display + Send + 'static> ClusterLoop<E> {
 
     /// Runs the handler until it succeeds (true), or the consumer is shut down (false).
     async fn handle(&self, d: Delivery) -> bool {
+        if d.tags.as_deref() == Some(crate::producer::WARM_TAG) {
+            // HaProducer::warm_up's marker: acknowledged, not the application's.
+            return true;
+        }
         let key = d.key.clone();
         if let Some(k) = &key
             && matches!(self.dedupe.claim(k).await, Claim::Duplicate)

@@ -43,7 +43,7 @@ pub use consumer::{ConsumerConfig, ConsumerStats, Delivery, HaConsumer};
 pub use error::{Cause, MqError};
 pub use producer::{
     ClusterConfig, HaProducer, MAX_TOPIC_LEN, OutgoingMessage, ProducerConfig, SendReceipt,
-    generate_key,
+    WARM_TAG, generate_key,
 };
 pub use rocketmq_client_rust;
 pub use rocketmq_client_rust::SendStatus;

@@ -111,6 +111,10 @@ async fn sends_stay_local_and_each_key_is_consumed_once() {
     let p = HaProducer::start(ProducerConfig::new("p1", clusters(&lab)), None)
         .await
         .unwrap();
+    // warm_up reaches every cluster; its markers never reach the handler (checked below).
+    let warmed = p.warm_up(TOPIC).await;
+    assert_eq!(warmed.len(), 2);
+    assert!(warmed.iter().all(|(_, r)| r.is_ok()), "{warmed:?}");
     let mut want = HashSet::new();
     for i in 0..50 {
         let r = p
@@ -197,6 +201,12 @@ cidrs = ["127.0.3.0/24"]
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        seen.lock()
+            .iter()
+            .all(|(k, _)| !k.starts_with(ha_mq::WARM_TAG)),
+        "a warm-up marker reached the handler"
+    );
     c.shutdown().await;
     p.shutdown().await;
     only_sh.shutdown().await;

@@ -116,6 +116,13 @@ impl Service {
         }
         let producer = Arc::new(HaProducer::start(pc, Some(ctx.events().clone())).await?);
 
+        // The topic's route on every cluster before the consumer starts: its consumer on the
+        // backup cluster then follows a failover at once, not at its next rebalance.
+        for (idc, r) in producer.warm_up(&config.app.topic).await {
+            if let Err(cause) = r {
+                tracing::warn!(idc, %cause, "the event topic could not be warmed up on this cluster");
+            }
+        }
         let history_db = db.clone();
         let cc = ConsumerConfig::from_context(
             &ctx,
