@@ -526,15 +526,26 @@ impl Store {
             .arg(json)
             .arg(gtid)
             .arg(CACHE_TTL_SECS);
-        let mut handle = self.cache.master().with_timeout(left(deadline));
-        if durable {
-            handle = handle.durable(1, Duration::from_millis(500));
+        // The script is idempotent (it never lowers a version), so a write whose outcome is
+        // unknown (a connection lost after sending, or `WAIT` not reached while the replicas
+        // reattach to a new master after a failover) is simply sent again within the deadline.
+        loop {
+            let mut handle = self.cache.master().with_timeout(left(deadline)).idempotent();
+            if durable {
+                handle = handle.durable(1, Duration::from_millis(500));
+            }
+            match handle.query::<i64>(&cmd).await {
+                Ok(_) => return Ok(()),
+                Err(e @ HaError::OutcomeUnknown { .. })
+                    if Instant::now() + Duration::from_millis(100) < deadline =>
+                {
+                    tracing::debug!(id, error = %e, "cache write unconfirmed: sending it again");
+                    metrics::counter!("membership_cache_write_retries_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(StoreError::redis(e)),
+            }
         }
-        handle
-            .query::<i64>(&cmd)
-            .await
-            .map(|_| ())
-            .map_err(StoreError::redis)
     }
 
     async fn publish(
