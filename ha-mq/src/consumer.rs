@@ -242,6 +242,10 @@ impl std::fmt::Debug for HaConsumer {
     }
 }
 
+/// How often a consumer's client asks the name servers for routes (the client accepts 10 s to
+/// 10 min).
+const ROUTE_POLL_MS: u32 = 10_000;
+
 /// Numbers the consumers of this process (their clients' instance names).
 static CONSUMERS: AtomicU64 = AtomicU64::new(0);
 
@@ -270,8 +274,13 @@ impl HaConsumer {
         let mut tasks = JoinSet::new();
         for c in &config.clusters {
             let ns = join_addrs(&c.name_servers);
+            // Routes from the name servers every 10 s (the client's minimum; its default is
+            // 30 s): a restarted broker's queues are pulled again that much sooner.
+            let mut client = rocketmq_client_rust::ClientConfig::default();
+            client.set_poll_name_server_interval(ROUTE_POLL_MS);
             let consumer =
                 rocketmq_client_rust::DefaultLitePullConsumer::builder(Arc::clone(&rt.runtime))
+                    .client_options(rocketmq_client_rust::ClientOptions::from(client))
                     .name_server_addr(ns)
                     .consumer_group(config.group.clone())
                     // Unique per consumer: two consumers of one group in one process under one
