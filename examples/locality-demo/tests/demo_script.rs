@@ -1,4 +1,4 @@
-//! `scripts/demo` installs only what the demo needs (a C linker for cargo, when missing), quietly,
+//! `scripts/demo --locality` installs only what the locality demo needs (a C linker for cargo, when missing), quietly,
 //! and shows apt's output only when it fails. Run against stub `apt-get` and `cargo` on a PATH
 //! of their own, so nothing is installed or built.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,7 +32,7 @@ struct Run {
     calls: String,
 }
 
-/// Runs `scripts/demo --quiet` with only the stubs and a few basic tools on PATH.
+/// Runs `scripts/demo --locality --quiet` with only the stubs and a few basic tools on PATH.
 fn run(case: &str, with_cc: bool, apt_fails: bool) -> (Run, Scratch) {
     let scratch = Scratch(std::env::temp_dir().join(format!(
         "locality-demo-script-test-{}-{case}",
@@ -67,7 +67,7 @@ fn run(case: &str, with_cc: bool, apt_fails: bool) -> (Run, Scratch) {
         stub(&bin, "cc", "exit 0");
     }
     let out = Command::new(script())
-        .arg("--quiet")
+        .args(["--locality", "--quiet"])
         .env_clear()
         .env("PATH", &bin)
         .env("TMPDIR", &scratch.0)
