@@ -530,7 +530,11 @@ impl Store {
         // unknown (a connection lost after sending, or `WAIT` not reached while the replicas
         // reattach to a new master after a failover) is simply sent again within the deadline.
         loop {
-            let mut handle = self.cache.master().with_timeout(left(deadline)).idempotent();
+            let mut handle = self
+                .cache
+                .master()
+                .with_timeout(left(deadline))
+                .idempotent();
             if durable {
                 handle = handle.durable(1, Duration::from_millis(500));
             }
