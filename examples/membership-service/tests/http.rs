@@ -543,3 +543,88 @@ async fn the_expiry_job_runs_in_one_instance_and_moves_when_it_stops() {
     drop(bj);
     stack.stop().await;
 }
+
+/// The binary itself: `serve --config FILE`, then SIGTERM with requests in flight: they are
+/// answered and the process exits 0 within 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let stack = stack().await;
+    let dir = std::env::temp_dir().join(format!("ms-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A fixed port of bj-a's service address (the test group runs one such test at a time).
+    let listen: std::net::SocketAddr = "127.0.1.100:18391".parse().unwrap();
+    let path = dir.join("membership-service.toml");
+    std::fs::write(&path, stack.service_config("bj-a", listen, TOKEN)).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_membership-service"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = call(&c, listen, "GET", "/readyz", &[], b"").await
+            && r.status == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the binary never became ready");
+        assert!(child.try_wait().unwrap().is_none(), "the binary exited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A steady load from 8 callers until the process is gone; each call's start and end kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..8u64 {
+        let (c, stop) = (c.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut calls = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let path = format!("/members/{}", 2000 + w * 1000 + i % 100);
+                let r = call(&c, listen, "PUT", &path, &[JSON], &member("t", "gold")).await;
+                calls.push((started, Instant::now(), r.map(|r| r.status)));
+                i += 1;
+                if calls.last().is_some_and(|c| c.2.is_err()) {
+                    break;
+                }
+            }
+            calls
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    let term_at = Instant::now();
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exited within 15 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut straddling, mut total) = (0, 0);
+    for t in load {
+        for (started, ended, r) in t.await.unwrap() {
+            total += 1;
+            if let Ok(code) = r {
+                assert!(code < 500, "a {code} during the shutdown");
+                if started < term_at && ended > term_at && code == 200 {
+                    straddling += 1;
+                }
+            }
+        }
+    }
+    // Calls in flight when SIGTERM arrived were answered, not cut off.
+    assert!(
+        straddling > 0,
+        "no call straddled the SIGTERM ({total} calls)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    stack.stop().await;
+}
