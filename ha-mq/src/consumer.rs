@@ -111,7 +111,24 @@ impl ConsumerConfig {
         group: impl Into<String>,
         topic: impl Into<String>,
     ) -> Result<ConsumerConfig, MqError> {
-        let read = crate::settings::read(ctx, dependency)?;
+        let read = crate::settings::read(ctx, dependency, &crate::settings::Resolved::new())?;
+        let mut config = ConsumerConfig::new(group, topic, read.clusters);
+        config.dependency = dependency.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`from_context`](Self::from_context) that also resolves a cluster's
+    /// `name_servers_from` through `ctx`'s discovery, once (see
+    /// [`ProducerConfig::discover`](crate::ProducerConfig::discover)).
+    pub async fn discover(
+        ctx: &HaContext,
+        dependency: &str,
+        group: impl Into<String>,
+        topic: impl Into<String>,
+    ) -> Result<ConsumerConfig, MqError> {
+        let resolved = crate::settings::resolve(ctx, dependency).await?;
+        let read = crate::settings::read(ctx, dependency, &resolved)?;
         let mut config = ConsumerConfig::new(group, topic, read.clusters);
         config.dependency = dependency.to_string();
         config.validate()?;

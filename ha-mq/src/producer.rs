@@ -171,7 +171,24 @@ impl ProducerConfig {
     /// # }
     /// ```
     pub fn from_context(ctx: &HaContext, dependency: &str) -> Result<ProducerConfig, MqError> {
-        let read = crate::settings::read(ctx, dependency)?;
+        let read = crate::settings::read(ctx, dependency, &crate::settings::Resolved::new())?;
+        Self::from_read(ctx, dependency, read)
+    }
+
+    /// [`from_context`](Self::from_context) that also resolves a cluster's
+    /// `name_servers_from` (another dependency of the topology, e.g. a DNS name per region for
+    /// the cluster's name servers) through `ctx`'s discovery, once.
+    pub async fn discover(ctx: &HaContext, dependency: &str) -> Result<ProducerConfig, MqError> {
+        let resolved = crate::settings::resolve(ctx, dependency).await?;
+        let read = crate::settings::read(ctx, dependency, &resolved)?;
+        Self::from_read(ctx, dependency, read)
+    }
+
+    fn from_read(
+        ctx: &HaContext,
+        dependency: &str,
+        read: crate::settings::Read,
+    ) -> Result<ProducerConfig, MqError> {
         let s = &read.settings;
         let group = match s.group.as_deref().map(str::trim) {
             Some(g) if !g.is_empty() => g.to_string(),

@@ -68,6 +68,51 @@ pub struct ClusterSettings {
     /// The cluster's name servers, `IP:port`.
     #[serde(default)]
     pub name_servers: Vec<String>,
+    /// Instead of `name_servers`: another dependency of the topology whose endpoints are the
+    /// cluster's name servers (its `dns` names per region with its `port`, resolved through
+    /// ha-core's per-region DNS, or its `static_addrs`). Resolved once, when the config is
+    /// made by [`ProducerConfig::discover`](crate::ProducerConfig::discover) or
+    /// [`ConsumerConfig::discover`](crate::ConsumerConfig::discover).
+    #[serde(default)]
+    pub name_servers_from: Option<String>,
+}
+
+/// The name servers of every `name_servers_from` dependency, by name.
+pub(crate) type Resolved = std::collections::HashMap<String, Vec<SocketAddr>>;
+
+/// Resolves every `name_servers_from` of dependency `name` through `ctx`'s discovery (each
+/// waits for its first answer, as `HaContext::discover` does). Unknown names are left for
+/// [`read`] to report.
+pub(crate) async fn resolve(ctx: &HaContext, name: &str) -> Result<Resolved, MqError> {
+    let topology = ctx.topology();
+    let dep = topology.require_dependency(name)?;
+    let settings: MqSettings = dep.settings()?;
+    let mut out = Resolved::new();
+    for (i, c) in settings.clusters.iter().enumerate() {
+        let Some(from) = &c.name_servers_from else {
+            continue;
+        };
+        if out.contains_key(from) || topology.dependency(from).is_none() {
+            continue;
+        }
+        let discovery = ctx.discover(from).await.map_err(|e| {
+            ConfigError::new(
+                topology.file(),
+                format!("dependencies.{name}.settings.clusters[{i}].name_servers_from"),
+                from,
+                format!("cannot discover it: {e}"),
+            )
+        })?;
+        let addrs: Vec<SocketAddr> = discovery
+            .watch()
+            .borrow()
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .collect();
+        out.insert(from.clone(), addrs);
+    }
+    Ok(out)
 }
 
 /// What [`read`] found: the settings, the clusters (local IDC first) and where errors point.
@@ -104,7 +149,7 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Reads dependency `name` of `ctx`'s topology: its kind must be `rocketmq`; its settings are
 /// parsed and its clusters checked (every IDC known to the topology, addresses well formed,
 /// [`validate_clusters`]) and ordered with the local IDC's first (the file's order otherwise).
-pub(crate) fn read(ctx: &HaContext, name: &str) -> Result<Read, MqError> {
+pub(crate) fn read(ctx: &HaContext, name: &str, resolved: &Resolved) -> Result<Read, MqError> {
     let topology = ctx.topology();
     let file = topology.file().to_path_buf();
     let dep = topology.require_dependency(name)?;
@@ -133,6 +178,29 @@ pub(crate) fn read(ctx: &HaContext, name: &str) -> Result<Read, MqError> {
                 format!("unknown IDC (known: {})", known.join(", ")),
             )
             .into());
+        }
+        let field = |f: &str| format!("{prefix}clusters[{i}].{f}");
+        if let Some(from) = &c.name_servers_from {
+            let bad = |why: &str| -> MqError {
+                ConfigError::new(&file, field("name_servers_from"), from, why).into()
+            };
+            if !c.name_servers.is_empty() {
+                return Err(bad("give name_servers or name_servers_from, not both"));
+            }
+            if topology.dependency(from).is_none() {
+                return Err(bad("no such dependency in the topology"));
+            }
+            let Some(addrs) = resolved.get(from) else {
+                return Err(bad(
+                    "resolved only by ProducerConfig::discover or ConsumerConfig::discover \
+                     (async); from_context takes name_servers",
+                ));
+            };
+            if addrs.is_empty() {
+                return Err(bad("its discovery answered no address"));
+            }
+            clusters.push(ClusterConfig::new(c.idc.clone(), addrs.clone()));
+            continue;
         }
         let mut addrs = Vec::with_capacity(c.name_servers.len());
         for (j, text) in c.name_servers.iter().enumerate() {

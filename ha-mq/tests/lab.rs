@@ -617,3 +617,86 @@ async fn every_cluster_down_without_spool_is_a_typed_error_within_the_deadline()
     }
     p.shutdown().await;
 }
+
+/// Each cluster's name servers found through a DNS name per region (ha-core's discovery of
+/// another dependency), not written as addresses: `ProducerConfig::discover` resolves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_servers_found_through_dns_per_region() {
+    let lab = lab().await;
+    warm(&lab).await;
+    let dns = ha_lab::dns::LabDns::start("north", "127.0.1.53:0".parse().unwrap(), "lab.")
+        .await
+        .unwrap();
+    let (bj, sh) = (
+        lab.namesrv_addr("bj-a").unwrap(),
+        lab.namesrv_addr("sh-a").unwrap(),
+    );
+    dns.set_records("ns.bj-a.lab.", &[bj.ip()], 5).unwrap();
+    dns.set_records("ns.sh-a.lab.", &[sh.ip()], 5).unwrap();
+    let text = format!(
+        r#"
+local_idc = "bj-a"
+[[regions]]
+name = "north"
+resolvers = ["{resolver}"]
+[[idcs]]
+name = "bj-a"
+region = "north"
+cidrs = ["127.0.1.0/24"]
+[[idcs]]
+name = "sh-a"
+region = "north"
+cidrs = ["127.0.3.0/24"]
+[dependencies.ns-bj-a]
+port = {bj_port}
+dns = {{ north = "ns.bj-a.lab." }}
+[dependencies.ns-sh-a]
+port = {sh_port}
+dns = {{ north = "ns.sh-a.lab." }}
+[dependencies.events]
+kind = "rocketmq"
+static_addrs = ["{bj}"]
+[dependencies.events.settings]
+group = "dns-p"
+[[dependencies.events.settings.clusters]]
+idc = "sh-a"
+name_servers_from = "ns-sh-a"
+[[dependencies.events.settings.clusters]]
+idc = "bj-a"
+name_servers_from = "ns-bj-a"
+"#,
+        resolver = dns.addr(),
+        bj_port = bj.port(),
+        sh_port = sh.port(),
+    );
+    let topo = ha_core::Topology::from_toml_str(&text, "dns.toml").unwrap();
+    let ctx = ha_core::HaContext::new(topo);
+    // The synchronous constructor cannot resolve: a typed error naming the field.
+    match ProducerConfig::from_context(&ctx, "events") {
+        Err(MqError::Config(e)) => {
+            assert!(e.field.ends_with("name_servers_from"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let config = timeout(
+        Duration::from_secs(10),
+        ProducerConfig::discover(&ctx, "events"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(config.clusters[0].idc, "bj-a", "the local IDC's first");
+    assert_eq!(config.clusters[0].name_servers, vec![bj]);
+    assert_eq!(config.clusters[1].name_servers, vec![sh]);
+    let cc = ConsumerConfig::discover(&ctx, "events", "dns-c", TOPIC)
+        .await
+        .unwrap();
+    assert_eq!(cc.clusters[0].name_servers, vec![bj]);
+    let p = HaProducer::start(config, None).await.unwrap();
+    let r = p
+        .send(OutgoingMessage::new(TOPIC, "via dns").key("dns-1"))
+        .await
+        .unwrap();
+    assert_eq!(r.idc.as_deref(), Some("bj-a"), "{r:?}");
+    p.shutdown().await;
+}

@@ -110,7 +110,7 @@ impl Service {
 
         // The local IDC's cluster first; `spool_dir` in the dependency's settings turns the
         // spool on.
-        let mut pc = ProducerConfig::from_context(&ctx, &deps.events)?;
+        let mut pc = ProducerConfig::discover(&ctx, &deps.events).await?;
         if let Some(dir) = &config.app.spool_dir {
             pc = pc.spool(ha_mq::spool::SpoolConfig::new(dir.clone()));
         }
@@ -124,12 +124,13 @@ impl Service {
             }
         }
         let history_db = db.clone();
-        let cc = ConsumerConfig::from_context(
+        let cc = ConsumerConfig::discover(
             &ctx,
             &deps.events,
             config.app.consumer_group.clone(),
             config.app.topic.clone(),
-        )?;
+        )
+        .await?;
         let consumer = HaConsumer::start(cc, Some(ctx.events().clone()), move |d| {
             let db = history_db.clone();
             async move {
