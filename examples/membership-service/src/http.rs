@@ -319,13 +319,11 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want)) {
         Ok(())
     } else {
-        let mut e = ApiError::new(
+        Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "the admin routes need Authorization: Bearer <token>",
-        );
-        e.retry_after = None;
-        Err(e)
+        ))
     }
 }
 
