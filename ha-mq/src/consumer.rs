@@ -112,10 +112,7 @@ impl ConsumerConfig {
         topic: impl Into<String>,
     ) -> Result<ConsumerConfig, MqError> {
         let read = crate::settings::read(ctx, dependency, &crate::settings::Resolved::new())?;
-        let mut config = ConsumerConfig::new(group, topic, read.clusters);
-        config.dependency = dependency.to_string();
-        config.validate()?;
-        Ok(config)
+        Self::from_read(dependency, read, group, topic)
     }
 
     /// [`from_context`](Self::from_context) that also resolves a cluster's
@@ -129,6 +126,15 @@ impl ConsumerConfig {
     ) -> Result<ConsumerConfig, MqError> {
         let resolved = crate::settings::resolve(ctx, dependency).await?;
         let read = crate::settings::read(ctx, dependency, &resolved)?;
+        Self::from_read(dependency, read, group, topic)
+    }
+
+    fn from_read(
+        dependency: &str,
+        read: crate::settings::Read,
+        group: impl Into<String>,
+        topic: impl Into<String>,
+    ) -> Result<ConsumerConfig, MqError> {
         let mut config = ConsumerConfig::new(group, topic, read.clusters);
         config.dependency = dependency.to_string();
         config.validate()?;

@@ -20,7 +20,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use crate::model::{InputError, MemberInput, parse_id};
+use crate::model::{InputError, MemberInput, parse_id, parse_object};
 use crate::store::{Store, StoreError};
 
 /// The largest body accepted, declared or streamed.
@@ -329,20 +329,7 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn drain_body(headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     let bytes = json_body(headers, body).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_body",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    if !value.is_object() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_body",
-            "the body must be a JSON object",
-        ));
-    }
+    let value = parse_object(&bytes)?;
     let b: DrainBody = serde_json::from_value(value).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -105,13 +105,7 @@ pub const MAX_NAME_CHARS: usize = 64;
 impl MemberInput {
     /// Parses and validates a PUT body.
     pub fn parse(body: &[u8]) -> Result<MemberInput, InputError> {
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| InputError::Malformed(format!("the body is not valid JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(InputError::Malformed(
-                "the body must be a JSON object".into(),
-            ));
-        }
+        let value = parse_object(body)?;
         let raw: RawInput = serde_json::from_value(value).map_err(|e| {
             let msg = e.to_string();
             let field = ["name", "level", "expires_at"]
@@ -172,6 +166,18 @@ impl MemberInput {
             expires_at_sql,
         })
     }
+}
+
+/// Parses a body that must be a JSON object: anything else is [`InputError::Malformed`].
+pub fn parse_object(body: &[u8]) -> Result<serde_json::Value, InputError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| InputError::Malformed(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(InputError::Malformed(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    Ok(value)
 }
 
 /// Parses a path id: plain ASCII digits that fit a `u64` (no sign, no spaces).

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use ha_core::HaError;
 use ha_mq::{HaProducer, MqError, OutgoingMessage};
-use ha_mysql::HaMysql;
 use ha_mysql::mysql_async::prelude::Queryable;
 use ha_mysql::mysql_async::{self, TxOpts};
+use ha_mysql::{HaMysql, ReadConn};
 use ha_redis::HaRedis;
 use ha_redis::redis;
 use serde::{Deserialize, Serialize};
@@ -373,35 +373,23 @@ impl Store {
                 None
             }
         };
-        let (row, source) = match &watermark {
-            Some(gtid) => {
-                let mut conn = self
-                    .db
-                    .reader_after(gtid)
-                    .await
-                    .map_err(StoreError::mysql)?;
-                let source = if conn.is_replica() {
-                    Source::Replica
-                } else {
-                    Source::Primary
-                };
-                let row = tokio::time::timeout(
-                    self.read_timeout,
-                    conn.exec_first::<Row, _, _>(SELECT_MEMBER, (id,)),
-                )
-                .await;
-                (row, source)
-            }
-            None => {
-                let mut conn = self.db.writer().await.map_err(StoreError::mysql)?;
-                let row = tokio::time::timeout(
-                    self.read_timeout,
-                    conn.exec_first::<Row, _, _>(SELECT_MEMBER, (id,)),
-                )
-                .await;
-                (row, Source::Primary)
-            }
+        // A replica that applied the watermark, else the primary (also when no watermark is
+        // known: nothing says which replica is recent enough).
+        let mut conn = match &watermark {
+            Some(gtid) => self.db.reader_after(gtid).await,
+            None => self.db.writer().await.map(ReadConn::Primary),
+        }
+        .map_err(StoreError::mysql)?;
+        let source = if conn.is_replica() {
+            Source::Replica
+        } else {
+            Source::Primary
         };
+        let row = tokio::time::timeout(
+            self.read_timeout,
+            conn.exec_first::<Row, _, _>(SELECT_MEMBER, (id,)),
+        )
+        .await;
         let row = match row {
             Ok(Ok(row)) => row,
             Ok(Err(e)) => return Err(StoreError::mysql(HaError::backend(e))),

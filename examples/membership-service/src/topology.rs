@@ -3,9 +3,21 @@
 
 use std::net::SocketAddr;
 
+use ha_core::{Locality, Topology};
 use serde_json::{Value, json};
 
 use crate::http::AppState;
+
+/// Where `idc` (in `region`) is relative to the local IDC.
+fn locality(topo: &Topology, idc: Option<&str>, region: Option<&str>) -> Locality {
+    if idc == Some(&*topo.local_idc().name) {
+        Locality::SameIdc
+    } else if region == Some(&*topo.local_region().name) {
+        Locality::SameRegion
+    } else {
+        Locality::Remote
+    }
+}
 
 fn endpoint(st: &AppState, addr: SocketAddr, idc_hint: Option<&str>, extra: Value) -> Value {
     let topo = st.ctx.topology();
@@ -18,11 +30,7 @@ fn endpoint(st: &AppState, addr: SocketAddr, idc_hint: Option<&str>, extra: Valu
         .and_then(|i| topo.idc(i))
         .map(|i| i.region.to_string())
         .or_else(|| placement.region.as_deref().map(str::to_string));
-    let locality = match (&idc, &region) {
-        (Some(i), _) if **i == *topo.local_idc().name => "same_idc",
-        (_, Some(r)) if **r == *topo.local_region().name => "same_region",
-        _ => "remote",
-    };
+    let locality = locality(topo, idc.as_deref(), region.as_deref()).as_str();
     let drained = idc
         .as_deref()
         .is_some_and(|i| st.ctx.control().is_drained(i));
@@ -155,17 +163,10 @@ pub async fn snapshot(st: &AppState) -> Value {
         .iter()
         .map(|idc| {
             let region = topo.idc(idc).map(|i| i.region.to_string());
-            let locality = if **idc == *topo.local_idc().name {
-                "same_idc"
-            } else if region.as_deref() == Some(&*topo.local_region().name) {
-                "same_region"
-            } else {
-                "remote"
-            };
             json!({
                 "idc": idc,
                 "region": region,
-                "locality": locality,
+                "locality": locality(topo, Some(idc), region.as_deref()).as_str(),
                 "role": "cluster",
                 "health": if events.is_avoided(idc) { "avoided" } else { "up" },
                 "generation": null,
