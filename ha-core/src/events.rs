@@ -202,6 +202,32 @@ pub enum TopologyEvent {
         /// The cluster's IDC.
         idc: Arc<str>,
     },
+    /// A replica stopped serving reads: it lags its primary past the bound, its link to the
+    /// primary is down, or it did not answer its check (ha-redis: replication offset lag; a
+    /// frozen replica). Published when it leaves the read set, not on every check.
+    #[non_exhaustive]
+    ReplicaLagging {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The replica's address.
+        addr: SocketAddr,
+        /// Its IDC.
+        idc: Arc<str>,
+        /// What the check saw, e.g. `offset lag 70000 bytes > bound 65536`.
+        reason: Arc<str>,
+    },
+    /// A replica that was [`TopologyEvent::ReplicaLagging`] caught up and serves reads again.
+    #[non_exhaustive]
+    ReplicaCaughtUp {
+        /// The dependency.
+        dependency: Arc<str>,
+        /// The replica's address.
+        addr: SocketAddr,
+        /// Its IDC.
+        idc: Arc<str>,
+        /// How long it was out.
+        after: Duration,
+    },
     /// A local spool of messages no cluster took is growing (debounced by the publisher:
     /// ha-mq publishes when the record count reaches each power of two, and at most every 10 s
     /// otherwise while it grows).
@@ -296,6 +322,8 @@ impl TopologyEvent {
             TopologyEvent::ClusterFailedBack { .. } => "cluster_failed_back",
             TopologyEvent::ClusterAvoided { .. } => "cluster_avoided",
             TopologyEvent::ClusterRestored { .. } => "cluster_restored",
+            TopologyEvent::ReplicaLagging { .. } => "replica_lagging",
+            TopologyEvent::ReplicaCaughtUp { .. } => "replica_caught_up",
             TopologyEvent::SpoolGrowing { .. } => "spool_growing",
             TopologyEvent::SpoolReplayed { .. } => "spool_replayed",
             TopologyEvent::RateLimitAlert { .. } => "rate_limit_alert",
@@ -451,6 +479,36 @@ impl TopologyEvent {
         }
     }
 
+    /// [`TopologyEvent::ReplicaLagging`].
+    pub fn replica_lagging(
+        dependency: impl Into<Arc<str>>,
+        addr: SocketAddr,
+        idc: impl Into<Arc<str>>,
+        reason: impl Into<Arc<str>>,
+    ) -> Self {
+        TopologyEvent::ReplicaLagging {
+            dependency: dependency.into(),
+            addr,
+            idc: idc.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`TopologyEvent::ReplicaCaughtUp`].
+    pub fn replica_caught_up(
+        dependency: impl Into<Arc<str>>,
+        addr: SocketAddr,
+        idc: impl Into<Arc<str>>,
+        after: Duration,
+    ) -> Self {
+        TopologyEvent::ReplicaCaughtUp {
+            dependency: dependency.into(),
+            addr,
+            idc: idc.into(),
+            after,
+        }
+    }
+
     /// [`TopologyEvent::SpoolGrowing`].
     pub fn spool_growing(dependency: impl Into<Arc<str>>, records: u64, bytes: u64) -> Self {
         TopologyEvent::SpoolGrowing {
@@ -513,6 +571,8 @@ impl TopologyEvent {
             | TopologyEvent::ClusterFailedBack { dependency, .. }
             | TopologyEvent::ClusterAvoided { dependency, .. }
             | TopologyEvent::ClusterRestored { dependency, .. }
+            | TopologyEvent::ReplicaLagging { dependency, .. }
+            | TopologyEvent::ReplicaCaughtUp { dependency, .. }
             | TopologyEvent::SpoolGrowing { dependency, .. }
             | TopologyEvent::SpoolReplayed { dependency, .. }
             | TopologyEvent::WritesHeld { dependency, .. }
@@ -686,6 +746,22 @@ impl EventBus {
             }
             TopologyEvent::ClusterRestored { dependency, idc } => {
                 tracing::info!(%dependency, %idc, "cluster restored");
+            }
+            TopologyEvent::ReplicaLagging {
+                dependency,
+                addr,
+                idc,
+                reason,
+            } => {
+                tracing::warn!(%dependency, endpoint = %addr, %idc, %reason, "replica out of the read set");
+            }
+            TopologyEvent::ReplicaCaughtUp {
+                dependency,
+                addr,
+                idc,
+                after,
+            } => {
+                tracing::info!(%dependency, endpoint = %addr, %idc, after_ms = after.as_millis() as u64, "replica caught up: serves reads again");
             }
             TopologyEvent::SpoolGrowing {
                 dependency,

@@ -334,6 +334,41 @@ impl Manifest {
         }
     }
 
+    /// The server a by-IDC target names: `redis@<idc>`, `sentinel@<idc>` or `mysql@<idc>` (the
+    /// Redis node, the sentinel or the MariaDB instance of a stack in that IDC), or `None` when
+    /// `target` is not of that form or names nothing here.
+    ///
+    /// ```
+    /// # use ha_lab::lab::{Manifest, ServerEntry, ServerKind};
+    /// let entry = |name: &str, idc: &str| ServerEntry {
+    ///     name: name.into(), kind: ServerKind::Process, region: "north".into(), idc: idc.into(),
+    ///     address: "127.0.2.9:7000".parse().unwrap(), role: "replica".into(), pid: 1,
+    /// };
+    /// let m = Manifest {
+    ///     servers: vec![entry("redis-bj-b", "bj-b"), entry("sentinel-bj-b", "bj-b"), entry("mariadb-bj-b", "bj-b")],
+    ///     control: "/tmp/x.sock".into(), daemon_pid: 1, daemon_start: None, zone: "lab.".into(),
+    ///     service: "s".into(), idcs: vec![], port_offset: 0,
+    /// };
+    /// assert_eq!(m.by_idc("redis@bj-b").unwrap().name, "redis-bj-b");
+    /// assert_eq!(m.by_idc("sentinel@bj-b").unwrap().name, "sentinel-bj-b");
+    /// assert_eq!(m.by_idc("mysql@bj-b").unwrap().name, "mariadb-bj-b");
+    /// assert!(m.by_idc("redis@sh-a").is_none());
+    /// assert!(m.by_idc("mq-broker@bj-b").is_none());
+    /// assert!(m.by_idc("redis-bj-b").is_none());
+    /// ```
+    pub fn by_idc(&self, target: &str) -> Option<&ServerEntry> {
+        let (what, idc) = target.split_once('@')?;
+        let prefix = match what {
+            "redis" => "redis-",
+            "sentinel" => "sentinel-",
+            "mysql" => "mariadb-",
+            _ => return None,
+        };
+        self.servers
+            .iter()
+            .find(|s| s.idc == idc && s.name.starts_with(prefix))
+    }
+
     /// The partition scope of this lab: its own table `halab_<offset>`, cutting only the
     /// ports its servers serve on, so that a partition of this lab leaves every other lab on
     /// the machine alone (see [`crate::partition`]).

@@ -89,7 +89,9 @@ enum Cmd {
     /// (a request/response round trip through the proxy gains MS: MS/2 each way),
     /// partition <idc>, heal <idc>. On a stack (`up --stack`) also: kill redis-master,
     /// failover redis, kill mysql-primary, switchover mysql, kill|restart mq-broker@<idc>,
-    /// kill|freeze|thaw redis-master|mysql-primary|mq-broker@<idc>|mq-namesrv@<idc>.
+    /// kill|freeze|thaw redis-master|mysql-primary|mq-broker@<idc>|mq-namesrv@<idc>, and by IDC
+    /// kill|freeze|thaw|restart redis@<idc>|sentinel@<idc> (a Redis node restarts as a replica
+    /// of the current master), kill|freeze|thaw mysql@<idc>.
     Fault {
         /// Lab directory.
         #[arg(long)]
@@ -515,10 +517,24 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
     let usage = || {
         LabError::Control(
             "usage: fault <kill|freeze|thaw|restart|blackhole|heal> <target> | latency <MS per round trip> <target> | partition <idc> | heal <idc>; \
-             on a stack also: kill redis-master | failover redis | kill mysql-primary | switchover mysql | kill|restart mq-broker@<idc>"
+             on a stack also: kill redis-master | failover redis | kill mysql-primary | switchover mysql | kill|restart mq-broker@<idc>; \
+             kill|freeze|thaw|restart redis@<idc> | sentinel@<idc>, kill|freeze|thaw mysql@<idc>"
                 .into(),
         )
     };
+    // `redis@<idc>`, `sentinel@<idc>`, `mysql@<idc>`: that IDC's server of a stack, by name.
+    let args: Vec<String> = match args.split_last() {
+        Some((last, rest)) => {
+            let mut v = rest.to_vec();
+            v.push(
+                m.by_idc(last)
+                    .map_or_else(|| last.clone(), |s| s.name.clone()),
+            );
+            v
+        }
+        None => Vec::new(),
+    };
+    let args = args.as_slice();
     // A stack fault by role (`kill redis-master`, `failover redis`, ...); a server of lab.json
     // by its name takes the generic path below, which a stack daemon serves too.
     if let [verb, target] = args

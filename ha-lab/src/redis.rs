@@ -121,6 +121,28 @@ pub struct RedisLab {
     pub sentinels: Vec<RedisNode>,
 }
 
+/// A partition of a [`RedisLab`] ([`RedisLab::partition`]); healed on drop.
+#[derive(Debug)]
+#[must_use = "the partition is healed when the guard is dropped"]
+pub struct RedisPartition {
+    scope: crate::partition::Scope,
+}
+
+impl RedisPartition {
+    /// Removes the partition (the lab's nftables table).
+    pub fn heal(self) -> Result<(), LabError> {
+        self.scope.heal_all()
+    }
+}
+
+impl Drop for RedisPartition {
+    fn drop(&mut self) {
+        if let Err(e) = self.scope.heal_all() {
+            tracing::error!(error = %e, table = self.scope.table(), "could not heal a Redis lab partition");
+        }
+    }
+}
+
 /// A RESP reply, as the lab needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resp {
@@ -261,6 +283,72 @@ impl RedisLab {
     /// The node listening on `addr`.
     pub fn node_at(&self, addr: SocketAddr) -> Option<&RedisNode> {
         self.nodes.iter().find(|n| n.addr == addr)
+    }
+
+    /// The address of `idc` in this lab as a `/32`: its Redis node and its sentinel share it,
+    /// and no other lab uses it.
+    pub fn idc_net(&self, idc: &str) -> Option<ipnet::IpNet> {
+        self.nodes
+            .iter()
+            .find(|n| n.idc == idc)
+            .map(|n| ipnet::IpNet::from(n.addr.ip()))
+    }
+
+    /// Cuts `idc` (its Redis node and sentinel) off from the lab's other IDCs, with
+    /// nftables (root and `nft` needed). `inside` are extra ranges on `idc`'s side, `outside`
+    /// extra ranges on the other side: a test's client connects from `127.0.0.1`, so
+    /// `inside = [127.0.0.1/32]` puts it in the isolated IDC, `outside = [127.0.0.1/32]` with
+    /// the majority, and neither leaves it reaching everything. Only packets to or from this
+    /// lab's ports are dropped (its own table, `halab_<first port>`), so other labs and the
+    /// machine's own servers are not cut. The partition lasts until [`RedisPartition::heal`]
+    /// or the guard is dropped (also when a test panics).
+    pub fn partition(
+        &self,
+        idc: &str,
+        inside: &[ipnet::IpNet],
+        outside: &[ipnet::IpNet],
+    ) -> Result<RedisPartition, LabError> {
+        let cut = self
+            .idc_net(idc)
+            .ok_or_else(|| LabError::Control(format!("no IDC {idc} in the Redis lab")))?;
+        let mut side: Vec<ipnet::IpNet> = vec![cut];
+        side.extend_from_slice(inside);
+        let mut others: Vec<ipnet::IpNet> = self
+            .nodes
+            .iter()
+            .filter(|n| n.idc != idc)
+            .map(|n| ipnet::IpNet::from(n.addr.ip()))
+            .collect();
+        others.extend_from_slice(outside);
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .chain(&self.sentinels)
+            .map(|n| n.addr.port())
+            .collect();
+        self.cut(&side, &others, &ports)
+    }
+
+    /// The finer tool under [`RedisLab::partition`]: drops packets between every range of
+    /// `side` and every range of `others` whose source or destination port is one of `ports`.
+    /// E.g. cutting a replica's IDC from the master's IDC on the master's port alone stops its
+    /// replication while every sentinel still reaches it: a replica that lags and still
+    /// answers. Healed when the guard is dropped.
+    pub fn cut(
+        &self,
+        side: &[ipnet::IpNet],
+        others: &[ipnet::IpNet],
+        ports: &[u16],
+    ) -> Result<RedisPartition, LabError> {
+        let base = self.nodes.iter().map(|n| n.addr.port()).min().unwrap_or(0);
+        let scope = crate::partition::Scope::lab(base, ports.iter().copied());
+        let guard = RedisPartition {
+            scope: scope.clone(),
+        };
+        for net in side {
+            scope.partition(*net, others)?;
+        }
+        Ok(guard)
     }
 
     fn redis_spec(
@@ -721,7 +809,7 @@ pub async fn resp_command(
 ) -> Result<Resp, LabError> {
     let ctx = || format!("redis {addr} {}", args.first().copied().unwrap_or_default());
     let io = |e: std::io::Error| LabError::io(ctx(), e);
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+    let stream = tokio::time::timeout(Duration::from_secs(2), control_connect(addr))
         .await
         .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
         .map_err(io)?;
@@ -741,6 +829,23 @@ pub async fn resp_command(
         .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
         .map_err(io)
 }
+
+/// The lab's own connections to a loopback server come from [`CONTROL_ADDR`], so that a
+/// partition cutting a test's client (which connects from `127.0.0.1`) never cuts the lab's
+/// control of its servers.
+async fn control_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match addr {
+        SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(IpAddr::V4(CONTROL_ADDR), 0))?;
+            socket.connect(addr).await
+        }
+        _ => TcpStream::connect(addr).await,
+    }
+}
+
+/// The source address of the lab's control connections ([`resp_command`]) to loopback servers.
+pub const CONTROL_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 fn encode(args: &[&str]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();

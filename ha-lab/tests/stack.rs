@@ -319,8 +319,16 @@ fn the_cli_runs_the_stack_writes_configs_applies_faults_and_takes_it_down() {
     assert!(!ok, "two servers are down:\n{out}");
     let (ok, out) = ha_lab(d, &["fault", "restart", "mq-broker@bj-a"]);
     assert!(ok && out.contains("registered"), "{out}");
-    let (ok, out) = ha_lab(d, &["fault", "restart", "redis-bj-a"]);
-    assert!(ok, "{out}");
+    // By IDC: the killed master of bj-a comes back as a replica; bj-b's sentinel frozen and
+    // thawed.
+    let (ok, out) = ha_lab(d, &["fault", "restart", "redis@bj-a"]);
+    assert!(ok && out.contains("redis-bj-a"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "freeze", "sentinel@bj-b"]);
+    assert!(ok && out.contains("sentinel-bj-b"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "thaw", "sentinel@bj-b"]);
+    assert!(ok && out.contains("sentinel-bj-b"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "kill", "redis@no-such-idc"]);
+    assert!(!ok && out.contains("unknown server"), "{out}");
     let (ok, out) = ha_lab(d, &["status"]);
     assert!(ok, "everything is back:\n{out}");
     let (ok, out) = ha_lab(d, &["fault", "kill", "no-such-server"]);

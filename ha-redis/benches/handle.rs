@@ -2,11 +2,16 @@
 //! (the lab's master), sequential and with 64 concurrent callers, and the durable mode's SET
 //! (`WAIT 2`) against the plain one. Run with
 //! `cargo bench -p ha-redis --bench handle`; the ratios of the medians are what matter.
+//!
+//! Both sides bound every command the same way: the handle's deadline is 1 s, and the bare
+//! connection's response timeout is set to 1 s too (redis's default is 500 ms); `*/untimed`
+//! is the bare connection with no response timeout at all. The 64-caller cases report
+//! throughput (commands per second) beside the time per batch.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ha_lab::redis::{RedisLab, RedisLabOptions};
 use ha_redis::HaRedis;
 use ha_redis::redis::AsyncCommands;
@@ -17,20 +22,33 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (lab, client, bare) = rt.block_on(async {
+    let (lab, client, bare, untimed) = rt.block_on(async {
         let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
         let client = HaRedis::builder(lab.sentinel_addrs(), "members")
+            .timeout(Duration::from_secs(1))
             .build()
             .await
             .unwrap();
-        let bare = ha_redis::redis::Client::open(format!("redis://{}", lab.nodes[0].addr))
-            .unwrap()
-            .get_multiplexed_async_connection()
+        let bare_client =
+            ha_redis::redis::Client::open(format!("redis://{}", lab.nodes[0].addr)).unwrap();
+        let with_timeout = |t: Option<Duration>| {
+            ha_redis::redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_millis(500)))
+                .set_response_timeout(t)
+        };
+        let bare = bare_client
+            .get_multiplexed_async_connection_with_config(&with_timeout(Some(Duration::from_secs(
+                1,
+            ))))
+            .await
+            .unwrap();
+        let untimed = bare_client
+            .get_multiplexed_async_connection_with_config(&with_timeout(None))
             .await
             .unwrap();
         let mut m = client.master();
         let _: () = m.set("bench:k", "v").await.unwrap();
-        (lab, client, bare)
+        (lab, client, bare, untimed)
     });
     let mut g = c.benchmark_group("redis");
     g.measurement_time(Duration::from_secs(4))
@@ -48,6 +66,14 @@ fn bench(c: &mut Criterion) {
     g.bench_function("get/bare", |b| {
         b.to_async(&rt).iter(|| {
             let mut m = bare.clone();
+            async move {
+                let _: String = m.get("bench:k").await.unwrap();
+            }
+        })
+    });
+    g.bench_function("get/untimed", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut m = untimed.clone();
             async move {
                 let _: String = m.get("bench:k").await.unwrap();
             }
@@ -80,6 +106,12 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    g.finish();
+    let mut g = c.benchmark_group("redis64");
+    g.measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(30)
+        .throughput(Throughput::Elements(64));
     g.bench_function("get64/handle", |b| {
         b.to_async(&rt).iter(|| {
             let h = handle.clone();

@@ -37,6 +37,7 @@ pub struct Builder {
     sentinel_timeout: Duration,
     connect_timeout: Duration,
     startup_timeout: Duration,
+    replica_max_lag: u64,
     context: Option<HaContext>,
     events: Option<EventBus>,
     classifier: Option<Arc<IdcClassifier>>,
@@ -57,6 +58,7 @@ impl Builder {
             sentinel_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(500),
             startup_timeout: Duration::from_secs(5),
+            replica_max_lag: 1 << 20,
             context: None,
             events: None,
             classifier: None,
@@ -105,6 +107,18 @@ impl Builder {
     /// How often every sentinel is asked again, the safety net for lost events (default 1 s).
     pub fn poll_interval(mut self, interval: Duration) -> Builder {
         self.poll_interval = interval;
+        self
+    }
+
+    /// The most a replica's replication offset may trail the master's, in bytes of the
+    /// replication stream, for it to serve reads (default 1 MiB). Every poll interval each
+    /// replica's `INFO replication` is read, then the master's: a replica past the bound, with
+    /// its link down, in a full sync or not answering within the sentinel timeout leaves the
+    /// read set until a check passes again. A replica can serve reads that old for up to one
+    /// poll interval before it is noticed; `0` admits only replicas that were level at the
+    /// check. Callers who must read their own writes use [`HaRedis::session`].
+    pub fn replica_max_lag(mut self, bytes: u64) -> Builder {
+        self.replica_max_lag = bytes;
         self
     }
 
@@ -211,7 +225,8 @@ impl Builder {
                 });
             }
         }
-        core.refresh_replicas().await;
+        let mut prober = crate::replica::Prober::default();
+        core.refresh_replicas(&mut prober).await;
         let replica_balance = match (&core.cfg.context, &core.replicas) {
             (Some(ctx), Some((publisher, _))) => {
                 let creds = Arc::new(core.cfg.redis.clone());
@@ -220,7 +235,7 @@ impl Builder {
                     ctx.balancer_over(publisher.watch())
                         .classifier(crate::error::RedisClassifier)
                         .build(move |ep: &ha_core::Endpoint| {
-                            crate::replica::ReplicaConn::new(ep.addr, creds.clone(), connect)
+                            crate::replica::ReplicaConn::new(ep, creds.clone(), connect)
                         }),
                 )
             }
@@ -230,6 +245,9 @@ impl Builder {
         tasks.push(tokio::spawn(core.clone().follow(rx)));
         for i in 0..core.cfg.sentinels.len() {
             tasks.push(tokio::spawn(core.clone().subscribe_loop(i)));
+        }
+        if core.replicas.is_some() {
+            tasks.push(tokio::spawn(core.clone().replica_loop(prober)));
         }
         Ok(HaRedis {
             core,
@@ -273,6 +291,10 @@ pub struct RedisSettings {
     /// Maximum hold of a write during a failover, in milliseconds (default 5000).
     #[serde(default)]
     pub max_hold_ms: Option<u64>,
+    /// The most a replica's offset may trail the master's for it to serve reads, in bytes
+    /// (default 1 MiB; [`Builder::replica_max_lag`]).
+    #[serde(default)]
+    pub replica_max_lag_bytes: Option<u64>,
 }
 
 // === HaRedis ===
@@ -384,6 +406,9 @@ impl HaRedis {
         }
         if let Some(ms) = s.max_hold_ms {
             b = b.max_hold(Duration::from_millis(ms));
+        }
+        if let Some(bytes) = s.replica_max_lag_bytes {
+            b = b.replica_max_lag(bytes);
         }
         Ok(b)
     }
@@ -801,10 +826,7 @@ impl Core {
                     Some(i) => self.on_input(i, &mut st).await,
                     None => return,
                 },
-                _ = tick.tick() => {
-                    self.poll(&mut st).await;
-                    self.refresh_replicas().await;
-                }
+                _ = tick.tick() => self.poll(&mut st).await,
             }
         }
     }
@@ -960,11 +982,27 @@ impl Core {
         }
     }
 
-    /// Publishes the usable replicas (`SENTINEL REPLICAS` of the first sentinel that answers).
-    async fn refresh_replicas(&self) {
+    /// The replicas' own task: the read set is checked every poll interval, apart from the
+    /// follower so that a frozen replica never delays a failover step.
+    async fn replica_loop(self: Arc<Self>, mut prober: crate::replica::Prober) {
+        let mut tick = tokio::time::interval(self.cfg.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            self.refresh_replicas(&mut prober).await;
+        }
+    }
+
+    /// Publishes the replicas that may serve reads: those `SENTINEL REPLICAS` (of the first
+    /// sentinel that answers) reports up with their link ok, each checked on its own
+    /// connection against the master's offset ([`Builder::replica_max_lag`]). When no sentinel
+    /// answers, the set stays as it is.
+    async fn refresh_replicas(&self, prober: &mut crate::replica::Prober) {
         let Some((publisher, classifier)) = &self.replicas else {
             return;
         };
+        let mut listed = None;
         for i in 0..self.cfg.sentinels.len() {
             let r = async {
                 let mut c = self.sentinel_conn(i).await?;
@@ -977,19 +1015,74 @@ impl Core {
             }
             .await;
             if let Ok(reply) = r {
-                let eps = crate::replica::usable_replicas(&reply)
-                    .into_iter()
-                    .map(|a| {
-                        classifier
-                            .endpoint(a)
-                            .with_role(ha_core::Role::Replica)
-                            .with_cluster(self.name())
-                    })
-                    .collect();
-                publisher.publish(eps);
-                return;
+                listed = Some(crate::replica::usable_replicas(&reply));
+                break;
             }
         }
+        let Some(listed) = listed else {
+            return;
+        };
+        let infos = prober
+            .infos(
+                &listed,
+                &self.cfg.redis,
+                self.cfg.connect_timeout,
+                self.cfg.sentinel_timeout,
+            )
+            .await;
+        // The master's offset is read after every replica's: the lag is never underestimated.
+        let master = match self.current() {
+            Some(c) => {
+                let mut conn = c.conn.clone();
+                node::run(
+                    &mut conn,
+                    redis::cmd("INFO").arg("replication"),
+                    self.cfg.sentinel_timeout,
+                )
+                .await
+                .ok()
+                .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                .and_then(|info| crate::replica::master_offset(&info))
+            }
+            None => None,
+        };
+        prober.out.retain(|a, _| listed.contains(a));
+        let mut eps = Vec::with_capacity(infos.len());
+        for (addr, info) in infos {
+            let ep = classifier
+                .endpoint(addr)
+                .with_role(ha_core::Role::Replica)
+                .with_cluster(self.name());
+            let verdict =
+                info.and_then(|i| crate::replica::judge(&i, master, self.cfg.replica_max_lag));
+            match verdict {
+                Ok(lag) => {
+                    metrics::gauge!("ha_redis_replica_lag_bytes", "replica" => addr.to_string())
+                        .set(lag as f64);
+                    if let Some(since) = prober.out.remove(&addr) {
+                        self.events.publish(TopologyEvent::replica_caught_up(
+                            self.dependency.clone(),
+                            addr,
+                            ep.idc_name(),
+                            since.elapsed(),
+                        ));
+                    }
+                    eps.push(ep);
+                }
+                Err(reason) => {
+                    if let std::collections::hash_map::Entry::Vacant(v) = prober.out.entry(addr) {
+                        v.insert(Instant::now());
+                        self.events.publish(TopologyEvent::replica_lagging(
+                            self.dependency.clone(),
+                            addr,
+                            ep.idc_name(),
+                            reason,
+                        ));
+                    }
+                }
+            }
+        }
+        publisher.publish(eps);
     }
 
     /// The safety net: every sentinel, majority, `ROLE`.

@@ -15,86 +15,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ha_lab::redis::{RedisLab, RedisLabOptions};
-use ha_redis::redis::AsyncCommands;
-use ha_redis::{HaRedis, MasterHandle};
-use tokio::sync::Mutex;
+use ha_redis::HaRedis;
 use tokio::time::Instant;
 
 mod common;
-use common::{SERIAL, build, collect_events, holds, init_tracing};
-
-const PREFIX: &str = "k";
-
-#[derive(Debug, Clone)]
-struct Write {
-    i: u64,
-    issued: Instant,
-    done: Instant,
-    result: Result<(), String>,
-}
-
-type Log = Arc<Mutex<Vec<Write>>>;
-
-/// 200 writes/s, each its own task (a write held during a failover does not slow the others),
-/// `SET k<i> <i>` with the handle's 1 s deadline.
-fn start_load(master: MasterHandle, stop: Arc<AtomicBool>) -> (Log, tokio::task::JoinHandle<()>) {
-    start_load_at(master, stop, Duration::from_millis(5), 1)
-}
-
-/// `per_tick` writes every `tick`.
-fn start_load_at(
-    master: MasterHandle,
-    stop: Arc<AtomicBool>,
-    tick: Duration,
-    per_tick: u64,
-) -> (Log, tokio::task::JoinHandle<()>) {
-    let log: Log = Arc::default();
-    let log2 = log.clone();
-    let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            for _ in 0..per_tick {
-                let mut m = master.clone();
-                let log = log2.clone();
-                tasks.spawn(async move {
-                    let issued = Instant::now();
-                    let r: ha_redis::redis::RedisResult<()> =
-                        m.set(format!("{PREFIX}{i}"), i).await;
-                    let w = Write {
-                        i,
-                        issued,
-                        done: Instant::now(),
-                        result: r.map_err(|e| {
-                            ha_redis::error::ha_error(&e).map_or_else(
-                                || format!("redis: {e}"),
-                                |h| format!("{}: {h}", h.kind()),
-                            )
-                        }),
-                    };
-                    log.lock().await.push(w);
-                });
-                i += 1;
-            }
-            while tasks.try_join_next().is_some() {}
-        }
-        // Every write is bounded by its 1 s deadline, so this ends.
-        while tasks.join_next().await.is_some() {}
-    });
-    (log, task)
-}
-
-/// Keys acknowledged (`Ok`) that are missing or wrong in `dump`.
-fn lost(log: &[Write], dump: &HashMap<String, String>) -> Vec<u64> {
-    log.iter()
-        .filter(|w| w.result.is_ok())
-        .filter(|w| dump.get(&format!("{PREFIX}{}", w.i)) != Some(&w.i.to_string()))
-        .map(|w| w.i)
-        .collect()
-}
+use common::{
+    PREFIX, SERIAL, Write, build, collect_events, holds, init_tracing, lost, start_load,
+    start_load_at,
+};
 
 async fn wait_client_on(client: &HaRedis, addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;

@@ -1,7 +1,8 @@
 //! Faults against the real lab: a master demoted behind Sentinel's back (`-READONLY`, retried
 //! once on the next master), a frozen master (no call hangs past its deadline; the client
 //! follows the failover), a failover that aborts (held writes released to the old master), every
-//! sentinel lost, and one sentinel lost during a planned failover.
+//! sentinel lost, one sentinel lost during a planned failover, and a sentinel that names a wrong
+//! master (outvoted; with no majority left, start-up refuses).
 //! Correctness only, no timing thresholds; every wait bounded; one lab at a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -397,4 +398,61 @@ async fn one_sentinel_lost_a_planned_failover_is_still_followed_without_loss() {
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(errors.is_empty(), "callers saw errors: {errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_naming_a_wrong_master_is_outvoted() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let real = lab.nodes[0].addr;
+    let wrong = lab.nodes[2].addr;
+    let liar = &lab.sentinels[2];
+    // sh-a's sentinel is told that the master `members` is the sh-a replica.
+    let (ip, port) = (wrong.ip().to_string(), wrong.port().to_string());
+    for args in [
+        vec!["SENTINEL", "REMOVE", "members"],
+        vec!["SENTINEL", "MONITOR", "members", &ip, &port, "2"],
+    ] {
+        let r = lab.sentinel_cmd(liar.addr, &args).await.unwrap();
+        assert_eq!(r.as_str(), Some("OK"), "{args:?}: {r:?}");
+    }
+    let said = lab
+        .sentinel_cmd(
+            liar.addr,
+            &["SENTINEL", "get-master-addr-by-name", "members"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(said.items()[1].as_str(), Some(port.as_str()), "{said:?}");
+
+    // Two honest sentinels of three: the liar is outvoted at start-up ...
+    let client = build(&lab).build().await.unwrap();
+    assert_eq!(client.current_master().unwrap().addr, real);
+    let mut m = client.master();
+    let _: () = m.set("liar:1", "a").await.unwrap();
+    let on_real = lab.redis_cmd(real, &["GET", "liar:1"]).await.unwrap();
+    assert_eq!(on_real.as_str(), Some("a"));
+    // ... and by every poll after it (one a second): the client never moves.
+    let polls = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < polls {
+        assert_eq!(client.current_master().unwrap().addr, real);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.stats().switches, 1, "{:?}", client.stats());
+
+    // One honest sentinel gone: one honest answer against one lie, no majority. A new client
+    // refuses to start, naming the answers; the running one keeps its verified master.
+    lab.supervisor().kill("sentinel-bj-b").await.unwrap();
+    let err = build(&lab).build().await.unwrap_err();
+    assert!(err.is_no_majority(), "{err:?}");
+    println!("no majority: {err}");
+    let polls = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < polls {
+        assert_eq!(client.current_master().unwrap().addr, real);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = m.set("liar:2", "b").await.unwrap();
+    let on_real = lab.redis_cmd(real, &["GET", "liar:2"]).await.unwrap();
+    assert_eq!(on_real.as_str(), Some("b"));
 }

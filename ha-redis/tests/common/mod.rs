@@ -4,9 +4,16 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ha_lab::redis::RedisLab;
 use ha_redis::HaRedis;
+use ha_redis::MasterHandle;
+use ha_redis::redis::AsyncCommands;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 /// One lab at a time within a test binary (under nextest the `failover-lab` test group does
 /// the same across processes).
@@ -24,6 +31,99 @@ pub fn build(lab: &RedisLab) -> ha_redis::Builder {
     HaRedis::builder(lab.sentinel_addrs(), &lab.options().master_name)
         .timeout(Duration::from_secs(1))
         .startup_timeout(Duration::from_secs(5))
+}
+
+/// The key prefix of the loads.
+pub const PREFIX: &str = "k";
+
+/// One write of a load: its key number, when it was issued and answered, and its result.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The key's prefix ([`PREFIX`] unless the load was started with another).
+    pub prefix: &'static str,
+    pub i: u64,
+    pub issued: Instant,
+    pub done: Instant,
+    pub result: Result<(), String>,
+}
+
+/// The writes of a load, as they were answered.
+pub type Log = Arc<Mutex<Vec<Write>>>;
+
+/// 200 writes/s, each its own task (a write held during a failover does not slow the others),
+/// `SET k<i> <i>` with the handle's 1 s deadline.
+pub fn start_load(
+    master: MasterHandle,
+    stop: Arc<AtomicBool>,
+) -> (Log, tokio::task::JoinHandle<()>) {
+    start_load_at(master, stop, Duration::from_millis(5), 1)
+}
+
+/// `per_tick` writes every `tick`.
+pub fn start_load_at(
+    master: MasterHandle,
+    stop: Arc<AtomicBool>,
+    tick: Duration,
+    per_tick: u64,
+) -> (Log, tokio::task::JoinHandle<()>) {
+    start_load_with(master, stop, tick, per_tick, PREFIX)
+}
+
+/// [`start_load_at`] with keys `<prefix><i>`.
+pub fn start_load_with(
+    master: MasterHandle,
+    stop: Arc<AtomicBool>,
+    tick: Duration,
+    per_tick: u64,
+    prefix: &'static str,
+) -> (Log, tokio::task::JoinHandle<()>) {
+    let log: Log = Arc::default();
+    let log2 = log.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            for _ in 0..per_tick {
+                let mut m = master.clone();
+                let log = log2.clone();
+                tasks.spawn(async move {
+                    let issued = Instant::now();
+                    let r: ha_redis::redis::RedisResult<()> =
+                        m.set(format!("{prefix}{i}"), i).await;
+                    let w = Write {
+                        prefix,
+                        i,
+                        issued,
+                        done: Instant::now(),
+                        result: r.map_err(|e| {
+                            ha_redis::error::ha_error(&e).map_or_else(
+                                || format!("redis: {e}"),
+                                |h| format!("{}: {h}", h.kind()),
+                            )
+                        }),
+                    };
+                    log.lock().await.push(w);
+                });
+                i += 1;
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        // Every write is bounded by its 1 s deadline, so this ends.
+        while tasks.join_next().await.is_some() {}
+    });
+    (log, task)
+}
+
+/// Keys acknowledged (`Ok`) that are missing or wrong in `dump`.
+pub fn lost(log: &[Write], dump: &HashMap<String, String>) -> Vec<u64> {
+    log.iter()
+        .filter(|w| w.result.is_ok())
+        .filter(|w| dump.get(&format!("{}{}", w.prefix, w.i)) != Some(&w.i.to_string()))
+        .map(|w| w.i)
+        .collect()
 }
 
 /// The lab's regions and IDCs, local IDC `local_idc`, and a `cache` dependency (`kind =
