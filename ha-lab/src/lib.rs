@@ -9,6 +9,8 @@
 //! - [`http`]: a tiny HTTP/1.1 backend answering `GET /who`.
 //! - [`process`]: a supervisor for external server processes (kill, freeze, thaw, restart by pid).
 //! - [`partition`]: nftables partitions between IDC address ranges.
+//! - [`cgroup`]: processes placed in an IDC (a cgroup per IDC), cut by partitions like its
+//!   addresses.
 //! - [`redis`]: Redis + Sentinel across three IDCs ([`redis::RedisLab`]).
 //! - [`rocketmq`]: a RocketMQ name server and broker per IDC, two independent clusters
 //!   ([`rocketmq::RocketMqLab`]).
@@ -17,6 +19,7 @@
 //! - [`lab`]: the whole default lab ([`Lab`]), its `lab.json` manifest and its control socket.
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod control;
 pub mod dns;
 mod error;

@@ -47,6 +47,7 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     LabError,
+    cgroup::IdcCgroup,
     dns::LabDns,
     process::{Readiness, ServerSpec, Supervisor},
 };
@@ -217,6 +218,62 @@ struct Shared {
     events: watch::Sender<Vec<HaEvent>>,
     /// Serialises the simulator's failovers with planned switchovers.
     admin: tokio::sync::Mutex<()>,
+    /// Semi-synchronous replication is on (a promotion turns the master side on).
+    semi_sync: bool,
+    /// The IDC cut off by [`MariaDbLab::partition`], if any: the simulator, deciding from
+    /// outside it, sees a primary there as lost.
+    partitioned: parking_lot::Mutex<Option<String>>,
+}
+
+/// A partition of a [`MariaDbLab`] ([`MariaDbLab::partition`]); healed on drop.
+#[must_use = "the partition is healed when the guard is dropped"]
+pub struct MariaPartition {
+    scope: crate::partition::Scope,
+    shared: Arc<Shared>,
+    idc: String,
+}
+
+impl std::fmt::Debug for MariaPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MariaPartition")
+            .field("idc", &self.idc)
+            .field("table", &self.scope.table())
+            .finish()
+    }
+}
+
+impl MariaPartition {
+    /// Removes the partition, then fences the partitioned IDC's nodes that are no longer the
+    /// primary (`read_only = 1`, bounded): returns the nodes fenced.
+    pub async fn heal(self) -> Result<Vec<String>, MariaDbLabError> {
+        self.scope.heal_all()?;
+        *self.shared.partitioned.lock() = None;
+        let primary = *self.shared.primary.lock();
+        let mut fenced = Vec::new();
+        for (i, n) in self.shared.nodes.iter().enumerate() {
+            if n.idc == self.idc && i != primary {
+                let mut c = admin(n).await?;
+                if self.shared.semi_sync {
+                    // Commits waiting for a replica's acknowledgement hold `read_only` back:
+                    // they are let through first (locally; their clients were told nothing).
+                    sql(&mut c, n, "SET GLOBAL rpl_semi_sync_master_enabled = OFF").await?;
+                }
+                sql(&mut c, n, "SET GLOBAL read_only = 1").await?;
+                fenced.push(n.name.clone());
+            }
+        }
+        tracing::info!(idc = self.idc, ?fenced, "mariadb lab: partition healed");
+        Ok(fenced)
+    }
+}
+
+impl Drop for MariaPartition {
+    fn drop(&mut self) {
+        if let Err(e) = self.scope.heal_all() {
+            tracing::error!(error = %e, table = self.scope.table(), "could not heal a MariaDB lab partition");
+        }
+        *self.shared.partitioned.lock() = None;
+    }
 }
 
 /// Removes the lab's directory when dropped (after the supervisor killed the servers), when the
@@ -244,6 +301,9 @@ pub struct MariaDbLab {
     // Field order matters: the supervisor (which SIGKILLs the servers) drops before the
     // directory is removed.
     sup: Supervisor,
+    /// Each node's IDC cgroup (see [`crate::cgroup`]), `None` where the machine has none;
+    /// after the supervisor, so that they are empty when they are removed.
+    cgroups: Vec<Option<IdcCgroup>>,
     _dir: DirGuard,
 }
 
@@ -287,6 +347,9 @@ impl MariaDbLab {
         std::fs::create_dir_all(&dir)
             .map_err(|e| LabError::io(format!("create {}", dir.display()), e))?;
         let guard = DirGuard(dir.clone(), remove);
+        // Declared before the supervisor: on an early return the supervisor (killing the
+        // servers) drops first, then the emptied cgroups are removed.
+        let mut cgroups: Vec<Option<IdcCgroup>> = Vec::new();
         let sup = Supervisor::new(dir.join("logs")).with_ready_timeout(opts.ready_timeout);
         let layout = [
             ("bj-a", "north", 1u8),
@@ -318,13 +381,31 @@ impl MariaDbLab {
                 })?;
             }
             install_db(&node).await?;
-            sup.start(spec(&node, i != 0, opts.semi_sync)).await?;
+            let pid = sup.start(spec(&node, i != 0, opts.semi_sync)).await?;
+            // In its IDC's cgroup before it opens any connection (a replica's replication
+            // connection comes from 127.0.0.1: only the cgroup says which IDC it is in).
+            let group = IdcCgroup::create(&format!("{}-{seq}-{port}-{idc}", std::process::id()))
+                .and_then(|g| g.add(pid).map(|()| g));
+            match group {
+                Ok(g) => cgroups.push(Some(g)),
+                Err(e) => {
+                    tracing::debug!(node = node.name, error = %e, "no IDC cgroup: partitions unavailable");
+                    cgroups.push(None);
+                }
+            }
             nodes.push(node);
         }
         for node in &nodes {
             bootstrap_users(node).await?;
         }
         let primary = &nodes[0];
+        // Replication first: with semi-synchronous replication a commit on the primary waits
+        // for a replica's acknowledgement.
+        for replica in &nodes[1..] {
+            let mut conn = admin(replica).await?;
+            sql(&mut conn, replica, &change_master(primary, "slave_pos")).await?;
+            sql(&mut conn, replica, "START SLAVE").await?;
+        }
         let mut conn = admin(primary).await?;
         sql(
             &mut conn,
@@ -333,11 +414,6 @@ impl MariaDbLab {
         )
         .await?;
         drop(conn);
-        for replica in &nodes[1..] {
-            let mut conn = admin(replica).await?;
-            sql(&mut conn, replica, &change_master(primary, "slave_pos")).await?;
-            sql(&mut conn, replica, "START SLAVE").await?;
-        }
         for replica in &nodes[1..] {
             wait_database(replica, opts.ready_timeout).await?;
         }
@@ -361,7 +437,10 @@ impl MariaDbLab {
                 primary: parking_lot::Mutex::new(0),
                 events,
                 admin: tokio::sync::Mutex::new(()),
+                partitioned: parking_lot::Mutex::new(None),
+                semi_sync: opts.semi_sync.is_some(),
             }),
+            cgroups,
             sim: parking_lot::Mutex::new(None),
             sup,
             _dir: guard,
@@ -461,7 +540,8 @@ dns = {{ {names} }}
         )
     }
 
-    /// An administrative connection to `node` over TCP (bounded by 5 s).
+    /// An administrative connection to `node` over its Unix socket (bounded by 5 s; never cut
+    /// by a partition).
     pub async fn admin_conn(&self, node: &MariaNode) -> Result<Conn, MariaDbLabError> {
         admin(node).await
     }
@@ -493,6 +573,63 @@ dns = {{ {names} }}
         self.node(name)
             .cloned()
             .ok_or_else(|| MariaDbLabError::Setup(format!("no mariadb node {name:?}")))
+    }
+
+    /// The IDC cgroup of `idc`'s node (see [`crate::cgroup`]), `None` when the machine has no
+    /// usable cgroup v2 hierarchy. A test moves its own process in (`add(std::process::id())`,
+    /// before it connects) to be a client in that IDC for [`MariaDbLab::partition`].
+    pub fn cgroup(&self, idc: &str) -> Option<&IdcCgroup> {
+        let i = self.shared.nodes.iter().position(|n| n.idc == idc)?;
+        self.cgroups.get(i)?.as_ref()
+    }
+
+    /// Cuts `idc` off from the other IDCs, as a network partition: its node's address from the
+    /// other nodes' addresses, and the processes of the IDC cgroups (the nodes themselves, and
+    /// any test process moved into one, see [`MariaDbLab::cgroup`]) from the other side's
+    /// addresses, on the lab's port only. The HA simulator decides from outside the
+    /// partitioned IDC, as the seed's Raft group does: a primary there is lost to it, and it
+    /// promotes the most advanced replica on the other side. Admin connections use Unix
+    /// sockets and are never cut. Healed by [`MariaPartition::heal`] or on drop; the heal
+    /// fences the nodes of `idc` that are no longer the primary (`read_only = 1`), as the HA
+    /// fences a returning old primary. Needs root, `nft` and cgroup v2.
+    pub fn partition(&self, idc: &str) -> Result<MariaPartition, MariaDbLabError> {
+        let no_cgroups = || {
+            MariaDbLabError::Setup(
+                "partitions need an IDC cgroup per node (root and cgroup v2 under /sys/fs/cgroup)"
+                    .into(),
+            )
+        };
+        let i = self
+            .shared
+            .nodes
+            .iter()
+            .position(|n| n.idc == idc)
+            .ok_or_else(|| MariaDbLabError::Setup(format!("no mariadb node in IDC {idc:?}")))?;
+        let node = &self.shared.nodes[i];
+        let member = self.cgroups[i].as_ref().ok_or_else(no_cgroups)?;
+        let mut others = Vec::new();
+        let mut other_members = Vec::new();
+        for (j, n) in self.shared.nodes.iter().enumerate() {
+            if j != i {
+                others.push(ipnet::IpNet::from(n.addr.ip()));
+                other_members.push(self.cgroups[j].as_ref().ok_or_else(no_cgroups)?);
+            }
+        }
+        let scope = crate::partition::Scope::lab(node.addr.port(), [node.addr.port()]);
+        let guard = MariaPartition {
+            scope: scope.clone(),
+            shared: self.shared.clone(),
+            idc: idc.to_owned(),
+        };
+        scope.partition_members(
+            ipnet::IpNet::from(node.addr.ip()),
+            &[member],
+            &others,
+            &other_members,
+        )?;
+        *self.shared.partitioned.lock() = Some(idc.to_owned());
+        tracing::info!(idc, "mariadb lab: IDC partitioned");
+        Ok(guard)
     }
 
     /// Points every region's primary name at `ip` (what the HA does after a switch; also for
@@ -580,7 +717,7 @@ dns = {{ {names} }}
                 Duration::from_secs(5),
             ));
         }
-        promote(&mut nc, new).await?;
+        promote(&mut nc, new, self.shared.semi_sync).await?;
         let promoted_at = Instant::now();
         for (i, other) in self.shared.nodes.iter().enumerate() {
             if i == new_i {
@@ -591,7 +728,7 @@ dns = {{ {names} }}
             } else {
                 "slave_pos"
             };
-            if let Err(e) = repoint(other, new, mode).await {
+            if let Err(e) = repoint(other, new, mode, self.shared.semi_sync).await {
                 tracing::warn!(node = other.name, error = %e, "switchover: repoint failed");
             }
         }
@@ -630,7 +767,14 @@ async fn heartbeat(shared: Arc<Shared>) {
         if conn.as_ref().is_some_and(|(i, _)| *i != pi) {
             conn = None;
         }
+        let cut_off = shared.partitioned.lock().as_deref() == Some(primary.idc.as_str());
         let ok = tokio::time::timeout(HEARTBEAT, async {
+            if cut_off {
+                // Deciding from outside the partitioned IDC: its primary is lost to us.
+                return Err(mysql_async::Error::Other(
+                    "primary's IDC partitioned".into(),
+                ));
+            }
             if conn.is_none() {
                 conn = Some((pi, Conn::new(admin_opts(primary)).await?));
             }
@@ -702,13 +846,13 @@ async fn failover(
         return Err(MariaDbLabError::Setup("no live replica to promote".into()));
     };
     let new = &shared.nodes[new_i];
-    promote(&mut nc, new).await?;
+    promote(&mut nc, new, shared.semi_sync).await?;
     let promoted_at = Instant::now();
     for (i, other) in shared.nodes.iter().enumerate() {
         if i == new_i || i == old_i {
             continue;
         }
-        if let Err(e) = repoint(other, new, "slave_pos").await {
+        if let Err(e) = repoint(other, new, "slave_pos", shared.semi_sync).await {
             tracing::warn!(node = other.name, error = %e, "failover: repoint failed");
         }
     }
@@ -729,17 +873,33 @@ async fn failover(
     Ok(event)
 }
 
-async fn promote(c: &mut Conn, node: &MariaNode) -> Result<(), MariaDbLabError> {
+async fn promote(c: &mut Conn, node: &MariaNode, semi_sync: bool) -> Result<(), MariaDbLabError> {
     sql(c, node, "STOP SLAVE").await?;
     sql(c, node, "RESET SLAVE ALL").await?;
+    if semi_sync {
+        sql(c, node, "SET GLOBAL rpl_semi_sync_master_enabled = ON").await?;
+    }
     sql(c, node, "SET GLOBAL read_only = 0").await
 }
 
-async fn repoint(node: &MariaNode, to: &MariaNode, mode: &str) -> Result<(), MariaDbLabError> {
+async fn repoint(
+    node: &MariaNode,
+    to: &MariaNode,
+    mode: &str,
+    semi_sync: bool,
+) -> Result<(), MariaDbLabError> {
     let mut c = tokio::time::timeout(Duration::from_secs(1), admin(node))
         .await
         .map_err(|_| timeout_err(&format!("connect to {}", node.name), Duration::from_secs(1)))??;
     sql(&mut c, node, "SET GLOBAL read_only = 1").await?;
+    if semi_sync {
+        sql(
+            &mut c,
+            node,
+            "SET GLOBAL rpl_semi_sync_master_enabled = OFF",
+        )
+        .await?;
+    }
     sql(&mut c, node, "STOP SLAVE").await?;
     sql(&mut c, node, &change_master(to, mode)).await?;
     sql(&mut c, node, "START SLAVE").await
@@ -886,9 +1046,15 @@ fn spec(node: &MariaNode, replica: bool, semi_sync: Option<Duration>) -> ServerS
         spec.args.push("--read-only=1".into());
     }
     if let Some(timeout) = semi_sync {
-        // Every node both ways: whichever is promoted acts as the semi-sync primary at once.
+        // The primary waits for a replica; a replica only acknowledges. (A replica with the
+        // master side on would make its own SQL thread wait for acknowledgements nobody
+        // sends, with log-slave-updates.) A promotion turns the master side on, a repoint
+        // off.
         spec.args.extend([
-            "--rpl-semi-sync-master-enabled=ON".into(),
+            format!(
+                "--rpl-semi-sync-master-enabled={}",
+                if replica { "OFF" } else { "ON" }
+            ),
             "--rpl-semi-sync-slave-enabled=ON".into(),
             "--rpl-semi-sync-master-wait-point=AFTER_SYNC".into(),
             format!(
@@ -930,6 +1096,10 @@ async fn bootstrap_users(node: &MariaNode) -> Result<(), MariaDbLabError> {
             "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.%' IDENTIFIED BY '{ADMIN_PASSWORD}'"
         ),
         format!("GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.%' WITH GRANT OPTION"),
+        format!(
+            "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY '{ADMIN_PASSWORD}'"
+        ),
+        format!("GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'localhost' WITH GRANT OPTION"),
         format!("CREATE USER IF NOT EXISTS '{REPL_USER}'@'127.%' IDENTIFIED BY '{REPL_PASSWORD}'"),
         format!("GRANT REPLICATION SLAVE ON *.* TO '{REPL_USER}'@'127.%'"),
         format!("CREATE USER IF NOT EXISTS '{APP_USER}'@'127.%' IDENTIFIED BY '{APP_PASSWORD}'"),
@@ -981,13 +1151,14 @@ async fn wait_database(node: &MariaNode, bound: Duration) -> Result<(), MariaDbL
     }
 }
 
+/// The simulator's and the tests' admin connections go over the node's Unix socket: no
+/// partition (nftables) ever cuts them, as the HA system's own network is not the one a
+/// partition of the data network cuts.
 fn admin_opts(node: &MariaNode) -> OptsBuilder {
     OptsBuilder::default()
-        .ip_or_hostname(node.addr.ip().to_string())
-        .tcp_port(node.addr.port())
+        .socket(Some(node.socket().display().to_string()))
         .user(Some(ADMIN_USER))
         .pass(Some(ADMIN_PASSWORD))
-        .prefer_socket(false)
 }
 
 async fn admin(node: &MariaNode) -> Result<Conn, MariaDbLabError> {

@@ -38,7 +38,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{LabError, process::find_program};
+use crate::{LabError, cgroup::IdcCgroup, process::find_program};
 
 /// The table of [`Scope::every_port`] (family `inet`); a lab's table is `halab_<offset>`.
 pub const TABLE: &str = "halab";
@@ -238,6 +238,77 @@ impl Scope {
             chain(idc)
         ));
         script
+    }
+
+    /// [`Scope::partition_script`] plus the rules of the processes placed in IDCs: the
+    /// sockets of `members` (processes of `idc`) may not reach `others`, and those of
+    /// `other_members` may not reach `idc_cidr` (on the scope's ports, as destination: the
+    /// connections they open to the lab's servers).
+    pub fn partition_members_script(
+        &self,
+        idc_cidr: IpNet,
+        members: &[&IdcCgroup],
+        others: &[IpNet],
+        other_members: &[&IdcCgroup],
+    ) -> String {
+        let mut script = self.partition_script(idc_cidr, others);
+        if self.ports.as_ref().is_some_and(Vec::is_empty) {
+            return script;
+        }
+        let fam = family(idc_cidr);
+        let (table, chain) = (&self.table, chain(idc_cidr));
+        let ports = match &self.ports {
+            None => String::new(),
+            Some(ports) => format!(
+                " meta l4proto {{ tcp, udp }} th dport {{ {} }}",
+                ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let others: Vec<String> = others
+            .iter()
+            .filter(|o| family(**o) == fam)
+            .map(IpNet::to_string)
+            .collect();
+        let mut rule = |group: &IdcCgroup, daddr: &str| {
+            script.push_str(&format!(
+                "add rule inet {table} {chain} {} {fam} daddr {{ {daddr} }}{ports} drop\n",
+                group.nft_match()
+            ));
+        };
+        if !others.is_empty() {
+            let others = others.join(", ");
+            for g in members {
+                rule(g, &others);
+            }
+        }
+        for g in other_members {
+            rule(g, &idc_cidr.to_string());
+        }
+        script
+    }
+
+    /// [`Scope::partition`] with processes placed in IDCs (see [`crate::cgroup`]): the
+    /// processes of `members` are cut off with `idc_cidr`, those of `other_members` with
+    /// `others` (one nft transaction; a second call replaces the first).
+    pub fn partition_members(
+        &self,
+        idc_cidr: IpNet,
+        members: &[&IdcCgroup],
+        others: &[IpNet],
+        other_members: &[&IdcCgroup],
+    ) -> Result<(), LabError> {
+        let script = self.partition_members_script(idc_cidr, members, others, other_members);
+        nft(
+            &format!("partition {idc_cidr} in table {}", self.table),
+            &["-f", "-"],
+            Some(&script),
+        )?;
+        tracing::info!(idc = %idc_cidr, ?others, members = members.len(), other_members = other_members.len(), table = %self.table, "partitioned");
+        Ok(())
     }
 
     /// Drops the scope's traffic in both directions between `idc_cidr` and each of `others`

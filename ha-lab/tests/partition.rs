@@ -219,3 +219,81 @@ async fn a_partition_of_one_lab_leaves_another_labs_ports_alone() {
     lab_a.heal_all().unwrap();
     assert!(lab_a.partitioned().unwrap().is_empty());
 }
+
+/// A child that connects to `dst` (from `127.0.0.1`, in no IDC) once it reads a line, and
+/// prints `rc=0` when it connected, `rc=124` when the connect timed out (2 s).
+fn child_connecting_to(dst: SocketAddr) -> std::process::Child {
+    std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "read go; timeout 2 bash -c 'exec 3<>/dev/tcp/{}/{}'; echo rc=$?",
+            dst.ip(),
+            dst.port()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn go_and_read(mut child: std::process::Child) -> String {
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_process_placed_in_an_idc_is_cut_with_it() {
+    use ha_lab::cgroup::IdcCgroup;
+    if !nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    let listener = TcpListener::bind("127.0.3.225:0").await.unwrap();
+    let dst = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        }
+    });
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _accept = Abort(accept);
+    let scope = Scope::lab(60003, [dst.port()]);
+    let _guard = TableGuard(scope.clone());
+    let bj_a = IdcCgroup::create(&format!("{}-bj-a", std::process::id())).unwrap();
+    let idc: IpNet = "127.0.1.225/32".parse().unwrap();
+    let other: IpNet = "127.0.3.225/32".parse().unwrap();
+    scope
+        .partition_members(idc, &[&bj_a], &[other], &[])
+        .unwrap();
+
+    // In bj-a's cgroup: cut off from sh-a, although it sends from 127.0.0.1.
+    let inside = child_connecting_to(dst);
+    bj_a.add(inside.id()).unwrap();
+    assert_eq!(bj_a.pids(), vec![inside.id()]);
+    assert_eq!(
+        go_and_read(inside),
+        "rc=124",
+        "a member of bj-a reached sh-a"
+    );
+    // The same program outside the cgroup connects.
+    assert_eq!(go_and_read(child_connecting_to(dst)), "rc=0");
+    // Healed: the member connects again.
+    scope.heal(idc).unwrap();
+    let inside = child_connecting_to(dst);
+    bj_a.add(inside.id()).unwrap();
+    assert_eq!(go_and_read(inside), "rc=0");
+    // Dropping the cgroup removes it.
+    let dir = bj_a.dir().to_owned();
+    drop(bj_a);
+    assert!(!dir.exists());
+}

@@ -20,6 +20,10 @@ pub mod codes {
     pub const BAD_DB: u16 = 1049;
     /// `ER_SPECIFIC_ACCESS_DENIED_ERROR`: a privilege is missing (e.g. `SLAVE MONITOR`).
     pub const SPECIFIC_ACCESS_DENIED: u16 = 1227;
+    /// `ER_CON_COUNT_ERROR`: too many connections (the handshake was refused; nothing ran).
+    pub const TOO_MANY_CONNECTIONS: u16 = 1040;
+    /// `ER_TOO_MANY_USER_CONNECTIONS`: the user's connection limit (nothing ran).
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 1203;
     /// `ER_QUERY_INTERRUPTED`.
     pub const QUERY_INTERRUPTED: u16 = 1317;
     /// `ER_SERVER_SHUTDOWN`.
@@ -125,6 +129,13 @@ impl MysqlError {
     pub fn class(&self) -> ErrorClass {
         match self {
             MysqlError::Connect { source, .. } => match source {
+                // A full server refused the connection: nothing ran, another try may pass.
+                mysql_async::Error::Server(s)
+                    if s.code == codes::TOO_MANY_CONNECTIONS
+                        || s.code == codes::TOO_MANY_USER_CONNECTIONS =>
+                {
+                    ErrorClass::NotSent
+                }
                 // The handshake reached a server that said no: not a sick endpoint.
                 mysql_async::Error::Server(_) => ErrorClass::Final,
                 _ => ErrorClass::NotSent,
@@ -322,6 +333,26 @@ mod tests {
         };
         assert_eq!(MysqlClassifier.classify(&confirmed), ErrorClass::Refused);
         assert!(MysqlClassifier.classify(&confirmed).is_retryable(false));
+    }
+
+    #[test]
+    fn a_full_server_refusing_the_handshake_ran_nothing() {
+        let addr: SocketAddr = "127.0.1.1:3306".parse().unwrap();
+        for code in [
+            codes::TOO_MANY_CONNECTIONS,
+            codes::TOO_MANY_USER_CONNECTIONS,
+        ] {
+            let e = MysqlError::Connect {
+                addr,
+                source: server(code),
+            };
+            assert_eq!(e.class(), ErrorClass::NotSent, "{code}");
+        }
+        let other = MysqlError::Connect {
+            addr,
+            source: server(1130),
+        };
+        assert_eq!(other.class(), ErrorClass::Final);
     }
 
     #[test]

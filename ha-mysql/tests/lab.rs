@@ -49,13 +49,14 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const PERIOD: Duration = Duration::from_millis(5);
 
 async fn lab() -> MariaDbLab {
-    let lab = tokio::time::timeout(
-        Duration::from_secs(60),
-        MariaDbLab::start(MariaDbLabOptions::default()),
-    )
-    .await
-    .expect("lab start bounded")
-    .expect("lab start");
+    lab_with(MariaDbLabOptions::default()).await
+}
+
+async fn lab_with(opts: MariaDbLabOptions) -> MariaDbLab {
+    let lab = tokio::time::timeout(Duration::from_secs(60), MariaDbLab::start(opts))
+        .await
+        .expect("lab start bounded")
+        .expect("lab start");
     let primary = lab.primary();
     let mut c = lab.admin_conn(&primary).await.unwrap();
     c.query_drop(format!(
@@ -77,11 +78,11 @@ async fn lab() -> MariaDbLab {
             if n == Some(1) {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "table t not replicated to {}",
-                node.name
-            );
+            if Instant::now() >= deadline {
+                let status: Vec<ha_mysql::mysql_async::Row> =
+                    rc.query("SHOW SLAVE STATUS").await.unwrap();
+                panic!("table t not replicated to {}: {status:?}", node.name);
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -722,4 +723,113 @@ async fn plain_addresses_follow_a_switchover_without_dns() {
     assert!(s.failed.is_empty(), "{:?}", s.failed);
     assert_eq!(s.old_acks_after_repoint, 0);
     assert_eq!(db.master().current().unwrap().addr, ev.to_addr);
+}
+
+// === partitions of the primary's IDC ===
+
+/// What a partition scenario measured.
+#[derive(Debug)]
+struct PartitionOutcome {
+    acked: usize,
+    unknown: usize,
+    /// Acknowledged writes missing on the final primary.
+    lost: Vec<u64>,
+    /// Rows on the old primary that the new one lacks, and whether each was reported
+    /// `OutcomeUnknown` (never acknowledged).
+    only_old: usize,
+    only_old_all_unknown: bool,
+    fenced: Vec<String>,
+}
+
+/// Partitions `bj-a` (the primary's IDC) for 4 s under 200 writes/s, with this test process
+/// (the client) placed in `client_idc`, and semi-synchronous replication on or off. The HA
+/// simulator decides from outside `bj-a` and promotes; the heal fences the old primary.
+async fn partition_of_the_primary_idc(client_idc: &str, semi_sync: bool) -> PartitionOutcome {
+    let mut opts = MariaDbLabOptions::default();
+    // A wait timeout far longer than the test: the primary never falls back to asynchronous.
+    opts.semi_sync = semi_sync.then_some(Duration::from_secs(120));
+    let lab = lab_with(opts).await;
+    // The client joins its IDC before it opens any connection.
+    lab.cgroup(client_idc)
+        .expect("an IDC cgroup (root, cgroup v2)")
+        .add(std::process::id())
+        .unwrap();
+    let db = client(&lab).await;
+    lab.start_ha();
+    let old = lab.primary();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = tokio::spawn(load(db.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = Instant::now();
+    let cut = lab.partition("bj-a").unwrap();
+    let ev = lab.wait_ha_event(1, WAIT).await.unwrap();
+    tokio::time::sleep_until(fault_at + Duration::from_secs(4)).await;
+    let fenced = cut.heal().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).unwrap();
+    let recs = load.await.unwrap();
+    let new = lab.node(&ev.to).unwrap().clone();
+    let on_new = ids_on(&lab, &new.name).await;
+    let on_old = ids_on(&lab, &old.name).await;
+    let s = summarise(&recs, fault_at, &ev, &ip(old.addr), &ip(new.addr));
+    let name = format!(
+        "partition, client in {client_idc}, semi-sync {}",
+        if semi_sync { "on" } else { "off" }
+    );
+    let lost: Vec<u64> = recs
+        .iter()
+        .filter(|r| matches!(r.res, Res::Acked(_)) && !on_new.contains(&r.id))
+        .map(|r| r.id)
+        .collect();
+    report(&name, &ev, &s, lost.len(), fault_at);
+    let unknown: HashSet<u64> = recs
+        .iter()
+        .filter(|r| r.res == Res::Unknown)
+        .map(|r| r.id)
+        .collect();
+    let only_old: Vec<u64> = on_old.difference(&on_new).copied().collect();
+    assert!(
+        s.max_latency < TIMEOUT + Duration::from_secs(1),
+        "a call outlived its deadline: {:?}",
+        s.max_latency
+    );
+    let out = PartitionOutcome {
+        acked: s.acked,
+        unknown: s.unknown,
+        only_old: only_old.len(),
+        only_old_all_unknown: only_old.iter().all(|id| unknown.contains(id)),
+        lost,
+        fenced,
+    };
+    println!("[{name}] {out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_with_the_client_outside_loses_no_acknowledged_write() {
+    let _serial = serial().await;
+    let o = partition_of_the_primary_idc("sh-a", true).await;
+    assert!(o.lost.is_empty(), "acknowledged writes lost: {o:?}");
+    assert!(o.acked > 0, "{o:?}");
+    assert_eq!(o.fenced, vec!["mariadb-bj-a".to_owned()], "{o:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_with_the_client_inside_and_semi_sync_acknowledges_nothing_it_loses() {
+    let _serial = serial().await;
+    let o = partition_of_the_primary_idc("bj-a", true).await;
+    assert!(o.lost.is_empty(), "acknowledged writes lost: {o:?}");
+    // The commits that waited for a replica past the deadline are reported unknown.
+    assert!(o.unknown > 0, "{o:?}");
+    assert!(o.only_old_all_unknown, "{o:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_with_the_client_inside_without_semi_sync_loses_what_the_old_primary_acked() {
+    let _serial = serial().await;
+    let o = partition_of_the_primary_idc("bj-a", false).await;
+    // The measured danger (reported in the README): the isolated primary acknowledges writes
+    // that the promoted replica never gets. If this reads 0, the client was not isolated with
+    // the old primary.
+    assert!(!o.lost.is_empty(), "{o:?}");
 }

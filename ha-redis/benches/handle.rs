@@ -140,6 +140,29 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    for (name, conn) in [("set64/handle", None), ("set64/bare", Some(bare.clone()))] {
+        let h = handle.clone();
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let h = h.clone();
+                let conn = conn.clone();
+                async move {
+                    futures::future::join_all((0..64).map(|i| {
+                        let mut m = h.clone();
+                        let mut c = conn.clone();
+                        async move {
+                            let key = format!("bench:s{i}");
+                            let _: () = match &mut c {
+                                Some(c) => c.set(key, "v").await.unwrap(),
+                                None => m.set(key, "v").await.unwrap(),
+                            };
+                        }
+                    }))
+                    .await;
+                }
+            })
+        });
+    }
     g.finish();
     drop(client);
     drop(lab);
