@@ -87,6 +87,9 @@ struct Inner {
     events: EventBus,
     classifier: Option<Arc<IdcClassifier>>,
     current: ArcSwapOption<Master>,
+    /// The generation of `current` (0 while it is `None`; a master's generation is at least
+    /// 1), stored after `current`: [`MasterWatch::check`]'s one-load fast path.
+    live: std::sync::atomic::AtomicU64,
     tx: watch::Sender<Option<Arc<Master>>>,
     /// Serialises writers so the generation, the epoch and the snapshot move together;
     /// readers never take it.
@@ -129,6 +132,7 @@ impl MasterWatch {
                 events,
                 classifier: None,
                 current: ArcSwapOption::empty(),
+                live: std::sync::atomic::AtomicU64::new(0),
                 tx,
                 write: Mutex::new(State {
                     generation: 0,
@@ -155,6 +159,9 @@ impl MasterWatch {
                     events: shared.events.clone(),
                     classifier: Some(classifier),
                     current: ArcSwapOption::new(shared.current.load_full()),
+                    live: std::sync::atomic::AtomicU64::new(
+                        shared.live.load(std::sync::atomic::Ordering::Acquire),
+                    ),
                     tx,
                     write: Mutex::new(State {
                         generation: state.generation,
@@ -196,6 +203,11 @@ impl MasterWatch {
     /// else [`HaError::Fenced`] with both generations. Also counts the refusal and publishes a
     /// [`TopologyEvent::ConnectionFenced`].
     pub fn check(&self, stamp: &Master) -> Result<(), HaError> {
+        // One atomic load on the checkout path: the current snapshot has the stamp's
+        // generation (generations are never reused, and 0 means none).
+        if self.inner.live.load(std::sync::atomic::Ordering::Acquire) == stamp.generation {
+            return Ok(());
+        }
         let cur = self.inner.current.load();
         match cur.as_ref() {
             Some(m) if m.generation == stamp.generation => Ok(()),
@@ -272,6 +284,9 @@ impl MasterWatch {
         state.generation += 1;
         let generation = state.generation;
         self.inner.current.store(None);
+        self.inner
+            .live
+            .store(0, std::sync::atomic::Ordering::Release);
         self.inner.tx.send_replace(None);
         tracing::warn!(
             dependency = %self.inner.dependency,
@@ -307,6 +322,9 @@ impl MasterWatch {
         // The snapshot goes out before the event, so a subscriber that reacts to the event
         // already reads the new master.
         self.inner.current.store(Some(next.clone()));
+        self.inner
+            .live
+            .store(next.generation, std::sync::atomic::Ordering::Release);
         self.inner.tx.send_replace(Some(next.clone()));
         self.inner.events.publish(TopologyEvent::master_switched(
             self.inner.dependency.clone(),

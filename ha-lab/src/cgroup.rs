@@ -129,15 +129,19 @@ impl Drop for IdcCgroup {
         }
         // A process killed just before (the lab's servers) leaves its cgroup a moment after
         // it was reaped: retry, bounded.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut tries = 0;
         loop {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => return,
-                Err(e) if std::time::Instant::now() >= deadline => {
+                // At most 2 s (200 × 10 ms).
+                Err(e) if tries >= 200 => {
                     tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove a lab cgroup");
                     return;
                 }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
         }
     }

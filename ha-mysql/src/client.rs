@@ -33,6 +33,13 @@ pub async fn last_gtid(conn: &mut Conn) -> mysql_async::Result<String> {
 /// A pooled connection to the verified primary (returned to the pool on drop).
 pub type Writer = Object<MysqlManager>;
 
+/// deadpool's non-blocking checkout: no wait for a slot, no timer.
+const NON_BLOCKING: deadpool::managed::Timeouts = deadpool::managed::Timeouts {
+    wait: Some(Duration::ZERO),
+    create: None,
+    recycle: None,
+};
+
 /// Where the primary is looked for.
 #[derive(Clone)]
 enum Source {
@@ -290,6 +297,7 @@ impl Builder {
             conn,
             nudge: tokio::sync::Notify::new(),
             spare: parking_lot::Mutex::new(None),
+            role_tick: std::sync::atomic::AtomicU64::new(0),
         });
         let started = Instant::now();
         let deadline = started + s.startup_timeout;
@@ -369,11 +377,16 @@ impl Builder {
             pool.clone(),
             s.verify_interval,
         ));
+        let ticker = tokio::spawn(crate::manager::tick_roles(
+            Arc::downgrade(&shared),
+            s.role_check_interval,
+        ));
         Ok(HaMysql {
             inner: Arc::new(Inner {
                 shared,
                 pool,
                 follower,
+                ticker,
                 timeout: s.timeout,
                 readers,
             }),
@@ -577,6 +590,7 @@ struct Inner {
     shared: Arc<Shared>,
     pool: Pool<MysqlManager>,
     follower: JoinHandle<()>,
+    ticker: JoinHandle<()>,
     timeout: Duration,
     readers: Option<Readers>,
 }
@@ -619,6 +633,7 @@ fn start_readers(
 impl Drop for Inner {
     fn drop(&mut self) {
         self.follower.abort();
+        self.ticker.abort();
         if let Some(r) = &self.readers {
             r.task.abort();
         }
@@ -765,7 +780,26 @@ impl HaMysql {
     /// one while the primary is being switched.
     pub async fn writer(&self) -> Result<Writer, HaError> {
         let deadline = Instant::now() + self.inner.timeout;
-        self.writer_until(deadline, self.inner.timeout).await
+        self.checkout(deadline, self.inner.timeout).await
+    }
+
+    /// A checkout within `deadline`. The fast path first: a free slot taken without arming a
+    /// timer (deadpool's non-blocking wait). It needs no deadline of its own when the budget
+    /// covers what a checkout can take by itself (`create` and `recycle`'s role check are
+    /// bounded by the connect timeout). Otherwise, or with no free slot, the bounded wait of
+    /// [`HaMysql::writer_until`], boxed so that the fast path's future stays small.
+    async fn checkout(&self, deadline: Instant, budget: Duration) -> Result<Writer, HaError> {
+        if budget >= self.inner.shared.conn.check_timeout {
+            match self.inner.pool.timeout_get(&NON_BLOCKING).await {
+                Ok(w) => return Ok(w),
+                Err(PoolError::Closed | PoolError::NoRuntimeSpecified) => {
+                    return Err(pool_error(PoolError::Closed));
+                }
+                // No free slot, or a failed create: the bounded path tries again.
+                Err(_) => {}
+            }
+        }
+        Box::pin(self.writer_until(deadline, budget)).await
     }
 
     async fn writer_until(&self, deadline: Instant, budget: Duration) -> Result<Writer, HaError> {
@@ -850,7 +884,7 @@ impl HaMysql {
         let deadline = Instant::now() + opts.timeout;
         let shared = &self.inner.shared;
         loop {
-            let mut w = self.writer_until(deadline, opts.timeout).await?;
+            let mut w = self.checkout(deadline, opts.timeout).await?;
             let endpoint = w.addr();
             let generation = w.stamp().generation;
             w.begin_statement();

@@ -14,7 +14,6 @@ use ha_core::{Master, MasterWatch};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::error::{MysqlError, codes, connect_error};
 
@@ -159,11 +158,45 @@ pub(crate) struct Shared {
     /// The follower's verified probe connection to a new primary, handed to the first
     /// `create` of that generation (it saves the first writer a connect and a role check).
     pub spare: parking_lot::Mutex<Option<(Arc<Master>, Conn)>>,
+    /// Bumped every `role_check_interval` by the ticker task ([`tick_roles`]): a pooled
+    /// connection whose last role check saw an older tick is checked again on its next
+    /// checkout (so between one and two intervals after its last check), without reading a
+    /// clock on every checkout.
+    pub role_tick: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub fn nudge(&self) {
         self.nudge.notify_one();
+    }
+
+    fn tick(&self) -> u64 {
+        self.role_tick.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True when a connection last checked at `tick` is due for a role check.
+    fn role_check_due(&self, tick: u64) -> bool {
+        self.conn.role_check_interval.is_zero() || self.tick() != tick
+    }
+}
+
+/// The ticker of [`Shared::role_tick`]; with a zero interval every checkout checks and no
+/// ticker runs.
+pub(crate) async fn tick_roles(shared: std::sync::Weak<Shared>, every: Duration) {
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared
+            .role_tick
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -173,7 +206,8 @@ impl Shared {
 pub struct HaConn {
     conn: Conn,
     stamp: Arc<Master>,
-    checked_at: Instant,
+    /// The [`Shared::role_tick`] of its last role check.
+    checked_tick: u64,
     in_flight: bool,
     broken: bool,
 }
@@ -264,7 +298,7 @@ impl Manager for MysqlManager {
                 return Ok(HaConn {
                     conn,
                     stamp,
-                    checked_at: Instant::now(),
+                    checked_tick: shared.tick(),
                     in_flight: false,
                     broken: false,
                 });
@@ -296,7 +330,7 @@ impl Manager for MysqlManager {
         Ok(HaConn {
             conn,
             stamp,
-            checked_at: Instant::now(),
+            checked_tick: shared.tick(),
             in_flight: false,
             broken: false,
         })
@@ -311,28 +345,87 @@ impl Manager for MysqlManager {
             .master
             .check(&c.stamp)
             .map_err(|e| RecycleError::Backend(MysqlError::Fenced(e)))?;
-        if c.checked_at.elapsed() >= shared.conn.role_check_interval {
-            let checked = tokio::select! {
-                r = role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false) => r,
-                () = moved_on(&shared.master, c.stamp.generation) => {
-                    c.broken = true;
-                    return Err(RecycleError::message("the primary moved on during the role check"));
-                }
-            };
-            match checked {
-                Ok(NodeRole::Primary) => c.checked_at = Instant::now(),
-                Ok(_) => {
-                    shared.nudge();
-                    return Err(RecycleError::Backend(MysqlError::ReadOnly {
-                        addr: c.stamp.addr,
-                    }));
-                }
-                Err(e) => {
-                    shared.nudge();
-                    return Err(RecycleError::Backend(e));
-                }
-            }
+        if shared.role_check_due(c.checked_tick) {
+            // Boxed: the role check's future is large and rare; the common recycle stays small.
+            return Box::pin(recheck_role(shared, c)).await;
         }
         Ok(())
+    }
+}
+
+/// `recycle`'s rate-limited role check of a connection to the primary.
+async fn recheck_role(shared: &Arc<Shared>, c: &mut HaConn) -> RecycleResult<MysqlError> {
+    let checked = tokio::select! {
+        r = role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false) => r,
+        () = moved_on(&shared.master, c.stamp.generation) => {
+            c.broken = true;
+            return Err(RecycleError::message("the primary moved on during the role check"));
+        }
+    };
+    match checked {
+        Ok(NodeRole::Primary) => {
+            c.checked_tick = shared.tick();
+            Ok(())
+        }
+        Ok(_) => {
+            shared.nudge();
+            Err(RecycleError::Backend(MysqlError::ReadOnly {
+                addr: c.stamp.addr,
+            }))
+        }
+        Err(e) => {
+            shared.nudge();
+            Err(RecycleError::Backend(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn shared(role_check_interval: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
+            dependency: "db".into(),
+            master: MasterWatch::new("db", ha_core::EventBus::default()),
+            conn: ConnSettings {
+                user: "u".into(),
+                password: None,
+                database: None,
+                connect_timeout: Duration::from_millis(100),
+                check_timeout: Duration::from_millis(100),
+                role_check_interval,
+            },
+            nudge: Notify::new(),
+            spare: parking_lot::Mutex::new(None),
+            role_tick: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_due_for_a_role_check_once_per_tick() {
+        let s = shared(Duration::from_secs(1));
+        let ticker = tokio::spawn(tick_roles(Arc::downgrade(&s), Duration::from_secs(1)));
+        let checked = s.tick();
+        assert!(!s.role_check_due(checked));
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(!s.role_check_due(checked), "not before the interval");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(s.role_check_due(checked), "due once the interval passed");
+        assert!(!s.role_check_due(s.tick()), "a check made now is not due");
+        // The ticker ends with the pool's shared state.
+        drop(s);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(ticker.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_interval_checks_every_checkout_and_runs_no_ticker() {
+        let s = shared(Duration::ZERO);
+        let ticker = tokio::spawn(tick_roles(Arc::downgrade(&s), Duration::ZERO));
+        tokio::task::yield_now().await;
+        assert!(ticker.is_finished());
+        assert!(s.role_check_due(s.tick()));
     }
 }
