@@ -187,6 +187,11 @@ impl MasterWatch {
 
     /// The current generation (0 before the first master).
     pub fn generation(&self) -> Generation {
+        // One atomic load while a master is known.
+        let live = self.inner.live.load(std::sync::atomic::Ordering::Acquire);
+        if live != 0 {
+            return live;
+        }
         self.inner
             .current
             .load()

@@ -204,7 +204,6 @@ impl Builder {
             gate: Gate::new(),
             tx,
             next_id: AtomicU64::new(1),
-            hold_epoch: AtomicU64::new(0),
             held_now: AtomicU64::new(0),
             stats: StatsInner::default(),
             cfg: self,
@@ -475,7 +474,7 @@ impl HaRedis {
 
     /// True while writes are held (a failover is in progress).
     pub fn is_holding(&self) -> bool {
-        self.core.gate.state().hold.is_some()
+        self.core.gate.is_held()
     }
 
     /// The counters so far.
@@ -516,8 +515,6 @@ struct Core {
     sentinel_conns: Vec<ArcSwapOption<MultiplexedConnection>>,
     next_id: AtomicU64,
     stats: StatsInner,
-    /// Bumped whenever a hold may begin.
-    hold_epoch: AtomicU64,
     /// Writes that waited during the current hold (for [`TopologyEvent::WritesReleased`]),
     /// taken when it ends.
     held_now: AtomicU64,
@@ -737,9 +734,9 @@ impl Core {
     }
 
     fn start_hold(&self, reason: &str) {
-        // Bumped before the gate closes, so a write whose reply arrives after the hold began
-        // always sees the change (a spurious bump only costs an extra check).
-        self.hold_epoch.fetch_add(1, Ordering::SeqCst);
+        // The gate counts every hold in the step that closes it, so a write whose reply
+        // arrives after the hold began always sees the change (a spurious count only costs
+        // an extra check).
         if self.gate.hold(reason) {
             self.stats.holds.fetch_add(1, Ordering::Relaxed);
             self.events
@@ -1105,7 +1102,7 @@ impl Core {
         match vote::tally(&answers) {
             Vote::Master { addr, answered, .. } => {
                 let majority_answered = answered * 2 > self.cfg.sentinels.len();
-                let epoch = self.hold_epoch.load(Ordering::SeqCst);
+                let epoch = self.gate.holds();
                 if failover || !majority_answered || epoch != st.clean_since {
                     st.clean_since = epoch;
                     st.clean_polls = 0;
@@ -1136,7 +1133,7 @@ impl Core {
                     Some(c) if c.master.addr == addr => {
                         // Two clean polls in a row, from a majority of the sentinels: a
                         // sentinel that failed to answer once cannot hide a failover.
-                        if self.gate.state().hold.is_some() && st.clean_polls >= 2 {
+                        if self.gate.is_held() && st.clean_polls >= 2 {
                             self.confirm_and_release("poll: no failover in progress")
                                 .await;
                         }
@@ -1390,7 +1387,7 @@ impl MasterHandle {
         let mut failed: Option<u64> = None;
         let mut counted_hold = false;
         loop {
-            if write && !counted_hold && core.gate.state().hold.is_some() {
+            if write && !counted_hold && core.gate.is_held() {
                 counted_hold = true;
                 core.stats.held_writes.fetch_add(1, Ordering::Relaxed);
                 core.held_now.fetch_add(1, Ordering::Relaxed);
@@ -1399,13 +1396,13 @@ impl MasterHandle {
             }
             let c = core
                 .gate
-                .acquire(write, deadline, core.cfg.max_hold, |c| {
+                .acquire_counted(write, deadline, core.cfg.max_hold, |c| {
                     Some(c.id) != failed
                         && !c.broken.load(Ordering::Relaxed)
                         && c.master.generation == core.watch.generation()
                 })
                 .await;
-            let c = match c {
+            let (c, holds_at_send) = match c {
                 Ok(c) => c,
                 Err(Refused::Deadline { .. } | Refused::MaxHold | Refused::Closed) => {
                     // A connection of an older generation is what we had: say so once.
@@ -1422,7 +1419,6 @@ impl MasterHandle {
                 }
             };
             attempts += 1;
-            let holds_at_send = core.hold_epoch.load(Ordering::SeqCst);
             let mut conn = c.conn.clone();
             let sent = async {
                 match req {
@@ -1474,7 +1470,7 @@ impl MasterHandle {
             }
             match result {
                 Ok(r) => {
-                    if write && core.hold_epoch.load(Ordering::SeqCst) != holds_at_send {
+                    if write && core.gate.holds() != holds_at_send {
                         // A hold began while this write was in flight: the old master's
                         // acknowledgement may have come after the replica's promotion.
                         self.confirm_in_flight(&c, deadline).await?;

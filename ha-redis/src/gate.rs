@@ -24,6 +24,10 @@ pub(crate) struct Hold {
 pub(crate) struct State<C> {
     pub(crate) conn: Option<Arc<C>>,
     pub(crate) hold: Option<Hold>,
+    /// Bumped by every [`Gate::hold`] (also one that finds writes already held), in the same
+    /// step that closes the gate: a write that saw `holds == n` when it took its connection
+    /// and reads another value once answered knows a hold began while it was in flight.
+    pub(crate) holds: u64,
 }
 
 impl<C> Clone for State<C> {
@@ -31,6 +35,7 @@ impl<C> Clone for State<C> {
         State {
             conn: self.conn.clone(),
             hold: self.hold.clone(),
+            holds: self.holds,
         }
     }
 }
@@ -56,6 +61,7 @@ impl<C> Gate<C> {
             tx: watch::Sender::new(State {
                 conn: None,
                 hold: None,
+                holds: 0,
             }),
         }
     }
@@ -68,9 +74,21 @@ impl<C> Gate<C> {
         self.tx.borrow().clone()
     }
 
-    /// Holds writes; true when this started a hold (it was not held).
+    /// True while writes are held (no clone of the state).
+    pub(crate) fn is_held(&self) -> bool {
+        self.tx.borrow().hold.is_some()
+    }
+
+    /// The number of [`Gate::hold`] calls so far.
+    pub(crate) fn holds(&self) -> u64 {
+        self.tx.borrow().holds
+    }
+
+    /// Holds writes; true when this started a hold (it was not held). Counts in
+    /// [`State::holds`] either way.
     pub(crate) fn hold(&self, reason: &str) -> bool {
         self.tx.send_if_modified(|s| {
+            s.holds += 1;
             if s.hold.is_some() {
                 return false;
             }
@@ -118,6 +136,7 @@ impl<C> Gate<C> {
 
     /// Waits for a connection that `usable` accepts: for a write, also not held. Bounded by
     /// `deadline`, and a held write by `max_hold` from when it first found the gate held.
+    #[cfg(test)]
     pub(crate) async fn acquire(
         &self,
         write: bool,
@@ -125,16 +144,41 @@ impl<C> Gate<C> {
         max_hold: Duration,
         usable: impl Fn(&C) -> bool,
     ) -> Result<Arc<C>, Refused> {
+        self.acquire_counted(write, deadline, max_hold, usable)
+            .await
+            .map(|(c, _)| c)
+    }
+
+    /// [`Gate::acquire`], also returning [`State::holds`] as it was when the connection was
+    /// handed out (read in the same step as the connection and the hold).
+    pub(crate) async fn acquire_counted(
+        &self,
+        write: bool,
+        deadline: Instant,
+        max_hold: Duration,
+        usable: impl Fn(&C) -> bool,
+    ) -> Result<(Arc<C>, u64), Refused> {
+        // The common case without subscribing: a usable connection and no hold.
+        {
+            let s = self.tx.borrow();
+            if !(write && s.hold.is_some())
+                && let Some(c) = s.conn.as_ref().filter(|c| usable(c))
+            {
+                return Ok((c.clone(), s.holds));
+            }
+        }
+        // Subscribed only now: the loop's first look is a fresh borrow, so a change between
+        // the look above and the subscription is not missed.
         let mut rx = self.tx.subscribe();
         let mut held_since: Option<Instant> = None;
         loop {
-            let (conn, held) = {
+            let (conn, held, holds) = {
                 let s = rx.borrow_and_update();
-                (s.conn.clone(), s.hold.is_some())
+                (s.conn.clone(), s.hold.is_some(), s.holds)
             };
             let held = write && held;
             if !held && let Some(c) = conn.filter(|c| usable(c)) {
-                return Ok(c);
+                return Ok((c, holds));
             }
             let mut bound = deadline;
             let mut by_hold = false;
@@ -171,10 +215,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_hold_that_begins_after_a_write_took_its_connection_is_seen() {
+        let g = gate_with(1);
+        let (c, holds) = g
+            .acquire_counted(true, Instant::now() + ms(1000), ms(5000), |_| true)
+            .await
+            .unwrap();
+        assert_eq!((*c, g.holds()), (1, holds), "nothing happened yet");
+        // The hold begins while the write is in flight: its answer must be checked.
+        g.hold("+try-failover");
+        assert_ne!(g.holds(), holds);
+        // A write that waited out a hold takes the count of the state it was released in.
+        let g2 = g.clone();
+        let w = tokio::spawn(async move {
+            g2.acquire_counted(true, Instant::now() + ms(1000), ms(5000), |_| true)
+                .await
+        });
+        tokio::time::sleep(ms(10)).await;
+        g.install(Some(Arc::new(2)), true);
+        let (c, holds) = w.await.unwrap().unwrap();
+        assert_eq!((*c, holds), (2, g.holds()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_held_write_waits_for_the_new_master_and_reads_pass() {
         let g = gate_with(1);
+        assert_eq!(g.holds(), 0);
         assert!(g.hold("+try-failover"));
         assert!(!g.hold("+elected-leader"), "one hold at a time");
+        assert_eq!(
+            g.holds(),
+            2,
+            "every hold is counted, also one that was held already"
+        );
         let start = Instant::now();
         // A read is not held: it goes to the old master at once.
         let read = g.acquire(false, start + ms(1000), ms(5000), |_| true).await;
