@@ -441,12 +441,12 @@ async fn find_primary(
 
 /// Re-checks the primary on a nudge (a classified error, a refused connect, a read-only
 /// answer), on a change of the DNS answer, and every `verify_interval`; while no primary is
-/// known it asks DNS again every 10 ms (only for as long as the outage lasts). A new primary
+/// known it asks DNS again every 5 ms (only for as long as the outage lasts). A new primary
 /// bumps the generation and drops the idle connections of the old one (the others are refused
 /// at their next checkout). A probe round that a DNS change overtakes is abandoned, so a
 /// frozen candidate (whose probe waits its full connect timeout) never delays the new one.
 async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, verify: Duration) {
-    const LOST_POLL: Duration = Duration::from_millis(10);
+    const LOST_POLL: Duration = Duration::from_millis(5);
     let mut dns = source.watch();
     let mut pending: Option<&'static str> = None;
     loop {
