@@ -18,6 +18,14 @@
 //! The MariaDB lab is the critical path (three `mariadb-install-db` runs one after the other,
 //! 3.4–4.4 s); the Redis lab (1.0–2.1 s) and the RocketMQ lab (0.3–1.3 s) start in its shadow.
 //!
+//! Partitions: [`Stack::partition`] cuts one IDC off in all three labs at once (Redis and
+//! its sentinels, MariaDB with the HA simulator deciding from outside, RocketMQ's name server
+//! and broker), for the lab's servers and for the processes placed in the IDC's cgroup
+//! ([`Stack::place`]: a service instance moved in before it connects is cut like its IDC).
+//! The guard heals on drop, or with [`StackPartition::heal`], which also fences the MariaDB
+//! nodes of the IDC that lost the primary; [`Stack::settle`] waits until the stack is whole
+//! again.
+//!
 //! Every server runs under a [`crate::process::Supervisor`] of its lab: dropping the stack
 //! SIGKILLs them all by pid (also when a test panics); [`Stack::stop`] does it and waits.
 //!
@@ -53,10 +61,14 @@ use tokio::{
 
 use crate::{
     LabError,
+    cgroup::IdcCgroup,
     control::{ControlRequest, ControlResponse, FaultAction, StackFault},
     lab::{IdcSpec, Manifest, ServerEntry, ServerKind},
-    mariadb::{APP_PASSWORD, APP_USER, MariaDbLab, MariaDbLabError, MariaDbLabOptions},
-    redis::{REDIS_IDCS, RedisLab, RedisLabOptions},
+    mariadb::{
+        APP_PASSWORD, APP_USER, MariaDbLab, MariaDbLabError, MariaDbLabOptions, MariaPartition,
+    },
+    partition::Scope,
+    redis::{REDIS_IDCS, RedisLab, RedisLabOptions, RedisPartition},
     rocketmq::{RocketMqLab, RocketMqLabOptions},
 };
 
@@ -936,6 +948,405 @@ impl Stack {
     }
 }
 
+// === partitions ===
+
+/// A partition of one IDC across the stack ([`Stack::partition`]). Healed by
+/// [`StackPartition::heal`] or, without the MariaDB fencing, when dropped (also when a test
+/// panics).
+#[derive(Debug)]
+#[must_use = "the partition is healed when the guard is dropped"]
+pub struct StackPartition {
+    idc: String,
+    began: Instant,
+    /// The rules of the processes placed in IDC cgroups on the Redis ports (the Redis lab's
+    /// own partition cuts addresses only).
+    redis_members: Option<Scope>,
+    /// The RocketMQ cut (addresses and placed processes, on the RocketMQ ports).
+    mq: Option<Scope>,
+    redis: Option<RedisPartition>,
+    mariadb: Option<MariaPartition>,
+    /// The pid of the IDC's MariaDB node when the partition began (`None`: not running).
+    mysql_pid: Option<u32>,
+}
+
+/// What [`StackPartition::heal`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StackHeal {
+    /// The IDC that was cut off.
+    pub idc: String,
+    /// From the partition to the heal.
+    pub lasted: Duration,
+    /// The MariaDB nodes of the IDC fenced with `read_only = 1` (they lost the primary).
+    pub mysql_fenced: Vec<String>,
+}
+
+impl StackPartition {
+    /// The IDC cut off.
+    pub fn idc(&self) -> &str {
+        &self.idc
+    }
+
+    /// Removes every rule of the partition (each part is tried; the first error is returned),
+    /// then fences the IDC's MariaDB node when it is no longer the primary
+    /// ([`MariaPartition::heal`]; a node not running, e.g. killed before, is left alone).
+    pub async fn heal(mut self) -> Result<StackHeal, LabError> {
+        let mut first: Option<LabError> = None;
+        for scope in [self.redis_members.take(), self.mq.take()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = scope.heal_all() {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(r) = self.redis.take()
+            && let Err(e) = r.heal()
+        {
+            first.get_or_insert(e);
+        }
+        let mut mysql_fenced = Vec::new();
+        // A node that is not running needs no fencing (and cannot be reached to fence): the
+        // guard's drop removes its rules.
+        let running = self.mysql_pid.is_some_and(crate::process::pid_alive);
+        if let Some(m) = self.mariadb.take().filter(|_| running) {
+            match m.heal().await {
+                Ok(f) => mysql_fenced = f,
+                Err(e) => {
+                    first.get_or_insert(maria(e));
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        tracing::info!(idc = self.idc, ?mysql_fenced, "stack partition healed");
+        Ok(StackHeal {
+            idc: self.idc.clone(),
+            lasted: self.began.elapsed(),
+            mysql_fenced,
+        })
+    }
+}
+
+impl Drop for StackPartition {
+    fn drop(&mut self) {
+        for scope in [self.redis_members.take(), self.mq.take()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = scope.heal_all() {
+                tracing::error!(error = %e, table = scope.table(), "could not heal a stack partition");
+            }
+        }
+        // The Redis and MariaDB guards heal themselves when they drop, after this.
+    }
+}
+
+/// The first of `candidates` not in `used` (then added to it): a table number of its own.
+fn own_table(used: &mut Vec<u16>, candidates: impl IntoIterator<Item = u16>) -> Option<u16> {
+    let n = candidates.into_iter().find(|c| !used.contains(c))?;
+    used.push(n);
+    Some(n)
+}
+
+/// What [`Stack::settle`] waited for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settled {
+    /// The Redis master every sentinel agrees on.
+    pub redis_master: SocketAddr,
+    /// The MariaDB primary.
+    pub mysql_primary: String,
+    /// The MariaDB replicas that applied everything the primary had when the wait began.
+    pub mysql_caught_up: Vec<String>,
+    /// The running MariaDB nodes that replicate from nothing (an old primary fenced by a heal).
+    pub mysql_not_replicating: Vec<String>,
+    /// Every RocketMQ broker is registered with its name server (`None` without RocketMQ).
+    pub mq_registered: Option<bool>,
+    /// How long the wait took.
+    pub took: Duration,
+}
+
+impl std::fmt::Display for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "redis master {}, mysql primary {}, replicas caught up [{}]",
+            self.redis_master,
+            self.mysql_primary,
+            self.mysql_caught_up.join(", ")
+        )?;
+        if !self.mysql_not_replicating.is_empty() {
+            write!(
+                f,
+                ", not replicating [{}]",
+                self.mysql_not_replicating.join(", ")
+            )?;
+        }
+        write!(f, " in {:.2} s", self.took.as_secs_f64())
+    }
+}
+
+impl Stack {
+    /// Moves process `pid` into `idc`'s cgroup ([`MariaDbLab::cgroup`]), so that a partition
+    /// of the IDC ([`Stack::partition`]) cuts it as it cuts the IDC's servers. Only sockets
+    /// opened after the move are matched: move a process before it connects. Needs root and
+    /// cgroup v2 under `/sys/fs/cgroup`.
+    pub fn place(&self, idc: &str, pid: u32) -> Result<(), LabError> {
+        let group = self.cgroup(idc)?;
+        group.add(pid)?;
+        if !group.pids().contains(&pid) {
+            return Err(LabError::Control(format!(
+                "pid {pid} is not in {} after the move (did it exit?)",
+                group.dir().display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The processes in `idc`'s cgroup now (the lab's MariaDB node of the IDC and every
+    /// process [`Stack::place`]d there).
+    pub fn placed(&self, idc: &str) -> Vec<u32> {
+        self.mariadb
+            .cgroup(idc)
+            .map(IdcCgroup::pids)
+            .unwrap_or_default()
+    }
+
+    fn cgroup(&self, idc: &str) -> Result<&IdcCgroup, LabError> {
+        self.mariadb.cgroup(idc).ok_or_else(|| {
+            LabError::Control(format!(
+                "no IDC cgroup for {idc:?} (an IDC of the stack; needs root and cgroup v2 under /sys/fs/cgroup)"
+            ))
+        })
+    }
+
+    /// Cuts `idc` off from the stack's other IDCs, in all three labs at once: Redis
+    /// ([`RedisLab::partition`] with no extra ranges, and the placed processes on the Redis
+    /// ports: those in `idc`'s cgroup reach only `idc`'s node and sentinel, those in the other
+    /// cgroups everything but them), MariaDB ([`MariaDbLab::partition`]: the HA simulator
+    /// decides from outside `idc` and promotes there), and RocketMQ (`idc`'s name server and
+    /// broker addresses from the other IDCs', and the placed processes likewise, on the
+    /// RocketMQ ports). Connections of processes in no IDC (this one: the load, the HA
+    /// simulator, the admin connections) are not cut. Needs root, `nft` and cgroup v2.
+    ///
+    /// Each lab's rules live in a table of their own (`halab_<n>`, with distinct `n`), so the
+    /// parts heal independently; a failure part-way heals what was applied (the guard drops).
+    pub fn partition(&self, idc: &str) -> Result<StackPartition, LabError> {
+        if !REDIS_IDCS.iter().any(|(n, _, _)| *n == idc) {
+            return Err(LabError::Control(format!(
+                "no IDC {idc:?} in the stack (bj-a, bj-b, sh-a)"
+            )));
+        }
+        let member = self.cgroup(idc)?;
+        let other_members: Vec<&IdcCgroup> = REDIS_IDCS
+            .iter()
+            .filter(|(n, _, _)| *n != idc)
+            .map(|(n, _, _)| self.cgroup(n))
+            .collect::<Result<_, _>>()?;
+        // The labs' own tables: the Redis lab's (its lowest node port) and the MariaDB lab's
+        // (its port).
+        let mut used: Vec<u16> = vec![self.mariadb.primary().addr.port()];
+        used.extend(self.redis.nodes.iter().map(|n| n.addr.port()).min());
+        let mut guard = StackPartition {
+            idc: idc.to_owned(),
+            began: Instant::now(),
+            redis_members: None,
+            mq: None,
+            redis: None,
+            mariadb: None,
+            mysql_pid: self.mariadb.pid(idc),
+        };
+
+        // Redis: the servers by address, then the placed processes.
+        guard.redis = Some(self.redis.partition(idc, &[], &[])?);
+        let redis_net = self
+            .redis
+            .idc_net(idc)
+            .ok_or_else(|| LabError::Control(format!("no IDC {idc} in the Redis lab")))?;
+        let redis_others: Vec<IpNet> = self
+            .redis
+            .nodes
+            .iter()
+            .filter(|n| n.idc != idc)
+            .map(|n| IpNet::from(n.addr.ip()))
+            .collect();
+        let mut redis_ports: Vec<u16> = self
+            .redis
+            .nodes
+            .iter()
+            .chain(&self.redis.sentinels)
+            .map(|n| n.addr.port())
+            .collect();
+        redis_ports.sort_unstable();
+        let table = own_table(&mut used, redis_ports.iter().rev().copied())
+            .ok_or_else(|| LabError::Control("no table number left for the Redis cut".into()))?;
+        let scope = Scope::lab(table, redis_ports.iter().copied());
+        guard.redis_members = Some(scope.clone());
+        scope.partition_members(redis_net, &[member], &redis_others, &other_members)?;
+
+        // MariaDB: its own partition (nodes are in their cgroups; the HA decides outside).
+        guard.mariadb = Some(self.mariadb.partition(idc).map_err(maria)?);
+
+        // RocketMQ: the IDC's servers from the other IDCs' and the placed processes.
+        if let Some(mq) = &self.rocketmq {
+            let third = REDIS_IDCS
+                .iter()
+                .find(|(n, _, _)| *n == idc)
+                .map_or(0, |(_, _, t)| *t);
+            let side = mq.idc(idc).map_or_else(
+                || {
+                    IpNet::new(IpAddr::from([127, 0, third, 0]), 24)
+                        .unwrap_or_else(|_| IpNet::from(IpAddr::from([127, 0, third, 0])))
+                },
+                |i| IpNet::from(i.ip),
+            );
+            let others: Vec<IpNet> = mq
+                .idcs()
+                .iter()
+                .filter(|i| i.idc != idc)
+                .map(|i| IpNet::from(i.ip))
+                .collect();
+            let mut ports: Vec<u16> = mq
+                .idcs()
+                .iter()
+                .flat_map(|i| [i.broker_fast, i.namesrv, i.broker, i.broker_ha])
+                .map(|a| a.port())
+                .collect();
+            ports.sort_unstable();
+            let table = own_table(&mut used, ports.iter().copied()).ok_or_else(|| {
+                LabError::Control("no table number left for the RocketMQ cut".into())
+            })?;
+            let scope = Scope::lab(table, ports);
+            guard.mq = Some(scope.clone());
+            scope.partition_members(side, &[member], &others, &other_members)?;
+        }
+        tracing::info!(idc, "stack partitioned");
+        Ok(guard)
+    }
+
+    /// Waits (bounded by `timeout` in all) until the stack is whole again, e.g. after a heal:
+    /// the Redis lab settled ([`RedisLab::wait_stable`] with every running replica), every
+    /// running MariaDB replica applied what the primary had when the wait began
+    /// (`MASTER_GTID_WAIT` on it, its SQL thread running; a node that replicates from nothing,
+    /// an old primary fenced by a heal, is listed apart), and every RocketMQ broker registered.
+    pub async fn settle(&self, timeout: Duration) -> Result<Settled, LabError> {
+        let begin = Instant::now();
+        let deadline = begin + timeout;
+        let running = self
+            .redis
+            .nodes
+            .iter()
+            .filter(|n| self.redis.supervisor().pid(&n.name).is_some())
+            .count();
+        let redis_master = self
+            .redis
+            .wait_stable(running.saturating_sub(1), timeout)
+            .await?;
+        let (mysql_caught_up, mysql_not_replicating) = self.mysql_caught_up(deadline).await?;
+        let mq_registered = match &self.rocketmq {
+            None => None,
+            Some(mq) => {
+                for i in mq.idcs() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    mq.wait_registered(&i.idc, left.max(Duration::from_millis(100)))
+                        .await?;
+                }
+                Some(true)
+            }
+        };
+        Ok(Settled {
+            redis_master,
+            mysql_primary: self.mariadb.primary().name,
+            mysql_caught_up,
+            mysql_not_replicating,
+            mq_registered,
+            took: begin.elapsed(),
+        })
+    }
+
+    /// `(caught up, not replicating)` of the running non-primary MariaDB nodes, by
+    /// `deadline`.
+    async fn mysql_caught_up(
+        &self,
+        deadline: Instant,
+    ) -> Result<(Vec<String>, Vec<String>), LabError> {
+        let bounded = |what: String| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            move || {
+                LabError::Control(format!(
+                    "{what}: not within the settle bound ({left:?} left)"
+                ))
+            }
+        };
+        let primary = self.mariadb.primary();
+        let mut pc = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            self.mariadb.admin_conn(&primary),
+        )
+        .await
+        .map_err(|_| bounded(format!("connect to {}", primary.name))())?
+        .map_err(maria)?;
+        let pos: String = pc
+            .query_first("SELECT @@gtid_binlog_pos")
+            .await
+            .map_err(|e| LabError::Control(format!("gtid_binlog_pos on {}: {e}", primary.name)))?
+            .unwrap_or_default();
+        let _ = pc.disconnect().await;
+        let mut caught_up = Vec::new();
+        let mut apart = Vec::new();
+        for n in self.mariadb.nodes() {
+            if n.name == primary.name || self.mariadb.pid(&n.name).is_none() {
+                continue;
+            }
+            let check = async {
+                let mut c = self.mariadb.admin_conn(n).await.map_err(maria)?;
+                loop {
+                    let row: Option<mysql_async::Row> =
+                        c.query_first("SHOW SLAVE STATUS").await.map_err(|e| {
+                            LabError::Control(format!("SHOW SLAVE STATUS on {}: {e}", n.name))
+                        })?;
+                    let Some(row) = row else {
+                        let _ = c.disconnect().await;
+                        return Ok::<bool, LabError>(false);
+                    };
+                    let field = |name: &str| {
+                        row.get_opt::<Option<String>, _>(name)
+                            .and_then(Result::ok)
+                            .flatten()
+                            .unwrap_or_default()
+                    };
+                    if field("Slave_SQL_Running") == "Yes" && field("Slave_IO_Running") == "Yes" {
+                        let waited: Option<i64> = c
+                            .query_first(format!("SELECT MASTER_GTID_WAIT('{pos}', 1)"))
+                            .await
+                            .map_err(|e| {
+                                LabError::Control(format!("MASTER_GTID_WAIT on {}: {e}", n.name))
+                            })?;
+                        if waited == Some(0) {
+                            let _ = c.disconnect().await;
+                            return Ok(true);
+                        }
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let replicating = tokio::time::timeout(left, check)
+                .await
+                .map_err(|_| bounded(format!("{} catching up to {pos}", n.name))())??;
+            if replicating {
+                caught_up.push(n.name.clone());
+            } else {
+                apart.push(n.name.clone());
+            }
+        }
+        Ok((caught_up, apart))
+    }
+}
+
 /// Makes [`SERVICE_DATABASE`] on the primary (replicated) and lets [`APP_USER`] do anything in
 /// it.
 async fn create_service_database(lab: &MariaDbLab) -> Result<(), LabError> {
@@ -1089,5 +1500,19 @@ async fn control_conn(stream: UnixStream, shared: Arc<ControlShared>) {
         if shutdown {
             shared.shutdown.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_table;
+
+    #[test]
+    fn each_cut_gets_a_table_number_no_other_uses() {
+        let mut used = vec![100, 200];
+        assert_eq!(own_table(&mut used, [200, 100, 201, 202]), Some(201));
+        assert_eq!(own_table(&mut used, [201, 202]), Some(202));
+        assert_eq!(own_table(&mut used, [100, 202]), None);
+        assert_eq!(used, vec![100, 200, 201, 202]);
     }
 }

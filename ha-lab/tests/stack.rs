@@ -215,6 +215,183 @@ async fn without_mq_the_stack_has_no_events_and_planned_switches_work() {
         .expect("the test finished within its bound");
 }
 
+// === partitions ===
+
+/// Whether a helper process placed in `idc`'s cgroup connects to `addr` within 1 s. The shell
+/// waits for its go line, written once the pid is in the cgroup, so its socket is opened
+/// inside the IDC.
+async fn connects_from(stack: &Stack, idc: &str, addr: SocketAddr) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg("read -r go && exec timeout 1 bash -c 'exec 3<>/dev/tcp/$0/$1' \"$0\" \"$1\"")
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    stack.place(idc, child.id().unwrap()).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("the helper ends within its own timeout")
+        .unwrap()
+        .success()
+}
+
+/// Polls the sentinel at `sentinel` until it names a master other than `old` (bounded).
+async fn sentinel_moves_from(stack: &Stack, sentinel: SocketAddr, old: SocketAddr) -> SocketAddr {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = stack
+            .redis()
+            .sentinel_cmd(
+                sentinel,
+                &["SENTINEL", "get-master-addr-by-name", "members"],
+            )
+            .await
+            .unwrap();
+        let items = r.items();
+        let addr: Option<SocketAddr> = match (items.first(), items.get(1)) {
+            (Some(ip), Some(port)) => {
+                format!("{}:{}", ip.as_str().unwrap(), port.as_str().unwrap())
+                    .parse()
+                    .ok()
+            }
+            _ => None,
+        };
+        if let Some(a) = addr
+            && a != old
+        {
+            return a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sentinel {sentinel} still names {old}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_cuts_an_idc_and_its_placed_processes_in_every_lab_and_heals() {
+    if !ha_lab::partition::nft_available() {
+        eprintln!("skipped: nft not found (install the Debian package nftables)");
+        return;
+    }
+    let run = async {
+        let stack = Stack::start(StackOptions::default()).await.unwrap();
+        let redis = |idc: &str| {
+            let n = stack.redis().nodes.iter().find(|n| n.idc == idc).unwrap();
+            n.addr
+        };
+        let sentinel = |idc: &str| {
+            let n = stack
+                .redis()
+                .sentinels
+                .iter()
+                .find(|n| n.idc == idc)
+                .unwrap();
+            n.addr
+        };
+        let maria = |idc: &str| stack.mariadb().node(idc).unwrap().addr;
+        let mq = stack.rocketmq().unwrap();
+        let namesrv = |idc: &str| mq.namesrv_addr(idc).unwrap();
+        let broker = |idc: &str| mq.broker_addr(idc).unwrap();
+
+        // Whole: a process in bj-a reaches sh-a's servers and one in sh-a bj-a's.
+        assert!(connects_from(&stack, "bj-a", redis("sh-a")).await);
+        assert!(connects_from(&stack, "bj-a", maria("sh-a")).await);
+        assert!(connects_from(&stack, "sh-a", namesrv("bj-a")).await);
+        let master = stack.redis().master().await.unwrap();
+        let primary = stack.mariadb().primary();
+        let seen = stack.mariadb().ha_events().len();
+
+        let cut = stack.partition("bj-a").unwrap();
+        assert_eq!(cut.idc(), "bj-a");
+        // Inside bj-a: its own servers only.
+        assert!(connects_from(&stack, "bj-a", redis("bj-a")).await);
+        assert!(connects_from(&stack, "bj-a", sentinel("bj-a")).await);
+        assert!(connects_from(&stack, "bj-a", namesrv("bj-a")).await);
+        assert!(!connects_from(&stack, "bj-a", redis("sh-a")).await);
+        assert!(!connects_from(&stack, "bj-a", sentinel("bj-b")).await);
+        assert!(!connects_from(&stack, "bj-a", maria("bj-b")).await);
+        assert!(!connects_from(&stack, "bj-a", namesrv("sh-a")).await);
+        // Outside: everything but bj-a.
+        assert!(!connects_from(&stack, "sh-a", redis("bj-a")).await);
+        assert!(!connects_from(&stack, "sh-a", maria("bj-a")).await);
+        assert!(!connects_from(&stack, "sh-a", broker("bj-a")).await);
+        assert!(!connects_from(&stack, "bj-b", sentinel("bj-a")).await);
+        assert!(connects_from(&stack, "sh-a", redis("bj-b")).await);
+        assert!(connects_from(&stack, "sh-a", broker("sh-a")).await);
+        assert!(connects_from(&stack, "bj-b", maria("sh-a")).await);
+        // The HA decides from outside bj-a: the primary and the master there are replaced.
+        let bj_a = |a: SocketAddr| stack.redis().node_at(a).is_some_and(|n| n.idc == "bj-a");
+        if primary.idc == "bj-a" {
+            let ev = stack
+                .mariadb()
+                .wait_ha_event(seen + 1, Duration::from_secs(20))
+                .await
+                .unwrap();
+            assert_ne!(stack.mariadb().node(&ev.to).unwrap().idc, "bj-a");
+        }
+        if bj_a(master) {
+            let new = sentinel_moves_from(&stack, sentinel("sh-a"), master).await;
+            assert!(!bj_a(new), "{new}");
+        }
+
+        let heal = cut.heal().await.unwrap();
+        println!(
+            "healed after {:?}, fenced {:?}",
+            heal.lasted, heal.mysql_fenced
+        );
+        if primary.idc == "bj-a" {
+            assert_eq!(heal.mysql_fenced, vec![primary.name.clone()]);
+        }
+        assert!(connects_from(&stack, "bj-a", redis("sh-a")).await);
+        assert!(connects_from(&stack, "bj-a", maria("bj-b")).await);
+        assert!(connects_from(&stack, "sh-a", broker("bj-a")).await);
+        let settled = stack.settle(Duration::from_secs(45)).await.unwrap();
+        println!("{settled}");
+        assert_eq!(settled.mq_registered, Some(true));
+        if primary.idc == "bj-a" {
+            assert_eq!(settled.mysql_not_replicating, vec![primary.name.clone()]);
+            assert_eq!(settled.mysql_caught_up.len(), 1);
+        }
+        if bj_a(master) {
+            assert!(!bj_a(settled.redis_master));
+        }
+
+        // Dropping the guard heals too.
+        let cut = stack.partition("sh-a").unwrap();
+        assert!(!connects_from(&stack, "bj-a", redis("sh-a")).await);
+        drop(cut);
+        assert!(connects_from(&stack, "bj-a", redis("sh-a")).await);
+        assert!(stack.partition("nowhere").is_err());
+
+        // An IDC whose MariaDB node is down (killed before, as the demo's earlier phases do)
+        // heals without fencing it.
+        let primary_idc = stack.mariadb().primary().idc;
+        let down = ["bj-b", "sh-a"]
+            .into_iter()
+            .find(|i| *i != primary_idc)
+            .unwrap();
+        stack.mariadb().kill(down).await.unwrap();
+        let heal = stack.partition(down).unwrap().heal().await.unwrap();
+        assert!(heal.mysql_fenced.is_empty(), "{heal:?}");
+        assert!(connects_from(&stack, "bj-a", redis(down)).await);
+        stack.stop().await;
+    };
+    tokio::time::timeout(TEST_BOUND, run)
+        .await
+        .expect("the test finished within its bound");
+}
+
 // === the CLI: `ha-lab up --stack` ===
 
 const BIN: &str = env!("CARGO_BIN_EXE_ha-lab");

@@ -1,10 +1,15 @@
 //! `membership-service demo`: the service under faults, measured.
 //!
 //! Starts the lab stack in-process (Redis + Sentinel, MariaDB with its HA simulator, one
-//! RocketMQ cluster per IDC; `ha_lab::stack`), starts the service twice in-process (bj-a on
-//! `127.0.1.100`, sh-a on `127.0.3.100`, ephemeral ports), drives a steady mixed load (see
-//! [`load`]) against both, mostly bj-a, and runs the phases in order, each a few seconds of
-//! load around one fault:
+//! RocketMQ cluster per IDC; `ha_lab::stack`), starts the service twice as child processes
+//! (`membership-service serve`, this executable: bj-a on `127.0.1.100`, sh-a on
+//! `127.0.3.100`, ephemeral ports), each placed in its IDC's cgroup before it connects
+//! ([`Stack::place`]: the child is a shell that waits for one line on stdin and then `exec`s
+//! the service, and the demo writes that line only once the pid is in the cgroup), so that a
+//! partition of an IDC cuts its instance too. This process (the load, the HA simulator, the
+//! checks) stays in no IDC: it reaches both instances over HTTP throughout (their listen ports
+//! are no lab ports). It drives a steady mixed load (see [`load`]) against both, mostly bj-a,
+//! and runs the phases in order, each a few seconds of load around one fault:
 //!
 //! | phase | fault |
 //! |---|---|
@@ -16,27 +21,29 @@
 //! | `kill-broker` | SIGKILL of bj-a's RocketMQ broker, restarted a third of a phase later |
 //! | `drain` | `POST /admin/drain {"idc":"bj-a"}` on the bj-a instance, undrained a third of a phase later |
 //! | `rate-limit-flood` | many unpaced calls from one client address: expect 429 with `Retry-After` |
+//! | `partition-bj-a` | bj-a cut off for [`PARTITION_HOLD`] in the whole stack ([`Stack::partition`]: its Redis node and sentinel, its MariaDB node, its RocketMQ servers, and the bj-a instance); healed, then the stack must settle ([`Stack::settle`]) and both instances be ready |
+//! | `kill-lease-holder` | SIGKILL of the instance holding the job's lease (found through `/topology`); the other must hold it within the lease time + [`TAKEOVER_MARGIN`]; the killed one is restarted (same configuration and address) and must be ready |
 //!
-//! Per phase it counts calls, errors by kind, the longest error window ([`report`]), latency,
-//! read-your-writes violations, and, when the phase's load stopped, reads back every id
-//! acknowledged in the phase (its version must be at least the acknowledged one: else a lost
-//! write). After the last phase it looks for every acknowledged `(id, version)` in
-//! `/members/{id}/history` (written by the service's RocketMQ consumer) for at most
-//! `--history-secs` (default [`HISTORY_WAIT`]). A phase passes with no violation, no lost write, no missing event, at
-//! least one acknowledged write and its fault applied; the baseline also with no error; the
-//! flood with 429s seen, each with `Retry-After`, and no 5xx.
+//! Per phase it counts calls, errors by kind (and per instance), the longest error window
+//! ([`report`]), latency, read-your-writes violations, and, when the phase's load stopped,
+//! reads back every id acknowledged in the phase (its version must be at least the
+//! acknowledged one: else a lost write). After the last phase it looks for every acknowledged
+//! `(id, version)` in `/members/{id}/history` (written by the service's RocketMQ consumer)
+//! for at most `--history-secs` (default [`HISTORY_WAIT`]). A phase passes with no violation,
+//! no lost write, no missing event, at least one acknowledged write and its fault applied (for
+//! `partition-bj-a`: cut, healed, settled, both ready; for `kill-lease-holder`: the take-over
+//! within its bound and the restart ready); the baseline also with no error; the flood with
+//! 429s seen, each with `Retry-After`, and no 5xx. Errors are counted, not judged, in the other
+//! phases: calls to a killed instance fail until its restart, and the cut-off bj-a instance
+//! answers 503 to what it cannot make durable.
 //!
 //! Before the first phase a warm-up write waits (at most [`WARMUP_WAIT`]) until the history
 //! consumer recorded it: the consumer takes about 20 s after a start to get its queues, which
 //! would otherwise be the first phases' event lag. The event lag itself is sampled per phase
 //! ([`probe`]) and shown, not judged.
 //!
-//! Caveat: both instances in one process (the default) share the RocketMQ consumers' instance
-//! names (ha-mq names them `ha-mq-consumer-<idc>-<pid>`), so the broker sees one client where
-//! there are two; `--sh-a-process` runs the sh-a instance as a child process instead.
-//!
-//! Everything started is stopped at the end, also on error: the services shut down
-//! gracefully, then the stack stops.
+//! Everything started is stopped at the end, also on error: the services get SIGTERM (and
+//! SIGKILL when they do not exit within 30 s), then the stack stops.
 
 pub mod client;
 pub mod load;
@@ -53,8 +60,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use ha_lab::LabError;
 use ha_lab::stack::{Stack, StackOptions, Switch};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
 use crate::demo::client::DemoClient;
@@ -62,7 +67,7 @@ use crate::demo::load::{FloodResult, Load, WorkerSpec, worker_id};
 use crate::demo::probe::{ProbeTx, Prober};
 use crate::demo::progress::{PhaseLine, Progress};
 use crate::demo::report::{PhaseRow, Report, utc_now};
-use crate::{Service, ServiceConfig, StartError};
+use crate::{ServiceConfig, StartError};
 
 /// The admin token of the demo's instances.
 pub const TOKEN: &str = "demo-admin-token-0123456789";
@@ -84,6 +89,14 @@ pub const MIN_PHASE_SECS: f64 = 3.0;
 pub const FLOOD_TASKS: usize = 48;
 /// The flood's client address (its own per-client bucket, apart from the steady load's).
 pub const FLOOD_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 77));
+/// How long `partition-bj-a` keeps bj-a cut off.
+pub const PARTITION_HOLD: Duration = Duration::from_secs(8);
+/// Bound on the stack settling after the heal (Redis stable, MariaDB replicas caught up,
+/// brokers registered), and on each instance being ready again.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(45);
+/// Added to the lease time to bound the take-over (the survivor tries every third of the
+/// lease time and its `/topology` view refreshes every job interval, 1 s).
+pub const TAKEOVER_MARGIN: Duration = Duration::from_secs(3);
 
 /// One phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -105,11 +118,19 @@ pub enum Phase {
     Drain,
     /// Flood the per-client rate limit.
     RateLimitFlood,
+    /// Cut bj-a off (Redis, MariaDB, RocketMQ, and the bj-a instance with them) for
+    /// [`PARTITION_HOLD`], then heal and wait until the stack settled.
+    #[value(name = "partition-bj-a")]
+    #[serde(rename = "partition-bj-a")]
+    PartitionBjA,
+    /// SIGKILL of the instance holding the job's lease; the other takes it over; the killed
+    /// one is restarted.
+    KillLeaseHolder,
 }
 
 impl Phase {
     /// Every phase, in the demo's order.
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Baseline,
         Phase::KillRedisMaster,
         Phase::RedisFailover,
@@ -118,6 +139,8 @@ impl Phase {
         Phase::KillBroker,
         Phase::Drain,
         Phase::RateLimitFlood,
+        Phase::PartitionBjA,
+        Phase::KillLeaseHolder,
     ];
 
     /// Its name in the table.
@@ -131,6 +154,8 @@ impl Phase {
             Phase::KillBroker => "kill-broker",
             Phase::Drain => "drain",
             Phase::RateLimitFlood => "rate-limit-flood",
+            Phase::PartitionBjA => "partition-bj-a",
+            Phase::KillLeaseHolder => "kill-lease-holder",
         }
     }
 }
@@ -150,8 +175,8 @@ pub struct Options {
     pub history_wait: Duration,
     /// Start the sh-a instance too (default true).
     pub with_sh: bool,
-    /// Run the sh-a instance as a child process (`membership-service serve`) instead of in
-    /// this process (default false).
+    /// Ignored: both instances always run as child processes now (the partition and the
+    /// lease holder's kill need them); kept for `--sh-a-process`.
     pub sh_process: bool,
 }
 
@@ -241,70 +266,32 @@ impl JsonOut {
     }
 }
 
-/// A service instance: serving in a task of this process, or a child process.
+/// A service instance: `membership-service serve` (this executable) as a child process with
+/// the lab's configuration for its IDC, placed in the IDC's cgroup before it connects.
 struct Instance {
     idc: &'static str,
+    /// Where it serves (kept across restarts: `--listen` with the first start's port).
     addr: SocketAddr,
-    runner: Runner,
+    /// Its configuration file (the same for every start).
+    config: PathBuf,
+    /// Its temporary directory (configuration, `service.log`).
+    dir: PathBuf,
+    /// The running process (`None` after a kill, until the restart).
+    child: Option<tokio::process::Child>,
+    /// `Err` when the process could not be placed in its IDC's cgroup (a partition does not
+    /// cut it then).
+    placed: Result<(), String>,
 }
 
-enum Runner {
-    Task {
-        stop: Option<oneshot::Sender<()>>,
-        task: JoinHandle<std::io::Result<()>>,
-    },
-    Process {
-        child: tokio::process::Child,
-        dir: PathBuf,
-    },
-}
+/// The shell line that waits for one line on stdin, then becomes the service (`exec`: same
+/// pid, same cgroup): the demo moves the pid into the IDC's cgroup before it writes that line,
+/// so every socket of the service is opened inside the IDC.
+const WAIT_THEN_EXEC: &str = "read -r go && exec \"$0\" \"$@\"";
 
 impl Instance {
+    /// Writes the lab's configuration for `idc` (listening on `ip`, any port) and starts the
+    /// process.
     async fn start(stack: &Stack, idc: &'static str, ip: Ipv4Addr) -> Result<Instance, DemoError> {
-        let listen = SocketAddr::new(IpAddr::V4(ip), 0);
-        let text = stack.service_config(idc, listen, TOKEN);
-        let cfg = ServiceConfig::from_toml_str(&text, format!("demo-{idc}.toml"))
-            .map_err(|source| DemoError::Config { idc, source })?;
-        let service = tokio::time::timeout(SERVICE_START_TIMEOUT, Service::start(cfg, None))
-            .await
-            .map_err(|_| DemoError::ServiceTimeout {
-                idc,
-                timeout: SERVICE_START_TIMEOUT,
-            })?
-            .map_err(|source| DemoError::Service { idc, source })?;
-        let listener = service
-            .bind(Some(listen))
-            .await
-            .map_err(|source| DemoError::Service { idc, source })?;
-        let addr = listener.local_addr().map_err(|e| DemoError::Service {
-            idc,
-            source: StartError::Listen {
-                addr: listen,
-                source: e,
-            },
-        })?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(service.serve(listener, async move {
-            let _ = rx.await;
-        }));
-        Ok(Instance {
-            idc,
-            addr,
-            runner: Runner::Task {
-                stop: Some(tx),
-                task,
-            },
-        })
-    }
-
-    /// Starts `membership-service serve` (this executable) as a child process with the lab's
-    /// configuration for `idc`; its log goes to a file in a temporary directory.
-    async fn start_process(
-        stack: &Stack,
-        idc: &'static str,
-        ip: Ipv4Addr,
-    ) -> Result<Instance, DemoError> {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             DemoError::Process(format!("the {idc} service process: {what}: {e}"))
         };
@@ -315,23 +302,76 @@ impl Instance {
         let listen = SocketAddr::new(IpAddr::V4(ip), 0);
         std::fs::write(&config, stack.service_config(idc, listen, TOKEN))
             .map_err(|e| fail("write its configuration", &e))?;
+        let mut inst = Instance {
+            idc,
+            addr: listen,
+            config,
+            dir,
+            child: None,
+            placed: Ok(()),
+        };
+        inst.spawn(stack, None).await?;
+        Ok(inst)
+    }
+
+    /// The job's lease time in its configuration.
+    fn lease_ttl(&self) -> Result<Duration, String> {
+        let text = std::fs::read_to_string(&self.config)
+            .map_err(|e| format!("read {}: {e}", self.config.display()))?;
+        ServiceConfig::from_toml_str(&text, self.config.display().to_string())
+            .map(|c| c.lease_ttl)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts the process (`listen`: the address to serve on, else the configuration's),
+    /// places it in its IDC's cgroup, lets it go on, and waits until it serves.
+    async fn spawn(&mut self, stack: &Stack, listen: Option<SocketAddr>) -> Result<(), DemoError> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let idc = self.idc;
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            DemoError::Process(format!("the {idc} service process: {what}: {e}"))
+        };
         let exe = std::env::current_exe().map_err(|e| fail("this executable", &e))?;
-        let mut child = tokio::process::Command::new(exe)
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(WAIT_THEN_EXEC)
+            .arg(exe)
             .arg("serve")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config);
+        if let Some(l) = listen {
+            cmd.arg("--listen").arg(l.to_string());
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info,rocketmq_client_rust=off")
             .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| fail("spawn", &e))?;
+        // Into the IDC before the service exists: the shell waits for its line.
+        self.placed = match child.id() {
+            Some(pid) => stack.place(idc, pid).map_err(|e| e.to_string()),
+            None => Err("the process has no pid".into()),
+        };
+        if let Err(e) = &self.placed {
+            tracing::warn!(idc, error = %e, "the service process is in no IDC cgroup");
+        }
+        let Some(mut stdin) = child.stdin.take() else {
+            return Err(fail("stdin", &"not piped"));
+        };
+        stdin
+            .write_all(b"go\n")
+            .await
+            .map_err(|e| fail("write its go line", &e))?;
+        drop(stdin);
         let Some(stderr) = child.stderr.take() else {
             return Err(fail("stderr", &"not piped"));
         };
         let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let ip = self.addr.ip();
         let needle = format!("{ip}:");
         let mut early = Vec::new();
         let found = tokio::time::timeout(SERVICE_START_TIMEOUT, async {
@@ -366,9 +406,14 @@ impl Instance {
                 });
             }
         };
-        let log = dir.join("service.log");
+        let log = self.dir.join("service.log");
         tokio::spawn(async move {
-            let Ok(mut f) = tokio::fs::File::create(&log).await else {
+            let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .await
+            else {
                 return;
             };
             for l in early {
@@ -379,59 +424,83 @@ impl Instance {
             }
             let _ = f.flush().await;
         });
-        Ok(Instance {
-            idc,
-            addr: SocketAddr::new(IpAddr::V4(ip), port),
-            runner: Runner::Process { child, dir },
-        })
+        self.addr = SocketAddr::new(ip, port);
+        self.child = Some(child);
+        Ok(())
     }
 
-    /// Graceful shutdown (bounded); a problem is returned as a note.
-    async fn shutdown(self) -> Option<String> {
-        let idc = self.idc;
-        match self.runner {
-            Runner::Task { mut stop, mut task } => {
-                if let Some(s) = stop.take() {
-                    let _ = s.send(());
-                }
-                match tokio::time::timeout(Duration::from_secs(30), &mut task).await {
-                    Ok(Ok(Ok(()))) => None,
-                    Ok(Ok(Err(e))) => Some(format!("the {idc} service stopped with: {e}")),
-                    Ok(Err(e)) => Some(format!("the {idc} service task: {e}")),
-                    Err(_) => {
-                        task.abort();
-                        Some(format!("the {idc} service did not stop within 30 s"))
-                    }
-                }
-            }
-            Runner::Process { mut child, dir } => {
-                let pid = child
-                    .id()
-                    .and_then(|p| i32::try_from(p).ok())
-                    .map(nix::unistd::Pid::from_raw);
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                }
-                let note = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-                    Ok(Ok(st)) if st.success() => None,
-                    Ok(Ok(st)) => Some(format!(
-                        "the {idc} service process exited with {st} (log: {})",
-                        dir.join("service.log").display()
-                    )),
-                    Ok(Err(e)) => Some(format!("the {idc} service process: {e}")),
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        Some(format!(
-                            "the {idc} service process did not stop within 30 s of SIGTERM: killed"
-                        ))
-                    }
-                };
-                if note.is_none() {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                note
-            }
+    /// The running process's pid.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+
+    /// SIGKILL, reaped.
+    async fn kill(&mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Err(format!("the {} instance is not running", self.idc));
+        };
+        child
+            .kill()
+            .await
+            .map_err(|e| format!("SIGKILL the {} instance: {e}", self.idc))
+    }
+
+    /// Starts it again with the same configuration on the same address.
+    async fn restart(&mut self, stack: &Stack) -> Result<(), DemoError> {
+        if self.child.is_some() {
+            let _ = self.kill().await;
         }
+        let addr = self.addr;
+        self.spawn(stack, Some(addr)).await
+    }
+
+    /// Graceful shutdown (SIGTERM, bounded); a problem is returned as a note. The directory
+    /// (configuration and log) is removed after a clean exit unless `keep`.
+    async fn shutdown(self, keep: bool) -> Option<String> {
+        let idc = self.idc;
+        let dir = self.dir;
+        let Some(mut child) = self.child else {
+            return Some(format!(
+                "the {idc} service process was not running at the end (log: {})",
+                dir.join("service.log").display()
+            ));
+        };
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let note = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(Ok(st)) if st.success() => None,
+            Ok(Ok(st)) => Some(format!(
+                "the {idc} service process exited with {st} (log: {})",
+                dir.join("service.log").display()
+            )),
+            Ok(Err(e)) => Some(format!("the {idc} service process: {e}")),
+            Err(_) => {
+                let _ = child.kill().await;
+                Some(format!(
+                    "the {idc} service process did not stop within 30 s of SIGTERM: killed"
+                ))
+            }
+        };
+        if keep {
+            return Some(note.map_or_else(
+                || {
+                    format!(
+                        "the {idc} service's log is kept: {}",
+                        dir.join("service.log").display()
+                    )
+                },
+                |n| format!("{n}; its log is kept"),
+            ));
+        }
+        if note.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        note
     }
 }
 
@@ -439,6 +508,10 @@ impl Instance {
 struct Env<'a> {
     stack: &'a Stack,
     bj: SocketAddr,
+    /// The sh-a instance, when started.
+    sh: Option<SocketAddr>,
+    /// The instances (bj-a first), for the faults that kill and restart one.
+    instances: tokio::sync::Mutex<Vec<Instance>>,
     workers: Vec<WorkerSpec>,
     checker: DemoClient,
     probe: ProbeTx,
@@ -500,27 +573,49 @@ async fn with_stack(
     stack_secs: f64,
 ) -> Result<Report, DemoError> {
     let begin = Instant::now();
-    let bj = Instance::start(stack, "bj-a", Ipv4Addr::new(127, 0, 1, 100)).await?;
-    let sh = if opts.with_sh {
-        let ip = Ipv4Addr::new(127, 0, 3, 100);
-        let started = if opts.sh_process {
-            Instance::start_process(stack, "sh-a", ip).await
+    let bj_ip = Ipv4Addr::new(127, 0, 1, 100);
+    let sh_ip = Ipv4Addr::new(127, 0, 3, 100);
+    let (bj, sh) = tokio::join!(Instance::start(stack, "bj-a", bj_ip), async {
+        if opts.with_sh {
+            Some(Instance::start(stack, "sh-a", sh_ip).await)
         } else {
-            Instance::start(stack, "sh-a", ip).await
-        };
-        match started {
-            Ok(s) => Some(s),
-            Err(e) => {
-                if let Some(n) = bj.shutdown().await {
-                    progress.info(&n);
-                }
-                return Err(e);
-            }
+            None
         }
-    } else {
-        None
+    });
+    let (bj, sh) = match (bj, sh.transpose()) {
+        (Ok(bj), Ok(sh)) => (bj, sh),
+        (bj, sh) => {
+            let mut first = None;
+            for r in [bj.map(Some), sh] {
+                match r {
+                    Ok(Some(i)) => {
+                        if let Some(n) = i.shutdown(false).await {
+                            progress.info(&n);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+            return Err(first.unwrap_or_else(|| DemoError::Process("an instance failed".into())));
+        }
     };
     let services_secs = begin.elapsed().as_secs_f64();
+    for i in std::iter::once(&bj).chain(sh.as_ref()) {
+        let pid = i.pid().map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        match &i.placed {
+            Ok(()) => progress.info(&format!(
+                "the {} instance (pid {pid}) is in {}'s cgroup, placed before it connected",
+                i.idc, i.idc
+            )),
+            Err(e) => progress.info(&format!(
+                "the {} instance (pid {pid}) is in no IDC cgroup: {e}; a partition will not cut it",
+                i.idc
+            )),
+        }
+    }
     progress.info(&format!(
         "services up in {services_secs:.1} s: bj-a on {}, sh-a on {}",
         bj.addr,
@@ -557,6 +652,8 @@ async fn with_stack(
     let env = Env {
         stack,
         bj: bj.addr,
+        sh: sh.as_ref().map(|s| s.addr),
+        instances: tokio::sync::Mutex::new(std::iter::once(bj).chain(sh).collect()),
         workers,
         checker: DemoClient::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 11)), 32),
         probe: prober.tx(),
@@ -582,8 +679,11 @@ async fn with_stack(
     };
     run_phases(&env, prober, &opts.phases, &mut report).await;
     progress.info("stopping the services...");
-    for inst in std::iter::once(bj).chain(sh) {
-        if let Some(n) = inst.shutdown().await {
+    // A failed phase keeps the services' logs for the evidence (and `HA_LAB_KEEP`, as the
+    // labs do).
+    let keep = report.rows.iter().any(|r| !r.pass) || std::env::var_os("HA_LAB_KEEP").is_some();
+    for inst in env.instances.into_inner() {
+        if let Some(n) = inst.shutdown(keep).await {
             report.notes.push(n);
         }
     }
@@ -664,6 +764,15 @@ async fn run_phases(env: &Env<'_>, prober: Prober, phases: &[Phase], report: &mu
     let (history, lags) = tokio::join!(history_check(env, &acked, &line), prober.finish());
     let missing = &history.missing;
     report.history_wait_secs = begin.elapsed().as_secs_f64();
+    // Evidence for a missing version: which MariaDB node has its history row, if any.
+    let on_nodes = if missing.is_empty() {
+        None
+    } else {
+        let text = history_rows_on_nodes(env.stack, missing).await;
+        line.note(&text);
+        report.notes.push(text.clone());
+        Some(text)
+    };
     for (i, row) in report.rows.iter_mut().enumerate() {
         let checked = acked.values().filter(|p| **p == i).count() as u64;
         let miss: Vec<(u64, u64)> = missing
@@ -684,6 +793,11 @@ async fn run_phases(env: &Env<'_>, prober: Prober, phases: &[Phase], report: &mu
                 sample_pairs(&miss)
             ),
         );
+        if !miss.is_empty()
+            && let Some(t) = &on_nodes
+        {
+            row.notes.push(t.clone());
+        }
         row.settle();
     }
     line.note(&format!(
@@ -706,6 +820,64 @@ async fn run_phases(env: &Env<'_>, prober: Prober, phases: &[Phase], report: &mu
             .join(", ")
     ));
     line.done();
+}
+
+/// Looks up the `member_history` rows of `missing` on every running MariaDB node (admin
+/// connections, never cut): where, if anywhere, the history consumer's write went.
+async fn history_rows_on_nodes(stack: &Stack, missing: &BTreeSet<(u64, u64)>) -> String {
+    use ha_mysql::mysql_async::prelude::Queryable;
+    let ids: BTreeSet<u64> = missing.iter().map(|(id, _)| *id).collect();
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let query = format!(
+        "SELECT id, version FROM {}.member_history WHERE id IN ({list})",
+        ha_lab::stack::SERVICE_DATABASE
+    );
+    let primary = stack.mariadb().primary().name;
+    let mut parts = Vec::new();
+    for n in stack.mariadb().nodes() {
+        if stack.mariadb().pid(&n.name).is_none() {
+            parts.push(format!("{} down", n.name));
+            continue;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = stack
+                .mariadb()
+                .admin_conn(n)
+                .await
+                .map_err(|e| e.to_string())?;
+            let rows: Vec<(u64, u64)> = c.query(&query).await.map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            Ok::<_, String>(rows)
+        })
+        .await;
+        let role = if n.name == primary { " (primary)" } else { "" };
+        match got {
+            Ok(Ok(rows)) => {
+                let have: Vec<String> = rows
+                    .into_iter()
+                    .filter(|p| missing.contains(p))
+                    .map(|(id, v)| format!("{id} v{v}"))
+                    .collect();
+                parts.push(format!(
+                    "{}{role} has {} of them{}",
+                    n.name,
+                    have.len(),
+                    if have.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", have.join(", "))
+                    }
+                ));
+            }
+            Ok(Err(e)) => parts.push(format!("{}{role}: {e}", n.name)),
+            Err(_) => parts.push(format!("{}{role}: no answer within 5 s", n.name)),
+        }
+    }
+    format!(
+        "the {} versions missing from /history, looked up on every MariaDB node: {}",
+        missing.len(),
+        parts.join("; ")
+    )
 }
 
 fn sample_pairs(pairs: &[(u64, u64)]) -> String {
@@ -827,6 +999,13 @@ struct FaultLog {
     flood: Option<FloodResult>,
     admin_failures: Vec<String>,
     switch: Option<Switch>,
+    /// `kill-lease-holder`: from the SIGKILL to the survivor's `/topology` saying it holds
+    /// the lease.
+    takeover: Option<Duration>,
+    /// The instance a fault killed (its errors do not count against the phase).
+    killed: Option<&'static str>,
+    /// `partition-bj-a`: when the cut began and when it was healed.
+    cut: Option<(Instant, Instant)>,
 }
 
 impl FaultLog {
@@ -901,6 +1080,8 @@ async fn fault(env: &Env<'_>, phase: Phase, line: &PhaseLine, log: &mut FaultLog
             sleep(secs(lead)).await;
             admin(env, "/admin/undrain", line, log).await;
         }
+        Phase::PartitionBjA => partition_bj_a(env, line, log).await,
+        Phase::KillLeaseHolder => kill_lease_holder(env, line, log).await,
         Phase::RateLimitFlood => {
             let client = DemoClient::new(FLOOD_CLIENT, FLOOD_TASKS);
             let path = format!("/members/{}", worker_id(0, 0));
@@ -935,6 +1116,282 @@ async fn fault(env: &Env<'_>, phase: Phase, line: &PhaseLine, log: &mut FaultLog
         }
     }
     sleep(secs(tail)).await;
+}
+
+/// The expiry job as one instance's `/topology` shows it.
+#[derive(Debug, Clone, Default)]
+struct JobSeen {
+    holder: Option<String>,
+    token: Option<u64>,
+    held_here: bool,
+}
+
+async fn job_seen(env: &Env<'_>, addr: SocketAddr) -> Result<JobSeen, String> {
+    let a = env.checker.get(addr, "/topology").await?;
+    if a.status != 200 {
+        return Err(a.error_kind());
+    }
+    let j = a.json().ok_or_else(|| "/topology: not JSON".to_string())?;
+    let job = &j["job"];
+    Ok(JobSeen {
+        holder: job["holder"].as_str().map(str::to_owned),
+        token: job["token"].as_u64(),
+        held_here: job["held_here"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Polls `GET /readyz` on `addr` until it answers 200, at most `bound`: the time it took.
+async fn wait_ready(env: &Env<'_>, addr: SocketAddr, bound: Duration) -> Result<Duration, String> {
+    let begin = Instant::now();
+    loop {
+        let why = match env.checker.get(addr, "/readyz").await {
+            Ok(a) if a.status == 200 => return Ok(begin.elapsed()),
+            Ok(a) => format!("{} {}", a.status, String::from_utf8_lossy(&a.body)),
+            Err(kind) => kind,
+        };
+        if begin.elapsed() >= bound {
+            return Err(format!(
+                "{addr} not ready within {:.0} s: {why}",
+                bound.as_secs_f64()
+            ));
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `partition-bj-a`: checks that both instances are in their IDC's cgroup, cuts bj-a off in
+/// the whole stack for [`PARTITION_HOLD`] (the load goes on against both instances), heals,
+/// and waits until the stack settled and both instances are ready.
+async fn partition_bj_a(env: &Env<'_>, line: &PhaseLine, log: &mut FaultLog) {
+    let stack = env.stack;
+    {
+        let insts = env.instances.lock().await;
+        for i in insts.iter() {
+            let pid = i.pid();
+            match (&i.placed, pid) {
+                (Ok(()), Some(pid)) if stack.placed(i.idc).contains(&pid) => {}
+                (Err(e), _) => {
+                    log.err(
+                        line,
+                        format!("the {} instance is in no IDC cgroup: {e}", i.idc),
+                    );
+                    return;
+                }
+                _ => {
+                    log.err(
+                        line,
+                        format!(
+                            "the {} instance (pid {pid:?}) is not in {}'s cgroup",
+                            i.idc, i.idc
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+    let redis_before = stack.redis().master().await.ok();
+    let mysql_before = stack.mariadb().primary().name;
+    let ha_seen = stack.mariadb().ha_events().len();
+    let t = Instant::now();
+    let cut_began = Instant::now();
+    let cut = match stack.partition("bj-a") {
+        Ok(c) => c,
+        Err(e) => {
+            log.err(line, format!("partition bj-a: {e}"));
+            return;
+        }
+    };
+    log.ok(
+        line,
+        format!(
+            "bj-a cut off in {:.1} ms (its Redis node and sentinel, MariaDB node, RocketMQ name server and broker, and the bj-a instance's process) for {:.0} s; redis master was {}, mysql primary {mysql_before}",
+            t.elapsed().as_secs_f64() * 1000.0,
+            PARTITION_HOLD.as_secs_f64(),
+            redis_before
+                .and_then(|a| stack.redis().node_at(a).map(|n| n.name.clone()))
+                .unwrap_or_else(|| "?".into()),
+        ),
+    );
+    sleep(PARTITION_HOLD).await;
+    let switches: Vec<String> = stack.mariadb().ha_events()[ha_seen..]
+        .iter()
+        .map(|e| {
+            format!(
+                "{} -> {} in {:.2} s",
+                e.from,
+                e.to,
+                e.repointed_after().as_secs_f64()
+            )
+        })
+        .collect();
+    let healed = cut.heal().await;
+    log.cut = Some((cut_began, Instant::now()));
+    match healed {
+        Ok(h) => log.ok(
+            line,
+            format!(
+                "healed after {:.1} s; the HA's mysql switches during the cut: [{}]; fenced on heal: [{}]",
+                h.lasted.as_secs_f64(),
+                switches.join(", "),
+                h.mysql_fenced.join(", ")
+            ),
+        ),
+        Err(e) => log.err(line, format!("heal bj-a: {e}")),
+    }
+    match stack.settle(SETTLE_WAIT).await {
+        Ok(s) => {
+            let name = stack
+                .redis()
+                .node_at(s.redis_master)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| s.redis_master.to_string());
+            log.ok(line, format!("settled: {s} (redis master {name})"));
+        }
+        Err(e) => log.err(line, format!("the stack did not settle: {e}")),
+    }
+    for (idc, addr) in std::iter::once(("bj-a", env.bj)).chain(env.sh.map(|a| ("sh-a", a))) {
+        match wait_ready(env, addr, SETTLE_WAIT).await {
+            Ok(d) => log.ok(
+                line,
+                format!(
+                    "the {idc} instance ready {:.2} s after the settle",
+                    d.as_secs_f64()
+                ),
+            ),
+            Err(e) => log.err(line, format!("the {idc} instance: {e}")),
+        }
+    }
+}
+
+/// `kill-lease-holder`: finds the job's lease holder through `/topology`, SIGKILLs its
+/// process, waits (bounded by the lease time + [`TAKEOVER_MARGIN`]) until the other instance's
+/// `/topology` says it holds the lease, then restarts the killed one (same configuration and
+/// address) and waits until it is ready.
+async fn kill_lease_holder(env: &Env<'_>, line: &PhaseLine, log: &mut FaultLog) {
+    let mut insts = env.instances.lock().await;
+    if insts.len() < 2 {
+        log.err(line, "needs both instances (not with --no-sh-a)".into());
+        return;
+    }
+    let ttl = match insts[0].lease_ttl() {
+        Ok(t) => t,
+        Err(e) => {
+            log.err(line, format!("the lease time: {e}"));
+            return;
+        }
+    };
+    // Who holds it now (one instance says so; bounded: a lease free a moment ago is taken
+    // within a renewal).
+    let deadline = Instant::now() + ttl * 2 + TAKEOVER_MARGIN;
+    let mut last = String::new();
+    let holder = loop {
+        let mut found = None;
+        for (i, inst) in insts.iter().enumerate() {
+            match job_seen(env, inst.addr).await {
+                Ok(j) if j.held_here => {
+                    found = Some((i, j));
+                    break;
+                }
+                Ok(j) => last = format!("{}: holder {:?}", inst.idc, j.holder),
+                Err(e) => last = format!("{}: {e}", inst.idc),
+            }
+        }
+        if found.is_some() || Instant::now() >= deadline {
+            break found;
+        }
+        sleep(Duration::from_millis(100)).await;
+    };
+    let Some((hi, held)) = holder else {
+        log.err(
+            line,
+            format!(
+                "no instance held the job's lease within {:.0} s ({last})",
+                (ttl * 2 + TAKEOVER_MARGIN).as_secs_f64()
+            ),
+        );
+        return;
+    };
+    let si = usize::from(hi == 0);
+    let (holder_idc, survivor_idc, survivor_addr) = (insts[hi].idc, insts[si].idc, insts[si].addr);
+    let pid = insts[hi]
+        .pid()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "?".into());
+    let begin = Instant::now();
+    if let Err(e) = insts[hi].kill().await {
+        log.err(line, e);
+        return;
+    }
+    log.killed = Some(holder_idc);
+    log.ok(
+        line,
+        format!(
+            "SIGKILL of the {holder_idc} instance (pid {pid}), the lease holder ({} token {})",
+            held.holder.as_deref().unwrap_or("?"),
+            held.token
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "?".into())
+        ),
+    );
+    let bound = ttl + TAKEOVER_MARGIN;
+    let took = loop {
+        if let Ok(j) = job_seen(env, survivor_addr).await
+            && j.held_here
+        {
+            break Some((begin.elapsed(), j));
+        }
+        if begin.elapsed() >= bound {
+            break None;
+        }
+        sleep(Duration::from_millis(100)).await;
+    };
+    match took {
+        Some((d, j)) => {
+            log.takeover = Some(d);
+            log.ok(
+                line,
+                format!(
+                    "takeover: {survivor_idc} holds the lease {:.2} s after the kill (token {} after {}; bound: lease {:.0} s + {:.0} s; seen through its /topology, refreshed every job interval)",
+                    d.as_secs_f64(),
+                    j.token.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                    held.token.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                    ttl.as_secs_f64(),
+                    TAKEOVER_MARGIN.as_secs_f64()
+                ),
+            );
+        }
+        None => log.err(
+            line,
+            format!(
+                "{survivor_idc} did not take the lease over within {:.0} s of the kill",
+                bound.as_secs_f64()
+            ),
+        ),
+    }
+    let t = Instant::now();
+    match insts[hi].restart(env.stack).await {
+        Ok(()) => {
+            let addr = insts[hi].addr;
+            let placed = match &insts[hi].placed {
+                Ok(()) => format!("in {holder_idc}'s cgroup"),
+                Err(e) => format!("in no IDC cgroup: {e}"),
+            };
+            match wait_ready(env, addr, SERVICE_START_TIMEOUT).await {
+                Ok(_) => log.ok(
+                    line,
+                    format!(
+                        "{holder_idc} instance restarted (pid {}, same configuration, {addr}, {placed}), ready {:.2} s after the restart, {:.2} s after the kill",
+                        insts[hi].pid().map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                        t.elapsed().as_secs_f64(),
+                        begin.elapsed().as_secs_f64()
+                    ),
+                ),
+                Err(e) => log.err(line, format!("the restarted {holder_idc} instance: {e}")),
+            }
+        }
+        Err(e) => log.err(line, format!("restart the {holder_idc} instance: {e}")),
+    }
 }
 
 async fn admin(env: &Env<'_>, route: &str, line: &PhaseLine, log: &mut FaultLog) {
@@ -1000,6 +1457,21 @@ async fn run_phase(
 
     let mut row = PhaseRow::from_samples(phase.name(), seconds, &result.samples);
     row.fault = log.lines.clone();
+    row.takeover_secs = log.takeover.map(|d| d.as_secs_f64());
+    if !row.errors.is_empty() {
+        row.notes.push(format!(
+            "errors by instance: {}{}",
+            row.errors_by_instance_text(),
+            log.killed
+                .map(|k| format!(
+                    " (calls to the killed {k} instance fail until its restart: expected, not judged)"
+                ))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some((began, healed)) = log.cut {
+        row.notes.push(during_cut(&result.samples, began, healed));
+    }
     row.writes_acked = result.acked.len() as u64;
     row.ryw_checks = result.ryw_checks;
     row.ryw_violations = result.violations.len() as u64;
@@ -1172,6 +1644,62 @@ async fn run_phase(
     (row, result.acked)
 }
 
+/// What the PUTs of each instance got while bj-a was cut off: acknowledged (started and
+/// answered inside the cut), failed by kind, and when the first acknowledged one came.
+fn during_cut(samples: &[load::Sample], began: Instant, healed: Instant) -> String {
+    #[derive(Default)]
+    struct Puts {
+        acked: u64,
+        failed: BTreeMap<String, u64>,
+        first_acked: Option<Duration>,
+    }
+    let mut per: BTreeMap<&str, Puts> = BTreeMap::new();
+    for s in samples {
+        if s.op != load::Op::Put || s.start < began || s.start + s.latency > healed {
+            continue;
+        }
+        let e = per.entry(s.instance).or_default();
+        match &s.error {
+            None => {
+                e.acked += 1;
+                let at = s.start + s.latency - began;
+                e.first_acked = Some(e.first_acked.map_or(at, |f| f.min(at)));
+            }
+            Some(k) => *e.failed.entry(k.clone()).or_default() += 1,
+        }
+    }
+    let parts: Vec<String> = per
+        .iter()
+        .map(|(i, p)| {
+            let (ok, failed, first) = (p.acked, &p.failed, p.first_acked);
+            let failed = if failed.is_empty() {
+                "none".to_string()
+            } else {
+                failed
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "{i} {ok} acknowledged{}, failed {failed}",
+                first
+                    .map(|f| format!(" (the first {:.2} s into the cut)", f.as_secs_f64()))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "PUTs started and answered during the {:.1} s cut: {}",
+        (healed - began).as_secs_f64(),
+        if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join("; ")
+        }
+    )
+}
+
 async fn after_redis_kill(env: &Env<'_>, line: &PhaseLine, row: &mut PhaseRow, log: &FaultLog) {
     let Some(old) = log.switch.as_ref().map(|s| s.from.clone()) else {
         return;
@@ -1205,8 +1733,11 @@ async fn verify(
             .map(|(id, v)| async move {
                 let deadline = Instant::now() + VERIFY_WAIT;
                 let path = format!("/members/{id}");
+                // bj-a first; sh-a after an error (an instance a fault took down).
+                let mut addrs = std::iter::once(env.bj).chain(env.sh).cycle();
                 loop {
-                    let why = match env.checker.get(env.bj, &path).await {
+                    let addr = addrs.next().unwrap_or(env.bj);
+                    let why = match env.checker.get(addr, &path).await {
                         Ok(a) if a.status == 200 => match a.version() {
                             Some(r) => return (id, v, Ok(Some(r))),
                             None => "200 without a version".to_string(),
@@ -1237,4 +1768,56 @@ async fn verify(
     lost.sort();
     unverified.sort();
     (lost, unverified)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_cut_note_counts_the_puts_started_and_answered_inside_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let call = |instance, op, start: u64, took: u64, error: Option<&str>| load::Sample {
+            worker: 0,
+            instance,
+            op,
+            start: t0 + ms(start),
+            latency: ms(took),
+            error: error.map(str::to_owned),
+        };
+        let samples = vec![
+            call(
+                "bj-a",
+                load::Op::Put,
+                150,
+                600,
+                Some("503 dependency_unavailable"),
+            ),
+            call("sh-a", load::Op::Put, 500, 10, None),
+            call("sh-a", load::Op::Put, 700, 10, None),
+            // Before the cut, a GET, and one answered after the heal: not counted.
+            call("sh-a", load::Op::Put, 50, 10, None),
+            call(
+                "bj-a",
+                load::Op::Get,
+                200,
+                10,
+                Some("503 dependency_unavailable"),
+            ),
+            call("bj-a", load::Op::Put, 900, 500, None),
+        ];
+        let text = during_cut(&samples, t0 + ms(100), t0 + ms(1000));
+        assert!(text.contains("during the 0.9 s cut"), "{text}");
+        assert!(
+            text.contains("bj-a 0 acknowledged, failed 503 dependency_unavailable: 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sh-a 2 acknowledged (the first 0.41 s into the cut), failed none"),
+            "{text}"
+        );
+        assert!(during_cut(&[], t0, t0 + ms(1)).ends_with(": none"));
+    }
 }

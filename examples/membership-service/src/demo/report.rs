@@ -40,6 +40,8 @@ pub struct PhaseRow {
     /// Failed calls by kind: `<status> <error code>` (`503 dependency_unavailable`) or the
     /// transport's (`timeout`, `connect`, `transport`).
     pub errors: BTreeMap<String, u64>,
+    /// The same per instance called.
+    pub errors_by_instance: BTreeMap<String, BTreeMap<String, u64>>,
     /// The longest error window, ms (see the module docs).
     pub longest_error_window_ms: f64,
     /// Median latency of every call of the steady load, ms.
@@ -79,6 +81,9 @@ pub struct PhaseRow {
     pub event_lag_max_ms: f64,
     /// The flood's counts (the flood phase).
     pub flood: Option<FloodResult>,
+    /// `kill-lease-holder`: seconds from the SIGKILL of the lease holder until the other
+    /// instance held the lease.
+    pub takeover_secs: Option<f64>,
     /// The expectations, each with its measured value.
     pub checks: Vec<Check>,
     /// Remarks.
@@ -128,13 +133,21 @@ impl PhaseRow {
     /// The counted columns from the steady load's calls (the checks are the phase's).
     pub fn from_samples(phase: &str, seconds: f64, samples: &[Sample]) -> PhaseRow {
         let mut errors = BTreeMap::new();
+        let mut errors_by_instance: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut by_instance = BTreeMap::new();
         let mut ok = 0u64;
         for s in samples {
             *by_instance.entry(s.instance.to_string()).or_default() += 1;
             match &s.error {
                 None => ok += 1,
-                Some(k) => *errors.entry(k.clone()).or_default() += 1,
+                Some(k) => {
+                    *errors.entry(k.clone()).or_default() += 1;
+                    *errors_by_instance
+                        .entry(s.instance.to_string())
+                        .or_default()
+                        .entry(k.clone())
+                        .or_default() += 1;
+                }
             }
         }
         let mut lat: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
@@ -147,6 +160,7 @@ impl PhaseRow {
             successes: ok,
             requests_by_instance: by_instance,
             errors,
+            errors_by_instance,
             longest_error_window_ms: millis(longest_error_window(samples)),
             p50_ms: millis(percentile(&lat, 0.5)),
             p99_ms: millis(percentile(&lat, 0.99)),
@@ -166,6 +180,7 @@ impl PhaseRow {
             event_lag_p50_ms: 0.0,
             event_lag_max_ms: 0.0,
             flood: None,
+            takeover_secs: None,
             checks: Vec::new(),
             notes: Vec::new(),
             pass: false,
@@ -205,6 +220,31 @@ impl PhaseRow {
             .map(|(k, v)| format!("{}:{v}", short_kind(k)))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// The errors per instance: `bj-a connect:12 503:3; sh-a -` (empty without errors).
+    pub fn errors_by_instance_text(&self) -> String {
+        if self.errors.is_empty() {
+            return String::new();
+        }
+        self.requests_by_instance
+            .keys()
+            .map(|i| {
+                let kinds = self
+                    .errors_by_instance
+                    .get(i)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{}:{v}", short_kind(k)))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_else(|| "-".into());
+                format!("{i} {kinds}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -256,7 +296,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<16} {:>5} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  result",
+            "{:<18} {:>5} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  result",
             "phase",
             "secs",
             "reqs",
@@ -281,7 +321,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>5.1} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  {}",
+                "{:<18} {:>5.1} {:>6} {:>6}  {:<30} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4} {:>5} {:>6} {:>6} {:>15}  {}",
                 r.phase,
                 r.seconds,
                 r.requests,
@@ -387,6 +427,33 @@ mod tests {
     }
 
     #[test]
+    fn errors_are_counted_per_instance_too() {
+        let t0 = Instant::now();
+        let mut samples = vec![
+            sample(0, t0, 0, 1, true),
+            sample(0, t0, 1, 1, false),
+            sample(1, t0, 2, 1, true),
+        ];
+        samples[2].instance = "sh-a";
+        samples[2].error = Some("connect".into());
+        samples.push(Sample {
+            instance: "sh-a",
+            error: None,
+            ..samples[1].clone()
+        });
+        let row = PhaseRow::from_samples("kill-lease-holder", 1.0, &samples);
+        assert_eq!(row.errors.len(), 2);
+        assert_eq!(
+            row.errors_by_instance["bj-a"]["503 dependency_unavailable"],
+            1
+        );
+        assert_eq!(row.errors_by_instance["sh-a"]["connect"], 1);
+        assert_eq!(row.errors_by_instance_text(), "bj-a 503:1; sh-a connect:1");
+        let clean = PhaseRow::from_samples("baseline", 1.0, &samples[1..2]);
+        assert_eq!(clean.errors_by_instance_text(), "");
+    }
+
+    #[test]
     fn a_row_counts_errors_by_kind_and_latency() {
         let t0 = Instant::now();
         let samples: Vec<Sample> = (0..100)
@@ -407,6 +474,7 @@ mod tests {
         row.check(false, "b");
         row.settle();
         assert!(!row.pass);
+        assert_eq!(row.errors_by_instance_text(), "bj-a 503:1");
         row.set_lags(&[
             Some(Duration::from_millis(20)),
             None,
