@@ -614,6 +614,10 @@ fn start_readers(
         conn.clone(),
         ctx.topology().classifier().clone(),
         publisher.clone(),
+        crate::reader::LagReport {
+            dependency: dependency.into(),
+            events: ctx.events().clone(),
+        },
         s.max_lag,
         s.lag_check_interval,
     ));

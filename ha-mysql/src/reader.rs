@@ -177,28 +177,89 @@ impl tower_service::Service<()> for ReplicaService {
     }
 }
 
+/// Where [`watch_lag`] tells a replica leaving or rejoining the read set.
+pub(crate) struct LagReport {
+    pub dependency: Arc<str>,
+    pub events: ha_core::EventBus,
+}
+
 /// Watches every configured replica: published (as `Role::Replica`) while its SQL thread runs
 /// and `Seconds_Behind_Master` is within `max_lag`; withdrawn otherwise (a promoted replica
-/// stops replicating and leaves the set; a demoted primary that replicates joins it).
+/// stops replicating and leaves the set; a demoted primary that replicates joins it). A
+/// replica leaving the set is told as `ReplicaLagging` (with why), its return as
+/// `ReplicaCaughtUp`; `ha_mysql_replica_lag_seconds{replica}` is the last lag read.
 pub(crate) async fn watch_lag(
     replicas: Vec<SocketAddr>,
     settings: ConnSettings,
     classifier: Arc<IdcClassifier>,
     publisher: Publisher,
+    report: LagReport,
     max_lag: Duration,
     every: Duration,
 ) {
     let mut conns: Vec<Option<Conn>> = replicas.iter().map(|_| None).collect();
+    // When each replica left the set, and whether that was told (`None`: in it).
+    let mut out: Vec<Option<(tokio::time::Instant, bool)>> =
+        replicas.iter().map(|_| None).collect();
+    let mut first = true;
     loop {
         let mut ok = Vec::new();
         for (i, addr) in replicas.iter().enumerate() {
             let lag = check_lag(&mut conns[i], *addr, &settings).await;
             let within = lag.is_some_and(|l| l <= max_lag);
             tracing::trace!(endpoint = %addr, ?lag, within, "replica lag");
+            let ep = classifier.endpoint(*addr).with_role(Role::Replica);
+            if let Some(l) = lag {
+                metrics::gauge!("ha_mysql_replica_lag_seconds", "replica" => addr.to_string())
+                    .set(l.as_secs_f64());
+            }
+            match (within, out[i]) {
+                (true, Some((since, told))) => {
+                    out[i] = None;
+                    if told {
+                        report
+                            .events
+                            .publish(ha_core::TopologyEvent::replica_caught_up(
+                                report.dependency.clone(),
+                                *addr,
+                                ep.idc_name(),
+                                since.elapsed(),
+                            ));
+                    }
+                }
+                (false, None) => {
+                    // At start a replica that is not usable (a promoted one, one not yet
+                    // replicating) is simply not in the set; only a change is told.
+                    out[i] = Some((tokio::time::Instant::now(), !first));
+                    if !first {
+                        let reason = match lag {
+                            Some(l) => format!(
+                                "Seconds_Behind_Master {} s > bound {:?}",
+                                l.as_secs(),
+                                max_lag
+                            ),
+                            None => {
+                                "not replicating (SQL thread stopped, no replication, or no answer)"
+                                    .to_owned()
+                            }
+                        };
+                        report
+                            .events
+                            .publish(ha_core::TopologyEvent::replica_lagging(
+                                report.dependency.clone(),
+                                *addr,
+                                ep.idc_name(),
+                                reason,
+                            ));
+                    }
+                }
+                _ => {}
+            }
             if within {
-                ok.push(classifier.endpoint(*addr).with_role(Role::Replica));
+                ok.push(ep);
             }
         }
+        first = false;
         publisher.publish(ok);
         if publisher.receiver_count() == 0 {
             return;

@@ -631,6 +631,7 @@ async fn reads_prefer_the_same_idc_replica_within_the_lag_bound_and_see_own_writ
     );
     let toml = lab.topology_toml("bj-b", "db", &extra);
     let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
+    let mut events = ctx.events().subscribe();
     let db = HaMysql::from_context(&ctx, "db")
         .await
         .unwrap()
@@ -664,6 +665,20 @@ async fn reads_prefer_the_same_idc_replica_within_the_lag_bound_and_see_own_writ
         "[replica reads] left the stopped replica after {:?}",
         t.elapsed()
     );
+    // Told as an event, with why.
+    let lagging = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ha_core::TopologyEvent::ReplicaLagging { addr, reason, .. }) =
+                events.recv().await
+                && addr == bj_b.addr
+            {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("a ReplicaLagging event for bj-b");
+    assert!(lagging.contains("not replicating"), "{lagging}");
     let g2 = insert_gtid(&db, 2).await;
     let mut r = db.reader_after(&g2).await.unwrap();
     assert_ne!(r.addr(), bj_b.addr);
@@ -681,6 +696,17 @@ async fn reads_prefer_the_same_idc_replica_within_the_lag_bound_and_see_own_writ
         "[replica reads] back on the caught-up replica after {:?}",
         t.elapsed()
     );
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ha_core::TopologyEvent::ReplicaCaughtUp { addr, .. }) = events.recv().await
+                && addr == bj_b.addr
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a ReplicaCaughtUp event for bj-b");
     let mut r = db.reader_after(&g2).await.unwrap();
     assert!(sees(&mut r, 2).await);
 }
