@@ -626,7 +626,7 @@ fn start_readers(
     let balancer = ctx
         .balancer_over(publisher.watch())
         .classifier(crate::MysqlClassifier)
-        .build(move |ep: &Endpoint| ReplicaService::new(ep.addr, settings.clone(), max));
+        .build(move |ep: &Endpoint| ReplicaService::new(ep, settings.clone(), max));
     Readers {
         balancer,
         task,
@@ -803,6 +803,8 @@ impl HaMysql {
                 Err(_) => {}
             }
         }
+        metrics::counter!("ha_mysql_pool_waits_total", "dependency" => self.inner.shared.dependency.to_string())
+            .increment(1);
         Box::pin(self.writer_until(deadline, budget)).await
     }
 
@@ -966,6 +968,8 @@ impl HaMysql {
                 }
             }
         }
+        metrics::counter!("ha_mysql_reads_total", "served_by" => "primary", "locality" => "primary")
+            .increment(1);
         Ok(ReadConn::Primary(self.writer().await?))
     }
 

@@ -131,10 +131,17 @@ impl DerefMut for ReadConn {
 pub(crate) struct ReplicaService {
     pool: Option<Pool<ReplicaManager>>,
     addr: SocketAddr,
+    /// `same_idc`, `same_region` or `remote`: the label of `ha_mysql_reads_total`.
+    locality: &'static str,
 }
 
 impl ReplicaService {
-    pub(crate) fn new(addr: SocketAddr, settings: ConnSettings, max: usize) -> ReplicaService {
+    pub(crate) fn new(
+        ep: &ha_core::Endpoint,
+        settings: ConnSettings,
+        max: usize,
+    ) -> ReplicaService {
+        let addr = ep.addr;
         let timeout = settings.connect_timeout;
         let pool = Pool::builder(ReplicaManager { addr, settings })
             .max_size(max.max(1))
@@ -145,7 +152,11 @@ impl ReplicaService {
             .build()
             .inspect_err(|e| tracing::warn!(endpoint = %addr, error = %e, "replica pool refused"))
             .ok();
-        ReplicaService { pool, addr }
+        ReplicaService {
+            pool,
+            addr,
+            locality: ep.locality.as_str(),
+        }
     }
 }
 
@@ -161,18 +172,22 @@ impl tower_service::Service<()> for ReplicaService {
     fn call(&mut self, _: ()) -> Self::Future {
         let pool = self.pool.clone();
         let addr = self.addr;
+        let locality = self.locality;
         Box::pin(async move {
             let Some(pool) = pool else {
                 return Err(Box::new(MysqlError::NoPrimary {
                     dependency: format!("replica {addr}"),
                 }) as BoxError);
             };
-            pool.get().await.map_err(|e| -> BoxError {
+            let conn = pool.get().await.map_err(|e| -> BoxError {
                 match e {
                     deadpool::managed::PoolError::Backend(m) => Box::new(m),
                     other => Box::new(std::io::Error::other(other.to_string())),
                 }
-            })
+            })?;
+            metrics::counter!("ha_mysql_reads_total", "served_by" => "replica", "locality" => locality)
+                .increment(1);
+            Ok(conn)
         })
     }
 }
