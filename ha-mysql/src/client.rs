@@ -298,6 +298,7 @@ impl Builder {
             nudge: tokio::sync::Notify::new(),
             spare: parking_lot::Mutex::new(None),
             role_tick: std::sync::atomic::AtomicU64::new(0),
+            suspect: std::sync::atomic::AtomicU64::new(0),
         });
         let started = Instant::now();
         let deadline = started + s.startup_timeout;
@@ -788,12 +789,14 @@ impl HaMysql {
     }
 
     /// A checkout within `deadline`. The fast path first: a free slot taken without arming a
-    /// timer (deadpool's non-blocking wait). It needs no deadline of its own when the budget
-    /// covers what a checkout can take by itself (`create` and `recycle`'s role check are
-    /// bounded by the connect timeout). Otherwise, or with no free slot, the bounded wait of
-    /// [`HaMysql::writer_until`], boxed so that the fast path's future stays small.
+    /// timer (deadpool's non-blocking wait). It needs no timer of its own when the budget
+    /// covers the most a checkout can take by itself: one failing role check in `recycle`
+    /// (after one fails, the other idle connections of that generation are dropped without
+    /// one) and one `create`, each bounded by the connect timeout. Otherwise, or with no free
+    /// slot, the bounded wait of [`HaMysql::writer_until`], boxed so that the fast path's
+    /// future stays small.
     async fn checkout(&self, deadline: Instant, budget: Duration) -> Result<Writer, HaError> {
-        if budget >= self.inner.shared.conn.check_timeout {
+        if budget >= self.inner.shared.conn.check_timeout.saturating_mul(2) {
             match self.inner.pool.timeout_get(&NON_BLOCKING).await {
                 Ok(w) => return Ok(w),
                 Err(PoolError::Closed | PoolError::NoRuntimeSpecified) => {

@@ -163,11 +163,22 @@ pub(crate) struct Shared {
     /// checkout (so between one and two intervals after its last check), without reading a
     /// clock on every checkout.
     pub role_tick: std::sync::atomic::AtomicU64,
+    /// The generation whose role check last failed (0: none): its other idle connections are
+    /// dropped at checkout without a check of their own, so one checkout never waits on more
+    /// than one failing check. Cleared by a verified `create`.
+    pub suspect: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub fn nudge(&self) {
         self.nudge.notify_one();
+    }
+
+    /// A role check of `generation`'s primary failed: suspect it, and wake the follower.
+    fn suspect_now(&self, generation: u64) {
+        self.suspect
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
+        self.nudge();
     }
 
     fn tick(&self) -> u64 {
@@ -327,6 +338,13 @@ impl Manager for MysqlManager {
         // The primary may have switched while we connected.
         shared.master.check(&stamp).map_err(MysqlError::Fenced)?;
         metrics::counter!("ha_mysql_connections_created_total", "dependency" => shared.dependency.to_string()).increment(1);
+        // Verified writable just now: the primary is no longer in doubt.
+        let _ = shared.suspect.compare_exchange(
+            stamp.generation,
+            0,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(HaConn {
             conn,
             stamp,
@@ -346,6 +364,11 @@ impl Manager for MysqlManager {
             .check(&c.stamp)
             .map_err(|e| RecycleError::Backend(MysqlError::Fenced(e)))?;
         if shared.role_check_due(c.checked_tick) {
+            if shared.suspect.load(std::sync::atomic::Ordering::Relaxed) == c.stamp.generation {
+                return Err(RecycleError::message(
+                    "a role check of this primary just failed",
+                ));
+            }
             // Boxed: the role check's future is large and rare; the common recycle stays small.
             return Box::pin(recheck_role(shared, c)).await;
         }
@@ -368,13 +391,13 @@ async fn recheck_role(shared: &Arc<Shared>, c: &mut HaConn) -> RecycleResult<Mys
             Ok(())
         }
         Ok(_) => {
-            shared.nudge();
+            shared.suspect_now(c.stamp.generation);
             Err(RecycleError::Backend(MysqlError::ReadOnly {
                 addr: c.stamp.addr,
             }))
         }
         Err(e) => {
-            shared.nudge();
+            shared.suspect_now(c.stamp.generation);
             Err(RecycleError::Backend(e))
         }
     }
@@ -400,6 +423,7 @@ mod tests {
             nudge: Notify::new(),
             spare: parking_lot::Mutex::new(None),
             role_tick: std::sync::atomic::AtomicU64::new(0),
+            suspect: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -418,6 +442,27 @@ mod tests {
         drop(s);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(ticker.is_finished());
+    }
+
+    #[test]
+    fn after_a_failed_role_check_the_generation_is_suspect_until_a_verified_create() {
+        let s = shared(Duration::from_secs(1));
+        assert_eq!(s.suspect.load(std::sync::atomic::Ordering::Relaxed), 0);
+        s.suspect_now(7);
+        assert_eq!(s.suspect.load(std::sync::atomic::Ordering::Relaxed), 7);
+        // A verified create of another generation does not clear it; of this one it does.
+        let clear = |g: u64| {
+            let _ = s.suspect.compare_exchange(
+                g,
+                0,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        };
+        clear(6);
+        assert_eq!(s.suspect.load(std::sync::atomic::Ordering::Relaxed), 7);
+        clear(7);
+        assert_eq!(s.suspect.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
