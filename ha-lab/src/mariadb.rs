@@ -244,7 +244,8 @@ impl std::fmt::Debug for MariaPartition {
 
 impl MariaPartition {
     /// Removes the partition, then fences the partitioned IDC's nodes that are no longer the
-    /// primary (`read_only = 1`, bounded): returns the nodes fenced.
+    /// primary (`read_only = 1`, bounded): returns the nodes fenced. A node that does not
+    /// answer (killed earlier) is skipped.
     pub async fn heal(self) -> Result<Vec<String>, MariaDbLabError> {
         self.scope.heal_all()?;
         *self.shared.partitioned.lock() = None;
@@ -252,7 +253,14 @@ impl MariaPartition {
         let mut fenced = Vec::new();
         for (i, n) in self.shared.nodes.iter().enumerate() {
             if n.idc == self.idc && i != primary {
-                let mut c = admin(n).await?;
+                // A node that is not running (killed earlier) has nothing to fence.
+                let mut c = match admin(n).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(node = n.name, error = %e, "mariadb lab: heal: node not answering, not fenced");
+                        continue;
+                    }
+                };
                 if self.shared.semi_sync {
                     // Commits waiting for a replica's acknowledgement hold `read_only` back:
                     // they are let through first (locally; their clients were told nothing).

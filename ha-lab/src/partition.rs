@@ -228,10 +228,28 @@ impl Scope {
         script
     }
 
-    /// The nft transaction of [`Scope::heal`]: `idc`'s chain created if missing, then deleted,
+    /// The lines that (re)create `idc`'s input chain (the rules of processes placed in IDCs
+    /// that match the receiving socket), empty.
+    fn in_chain_lines(&self, idc: IpNet) -> String {
+        let table = &self.table;
+        let chain = chain(idc);
+        format!(
+            "add table inet {table}\n\
+             add chain inet {table} {chain}_in {{ type filter hook input priority 0; policy accept; }}\n\
+             flush chain inet {table} {chain}_in\n"
+        )
+    }
+
+    /// The nft transaction of [`Scope::heal`]: `idc`'s chains created if missing, then deleted,
     /// so healing an IDC that is not partitioned needs no listing first and is not an error.
     pub fn heal_script(&self, idc: IpNet) -> String {
-        let mut script = self.chain_lines(idc);
+        let mut script = self.in_chain_lines(idc);
+        script.push_str(&format!(
+            "delete chain inet {} {}_in\n",
+            self.table,
+            chain(idc)
+        ));
+        script.push_str(&self.chain_lines(idc));
         script.push_str(&format!(
             "delete chain inet {} {}\n",
             self.table,
@@ -273,6 +291,7 @@ impl Scope {
             .filter(|o| family(**o) == fam)
             .map(IpNet::to_string)
             .collect();
+        // Output: what their own sockets send to the other side (a connect, a request).
         let mut rule = |group: &IdcCgroup, daddr: &str| {
             script.push_str(&format!(
                 "add rule inet {table} {chain} {} {fam} daddr {{ {daddr} }}{ports} drop\n",
@@ -280,13 +299,32 @@ impl Scope {
             ));
         };
         if !others.is_empty() {
-            let others = others.join(", ");
+            let joined = others.join(", ");
             for g in members {
-                rule(g, &others);
+                rule(g, &joined);
             }
         }
         for g in other_members {
             rule(g, &idc_cidr.to_string());
+        }
+        // Input: what the other side's servers send to their sockets (the data of a connection
+        // they opened, e.g. a primary's binlog to a replica), matched on the receiving socket.
+        script.push_str(&self.in_chain_lines(idc_cidr));
+        let sports = ports.replace("th dport", "th sport");
+        let mut rule_in = |group: &IdcCgroup, saddr: &str| {
+            script.push_str(&format!(
+                "add rule inet {table} {chain}_in {fam} saddr {{ {saddr} }} {}{sports} drop\n",
+                group.nft_match()
+            ));
+        };
+        if !others.is_empty() {
+            let joined = others.join(", ");
+            for g in members {
+                rule_in(g, &joined);
+            }
+        }
+        for g in other_members {
+            rule_in(g, &idc_cidr.to_string());
         }
         script
     }
