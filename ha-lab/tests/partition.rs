@@ -272,6 +272,16 @@ async fn a_process_placed_in_an_idc_is_cut_with_it() {
     let bj_a = IdcCgroup::create(&format!("{}-bj-a", std::process::id())).unwrap();
     let idc: IpNet = "127.0.1.225/32".parse().unwrap();
     let other: IpNet = "127.0.3.225/32".parse().unwrap();
+    // Both ways: what the member sends to sh-a (output), what sh-a's servers send to the
+    // member's sockets (input, matched on the receiving socket).
+    let script = scope.partition_members_script(idc, &[&bj_a], &[other], &[]);
+    let out_rule = format!("{} ip daddr {{ 127.0.3.225/32 }}", bj_a.nft_match());
+    let in_rule = format!(
+        "_in ip saddr {{ 127.0.3.225/32 }} {} meta l4proto {{ tcp, udp }} th sport",
+        bj_a.nft_match()
+    );
+    assert!(script.contains(&out_rule), "{script}");
+    assert!(script.contains(&in_rule), "{script}");
     scope
         .partition_members(idc, &[&bj_a], &[other], &[])
         .unwrap();
