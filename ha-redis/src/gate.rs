@@ -53,6 +53,28 @@ pub(crate) enum Refused {
 
 pub(crate) struct Gate<C> {
     tx: watch::Sender<State<C>>,
+    /// The same state for the command path, written inside every change of `tx` (under its
+    /// lock, so the two never disagree for longer than that change): a lock-free read for
+    /// every command, where the `watch`'s read lock is one cache line that every thread
+    /// writes to.
+    fast: arc_swap::ArcSwap<Snapshot<C>>,
+}
+
+/// What a command needs of the [`State`].
+struct Snapshot<C> {
+    conn: Option<Arc<C>>,
+    held: bool,
+    holds: u64,
+}
+
+impl<C> Snapshot<C> {
+    fn of(s: &State<C>) -> Arc<Snapshot<C>> {
+        Arc::new(Snapshot {
+            conn: s.conn.clone(),
+            held: s.hold.is_some(),
+            holds: s.holds,
+        })
+    }
 }
 
 impl<C> Gate<C> {
@@ -61,6 +83,11 @@ impl<C> Gate<C> {
             tx: watch::Sender::new(State {
                 conn: None,
                 hold: None,
+                holds: 0,
+            }),
+            fast: arc_swap::ArcSwap::from_pointee(Snapshot {
+                conn: None,
+                held: false,
                 holds: 0,
             }),
         }
@@ -74,14 +101,14 @@ impl<C> Gate<C> {
         self.tx.borrow().clone()
     }
 
-    /// True while writes are held (no clone of the state).
+    /// True while writes are held (no lock, no clone of the state).
     pub(crate) fn is_held(&self) -> bool {
-        self.tx.borrow().hold.is_some()
+        self.fast.load().held
     }
 
-    /// The number of [`Gate::hold`] calls so far.
+    /// The number of [`Gate::hold`] calls so far (no lock).
     pub(crate) fn holds(&self) -> u64 {
-        self.tx.borrow().holds
+        self.fast.load().holds
     }
 
     /// Holds writes; true when this started a hold (it was not held). Counts in
@@ -89,14 +116,15 @@ impl<C> Gate<C> {
     pub(crate) fn hold(&self, reason: &str) -> bool {
         self.tx.send_if_modified(|s| {
             s.holds += 1;
-            if s.hold.is_some() {
-                return false;
+            let started = s.hold.is_none();
+            if started {
+                s.hold = Some(Hold {
+                    since: Instant::now(),
+                    reason: reason.into(),
+                });
             }
-            s.hold = Some(Hold {
-                since: Instant::now(),
-                reason: reason.into(),
-            });
-            true
+            self.fast.store(Snapshot::of(s));
+            started
         })
     }
 
@@ -105,6 +133,7 @@ impl<C> Gate<C> {
         let mut ended = None;
         self.tx.send_if_modified(|s| {
             ended = s.hold.take();
+            self.fast.store(Snapshot::of(s));
             ended.is_some()
         });
         ended
@@ -118,6 +147,7 @@ impl<C> Gate<C> {
             if release {
                 ended = s.hold.take();
             }
+            self.fast.store(Snapshot::of(s));
         });
         ended
     }
@@ -127,6 +157,7 @@ impl<C> Gate<C> {
         self.tx.send_if_modified(|s| {
             if s.conn.as_deref().is_some_and(&is_current) {
                 s.conn = None;
+                self.fast.store(Snapshot::of(s));
                 true
             } else {
                 false
@@ -158,10 +189,10 @@ impl<C> Gate<C> {
         max_hold: Duration,
         usable: impl Fn(&C) -> bool,
     ) -> Result<(Arc<C>, u64), Refused> {
-        // The common case without subscribing: a usable connection and no hold.
+        // The common case, without a lock or a subscription: a usable connection and no hold.
         {
-            let s = self.tx.borrow();
-            if !(write && s.hold.is_some())
+            let s = self.fast.load();
+            if !(write && s.held)
                 && let Some(c) = s.conn.as_ref().filter(|c| usable(c))
             {
                 return Ok((c.clone(), s.holds));
