@@ -1,6 +1,7 @@
 //! `membership-service serve --config FILE [--listen ADDR]`: the example membership service.
 //! `membership-service demo [--json FILE] [--phase-secs N]`: the service under faults against
-//! the lab stack started in-process, measured (see `membership_service::demo`).
+//! the lab stack started in this process and the instances as child processes, measured (see
+//! `membership_service::demo`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -29,9 +30,10 @@ enum Cmd {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Start the lab stack and two instances (bj-a, sh-a) in-process, drive a load through
-    /// Redis, MySQL and RocketMQ faults, a drain and a rate-limit flood, and print PASS/FAIL per
-    /// phase. Exits 1 when a phase failed, 2 when the demo could not run. Logs: RUST_LOG
+    /// Start the lab stack in this process and two instances (bj-a, sh-a) as child processes
+    /// placed in their IDCs, drive a load through Redis, MySQL and RocketMQ faults, a drain, a
+    /// rate-limit flood, a partition of bj-a and the kill of the job's lease holder, and print
+    /// PASS/FAIL per phase. Exits 1 when a phase failed, 2 when the demo could not run. Logs: RUST_LOG
     /// (default `error`, without the RocketMQ client's).
     Demo {
         /// Also write the table as JSON to this file (opened at start).
@@ -56,9 +58,8 @@ enum Cmd {
         /// Start only the bj-a instance (no sh-a instance, no sh-a workers).
         #[arg(long)]
         no_sh_a: bool,
-        /// Run the sh-a instance as a child process (`membership-service serve`) instead of
-        /// in this process.
-        #[arg(long)]
+        /// Kept for old scripts: both instances always run as child processes now.
+        #[arg(long, hide = true)]
         sh_a_process: bool,
     },
 }
