@@ -160,8 +160,8 @@ pub(crate) struct Shared {
     pub spare: parking_lot::Mutex<Option<(Arc<Master>, Conn)>>,
     /// Bumped every `role_check_interval` by the ticker task ([`tick_roles`]): a pooled
     /// connection whose last role check saw an older tick is checked again on its next
-    /// checkout (so between one and two intervals after its last check), without reading a
-    /// clock on every checkout.
+    /// checkout (at most once per tick per connection; a used connection is never more than
+    /// two intervals past its last check), without reading a clock on every checkout.
     pub role_tick: std::sync::atomic::AtomicU64,
     /// The generation whose role check last failed (0: none): its other idle connections are
     /// dropped at checkout without a check of their own, so one checkout never waits on more
