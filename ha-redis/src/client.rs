@@ -168,6 +168,17 @@ impl Builder {
         if self.master_name.trim().is_empty() {
             return Err(StartupError::Config("empty master name".into()));
         }
+        for (name, d) in [
+            ("timeout", self.timeout),
+            ("poll_interval", self.poll_interval),
+            ("sentinel_timeout", self.sentinel_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("startup_timeout", self.startup_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(StartupError::Config(format!("{name} must be more than 0")));
+            }
+        }
         let dependency: Arc<str> = self
             .dependency
             .clone()

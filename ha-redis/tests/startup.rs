@@ -48,6 +48,26 @@ async fn no_sentinel_reachable_is_typed_and_bounded() {
         .await
         .unwrap_err();
     assert!(matches!(err, ha_redis::StartupError::Config(_)), "{err}");
+    // A zero interval or bound is refused by name, before any task starts (a zero interval
+    // would otherwise kill the follower task).
+    let err = HaRedis::builder([addr], "members")
+        .poll_interval(Duration::ZERO)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ha_redis::StartupError::Config(m) if m.contains("poll_interval")),
+        "{err}"
+    );
+    let err = HaRedis::builder([addr], "members")
+        .timeout(Duration::ZERO)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("timeout must be more than 0"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
