@@ -83,7 +83,6 @@ impl Service<Cmd> for ReplicaConn {
 
 /// A pipeline for one replica: the commands, and which replies the caller wants (as
 /// [`ConnectionLike::req_packed_commands`] takes them).
-#[derive(Clone)]
 pub(crate) struct ReplicaPipeline {
     pipeline: Pipeline,
     offset: usize,
@@ -160,7 +159,7 @@ impl std::fmt::Debug for ReplicaHandle {
 impl ReplicaHandle {
     /// Runs `cmd` on a replica, with typed errors.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, HaError> {
-        let v = self.exec(cmd).await?;
+        let v = self.exec_cmd(cmd).await?;
         v.extract_error()
             .and_then(|v| redis::from_redis_value(v).map_err(RedisError::from))
             .map_err(HaError::backend)
@@ -185,25 +184,46 @@ impl ReplicaHandle {
             .map_err(crate::error::into_ha_error)
     }
 
-    async fn exec(&self, cmd: &Cmd) -> Result<Value, HaError> {
+    /// One command, as [`ReplicaHandle::exec`] routes it.
+    async fn exec_cmd(&self, cmd: &Cmd) -> Result<Value, HaError> {
+        self.exec(cmd.clone(), |mut m| async move {
+            m.req_packed_command(cmd).await
+        })
+        .await
+    }
+
+    /// One read (a command or a pipeline): on the master within a session's read-your-writes
+    /// window, else on the nearest usable replica, else (none usable) on the master; the
+    /// whole within the handle's deadline.
+    async fn exec<R, Out, F, Fut>(&self, req: R, on_master: F) -> Result<Out, HaError>
+    where
+        ReplicaConn: Service<R, Response = Out, Error = RedisError> + Clone,
+        F: FnOnce(crate::MasterHandle) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<Out>>,
+    {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let master = |on_master: F| {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let fut = on_master(self.master.clone().with_timeout(left));
+            async move { fut.await.map_err(crate::error::into_ha_error) }
+        };
         if let Some((clock, window)) = &self.read_your_writes
             && clock.within(*window)
         {
             metrics::counter!("ha_redis_reads_total", "served_by" => "master_read_your_writes", "locality" => "master")
                 .increment(1);
-            return self.on_master(cmd, deadline).await;
+            return master(on_master).await;
         }
         let mut b = self.balance.clone();
         let fut = async move {
-            let s = ServiceExt::<Cmd>::ready(&mut b).await?;
-            Service::<Cmd>::call(s, cmd.clone()).await
+            let s = ServiceExt::<R>::ready(&mut b).await?;
+            Service::<R>::call(s, req).await
         };
         match tokio::time::timeout_at(deadline, fut).await {
             Ok(Err(e)) if e.is_no_healthy_endpoint() => {
                 metrics::counter!("ha_redis_reads_total", "served_by" => "master_no_replica", "locality" => "master")
                     .increment(1);
-                self.on_master(cmd, deadline).await
+                master(on_master).await
             }
             Ok(r) => r,
             Err(_) => Err(HaError::DeadlineExceeded {
@@ -213,73 +233,22 @@ impl ReplicaHandle {
             }),
         }
     }
+}
 
-    /// A pipeline on one replica (the same choices as [`ReplicaHandle::query`]).
-    async fn exec_pipeline(&self, req: ReplicaPipeline) -> Result<Vec<Value>, HaError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        if let Some((clock, window)) = &self.read_your_writes
-            && clock.within(*window)
-        {
-            metrics::counter!("ha_redis_reads_total", "served_by" => "master_read_your_writes", "locality" => "master")
-                .increment(1);
-            return self.pipeline_on_master(&req, deadline).await;
-        }
-        let mut b = self.balance.clone();
-        let sent = req.clone();
-        let fut = async move {
-            let s = ServiceExt::<ReplicaPipeline>::ready(&mut b).await?;
-            Service::<ReplicaPipeline>::call(s, sent).await
-        };
-        match tokio::time::timeout_at(deadline, fut).await {
-            Ok(Err(e)) if e.is_no_healthy_endpoint() => {
-                metrics::counter!("ha_redis_reads_total", "served_by" => "master_no_replica", "locality" => "master")
-                    .increment(1);
-                self.pipeline_on_master(&req, deadline).await
-            }
-            Ok(r) => r,
-            Err(_) => Err(HaError::DeadlineExceeded {
-                deadline: self.timeout,
-                attempts: 1,
-                maybe_sent: true,
-            }),
-        }
-    }
-
-    async fn pipeline_on_master(
-        &self,
-        req: &ReplicaPipeline,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<Value>, HaError> {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut m = self.master.clone().with_timeout(left);
-        m.req_packed_commands(&req.pipeline, req.offset, req.count)
-            .await
-            .map_err(crate::error::into_ha_error)
-    }
-
-    /// `cmd` on the master, within what is left of the deadline.
-    async fn on_master(&self, cmd: &Cmd, deadline: tokio::time::Instant) -> Result<Value, HaError> {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut m = self.master.clone().with_timeout(left);
-        m.req_packed_command(cmd)
-            .await
-            .map_err(crate::error::into_ha_error)
+/// A read's error for [`ConnectionLike`]: one a replica answered comes back as itself.
+fn read_error(e: HaError) -> RedisError {
+    match e {
+        HaError::Backend(e) => match e.downcast::<RedisError>() {
+            Ok(r) => *r,
+            Err(other) => to_redis_error(HaError::Backend(other)),
+        },
+        e => to_redis_error(e),
     }
 }
 
 impl ConnectionLike for ReplicaHandle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            match self.exec(cmd).await {
-                Ok(v) => Ok(v),
-                // An error a replica answered comes back as itself.
-                Err(HaError::Backend(e)) => match e.downcast::<RedisError>() {
-                    Ok(r) => Err(*r),
-                    Err(other) => Err(to_redis_error(HaError::Backend(other))),
-                },
-                Err(e) => Err(to_redis_error(e)),
-            }
-        })
+        Box::pin(async move { self.exec_cmd(cmd).await.map_err(read_error) })
     }
 
     fn req_packed_commands<'a>(
@@ -294,14 +263,11 @@ impl ConnectionLike for ReplicaHandle {
             count,
         };
         Box::pin(async move {
-            match self.exec_pipeline(req).await {
-                Ok(v) => Ok(v),
-                Err(HaError::Backend(e)) => match e.downcast::<RedisError>() {
-                    Ok(r) => Err(*r),
-                    Err(other) => Err(to_redis_error(HaError::Backend(other))),
-                },
-                Err(e) => Err(to_redis_error(e)),
-            }
+            self.exec(req, |mut m| async move {
+                m.req_packed_commands(pipeline, offset, count).await
+            })
+            .await
+            .map_err(read_error)
         })
     }
 
