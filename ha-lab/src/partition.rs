@@ -275,10 +275,11 @@ impl Scope {
         }
         let fam = family(idc_cidr);
         let (table, chain) = (&self.table, chain(idc_cidr));
-        let ports = match &self.ports {
+        // ` meta l4proto { tcp, udp } th <dir> { ports }`, or nothing with every port cut.
+        let ports = |dir: &str| match &self.ports {
             None => String::new(),
             Some(ports) => format!(
-                " meta l4proto {{ tcp, udp }} th dport {{ {} }}",
+                " meta l4proto {{ tcp, udp }} th {dir} {{ {} }}",
                 ports
                     .iter()
                     .map(u16::to_string)
@@ -291,40 +292,30 @@ impl Scope {
             .filter(|o| family(**o) == fam)
             .map(IpNet::to_string)
             .collect();
-        // Output: what their own sockets send to the other side (a connect, a request).
-        let mut rule = |group: &IdcCgroup, daddr: &str| {
-            script.push_str(&format!(
-                "add rule inet {table} {chain} {} {fam} daddr {{ {daddr} }}{ports} drop\n",
-                group.nft_match()
-            ));
-        };
+        // Each placed process's group and the ranges on the other side of the cut from it.
+        let mut pairs: Vec<(&IdcCgroup, String)> = Vec::new();
         if !others.is_empty() {
             let joined = others.join(", ");
-            for g in members {
-                rule(g, &joined);
-            }
+            pairs.extend(members.iter().map(|g| (*g, joined.clone())));
         }
-        for g in other_members {
-            rule(g, &idc_cidr.to_string());
+        pairs.extend(other_members.iter().map(|g| (*g, idc_cidr.to_string())));
+        // Output: what their own sockets send to the other side (a connect, a request).
+        let dports = ports("dport");
+        for (g, peers) in &pairs {
+            script.push_str(&format!(
+                "add rule inet {table} {chain} {} {fam} daddr {{ {peers} }}{dports} drop\n",
+                g.nft_match()
+            ));
         }
         // Input: what the other side's servers send to their sockets (the data of a connection
         // they opened, e.g. a primary's binlog to a replica), matched on the receiving socket.
         script.push_str(&self.in_chain_lines(idc_cidr));
-        let sports = ports.replace("th dport", "th sport");
-        let mut rule_in = |group: &IdcCgroup, saddr: &str| {
+        let sports = ports("sport");
+        for (g, peers) in &pairs {
             script.push_str(&format!(
-                "add rule inet {table} {chain}_in {fam} saddr {{ {saddr} }} {}{sports} drop\n",
-                group.nft_match()
+                "add rule inet {table} {chain}_in {fam} saddr {{ {peers} }} {}{sports} drop\n",
+                g.nft_match()
             ));
-        };
-        if !others.is_empty() {
-            let joined = others.join(", ");
-            for g in members {
-                rule_in(g, &joined);
-            }
-        }
-        for g in other_members {
-            rule_in(g, &idc_cidr.to_string());
         }
         script
     }
