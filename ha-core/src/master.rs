@@ -207,12 +207,19 @@ impl MasterWatch {
     /// `Ok` when `stamp` (the snapshot a connection was made from) is still the current master,
     /// else [`HaError::Fenced`] with both generations. Also counts the refusal and publishes a
     /// [`TopologyEvent::ConnectionFenced`].
+    #[inline]
     pub fn check(&self, stamp: &Master) -> Result<(), HaError> {
         // One atomic load on the checkout path: the current snapshot has the stamp's
-        // generation (generations are never reused, and 0 means none).
+        // generation (generations are never reused, and 0 means none). Inlined; the rest is
+        // out of line.
         if self.inner.live.load(std::sync::atomic::Ordering::Acquire) == stamp.generation {
             return Ok(());
         }
+        self.check_slow(stamp)
+    }
+
+    #[cold]
+    fn check_slow(&self, stamp: &Master) -> Result<(), HaError> {
         let cur = self.inner.current.load();
         match cur.as_ref() {
             Some(m) if m.generation == stamp.generation => Ok(()),
