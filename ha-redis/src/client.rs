@@ -1323,6 +1323,13 @@ enum Req<'a> {
     Many(&'a Pipeline, usize, usize),
 }
 
+/// What a command takes of the gate's connection ([`Gate::acquire_with`]).
+struct Taken {
+    id: u64,
+    addr: SocketAddr,
+    conn: MultiplexedConnection,
+}
+
 enum Reply {
     One(Value),
     Many(Vec<Value>),
@@ -1398,21 +1405,42 @@ impl MasterHandle {
         let mut failed: Option<u64> = None;
         let mut counted_hold = false;
         loop {
-            if write && !counted_hold && core.gate.is_held() {
-                counted_hold = true;
-                core.stats.held_writes.fetch_add(1, Ordering::Relaxed);
-                core.held_now.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("ha_redis_held_writes_total", "dependency" => core.dependency.to_string())
-                    .increment(1);
-            }
-            let c = core
-                .gate
-                .acquire_counted(write, deadline, core.cfg.max_hold, |c| {
-                    Some(c.id) != failed
-                        && !c.broken.load(Ordering::Relaxed)
-                        && c.master.generation == core.watch.generation()
-                })
-                .await;
+            // What a command needs of the connection, taken without a reference count of
+            // the connection's own (one contended atomic pair less per command).
+            let usable = |c: &Conn| {
+                Some(c.id) != failed
+                    && !c.broken.load(Ordering::Relaxed)
+                    && c.master.generation == core.watch.generation()
+            };
+            let take = |c: &Arc<Conn>| Taken {
+                id: c.id,
+                addr: c.master.addr,
+                conn: c.conn.clone(),
+            };
+            // The common case synchronously; the wait (a hold, a switch) boxed, so that this
+            // future, allocated per command, stays small.
+            let c = match core.gate.try_take(write, usable, take) {
+                Some(got) => Ok(got),
+                None => {
+                    Box::pin(core.gate.acquire_with(
+                        write,
+                        deadline,
+                        core.cfg.max_hold,
+                        usable,
+                        take,
+                        || {
+                            if !counted_hold {
+                                counted_hold = true;
+                                core.stats.held_writes.fetch_add(1, Ordering::Relaxed);
+                                core.held_now.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!("ha_redis_held_writes_total", "dependency" => core.dependency.to_string())
+                                    .increment(1);
+                            }
+                        },
+                    ))
+                    .await
+                }
+            };
             let (c, holds_at_send) = match c {
                 Ok(c) => c,
                 Err(Refused::Deadline { .. } | Refused::MaxHold | Refused::Closed) => {
@@ -1430,12 +1458,14 @@ impl MasterHandle {
                 }
             };
             attempts += 1;
-            let mut conn = c.conn.clone();
+            let Taken { id, addr, mut conn } = c;
             let sent = async {
                 match req {
-                    Req::One(cmd) => conn.req_packed_command(cmd).await.map(Reply::One),
+                    // The inherent methods, not `ConnectionLike`'s: its boxed future would be a
+                    // second allocation per command inside the one of this handle's.
+                    Req::One(cmd) => conn.send_packed_command(cmd).await.map(Reply::One),
                     Req::Many(p, offset, count) => conn
-                        .req_packed_commands(p, offset, count)
+                        .send_packed_commands(p, offset, count)
                         .await
                         .map(Reply::Many),
                 }
@@ -1445,7 +1475,7 @@ impl MasterHandle {
                 Err(_) => {
                     // A master that stops answering (SIGSTOP, a partition) gets checked now.
                     let _ = core.tx.try_send(Input::Kick {
-                        conn: c.id,
+                        conn: id,
                         reason: "timeout",
                     });
                     return Err(ExecError::Ha(HaError::DeadlineExceeded {
@@ -1467,13 +1497,13 @@ impl MasterHandle {
             };
             if not_master {
                 let _ = core.tx.try_send(Input::Kick {
-                    conn: c.id,
+                    conn: id,
                     reason: "READONLY/MASTERDOWN",
                 });
                 metrics::counter!("ha_redis_fenced_total", "dependency" => core.dependency.to_string())
                     .increment(1);
                 if failed.is_none() {
-                    failed = Some(c.id);
+                    failed = Some(id);
                     core.stats.retried.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -1484,10 +1514,10 @@ impl MasterHandle {
                     if write && core.gate.holds() != holds_at_send {
                         // A hold began while this write was in flight: the old master's
                         // acknowledgement may have come after the replica's promotion.
-                        self.confirm_in_flight(&c, deadline).await?;
+                        Box::pin(self.confirm_in_flight(addr, &conn, deadline)).await?;
                     }
                     if write && let Some((n, wait)) = self.durable {
-                        self.wait_durable(&c, n, wait, deadline).await?;
+                        Box::pin(self.wait_durable(addr, &conn, n, wait, deadline)).await?;
                     }
                     if write && let Some(clock) = &self.wrote {
                         clock.mark();
@@ -1495,18 +1525,20 @@ impl MasterHandle {
                     return Ok(r);
                 }
                 Err(e) if is_transport(&e) => {
-                    c.broken.store(true, Ordering::Relaxed);
+                    if let Some(c) = core.gate.current().filter(|c| c.id == id) {
+                        c.broken.store(true, Ordering::Relaxed);
+                    }
                     let _ = core.tx.try_send(Input::Kick {
-                        conn: c.id,
+                        conn: id,
                         reason: "connection broke",
                     });
                     if (!write || self.idempotent) && failed.is_none() {
-                        failed = Some(c.id);
+                        failed = Some(id);
                         continue;
                     }
                     if write && !self.idempotent {
                         return Err(ExecError::Ha(HaError::OutcomeUnknown {
-                            endpoint: Some(c.master.addr),
+                            endpoint: Some(addr),
                             source: Box::new(e),
                         }));
                     }
@@ -1525,16 +1557,21 @@ impl MasterHandle {
     /// at which the new master was promoted (`second_repl_offset` of its `INFO replication`).
     /// An aborted failover keeps the old master, and the write with it. Anything that cannot
     /// be shown within the deadline is [`HaError::OutcomeUnknown`].
-    async fn confirm_in_flight(&self, c: &Conn, deadline: Instant) -> Result<(), ExecError> {
+    async fn confirm_in_flight(
+        &self,
+        addr: SocketAddr,
+        conn: &MultiplexedConnection,
+        deadline: Instant,
+    ) -> Result<(), ExecError> {
         let core = &self.core;
         core.stats.in_flight_checked.fetch_add(1, Ordering::Relaxed);
         let unknown = |why: String| {
             ExecError::Ha(HaError::OutcomeUnknown {
-                endpoint: Some(c.master.addr),
+                endpoint: Some(addr),
                 source: why.into(),
             })
         };
-        let mut conn = c.conn.clone();
+        let mut conn = conn.clone();
         let left = deadline.saturating_duration_since(Instant::now());
         let offset =
             match tokio::time::timeout(left, conn.req_packed_command(&redis::cmd("ROLE"))).await {
@@ -1556,7 +1593,7 @@ impl MasterHandle {
                 (st.conn.clone(), st.hold.is_some())
             };
             match cur {
-                Some(n) if n.master.addr != c.master.addr => {
+                Some(n) if n.master.addr != addr => {
                     let mut nc = n.conn.clone();
                     let left = deadline.saturating_duration_since(Instant::now());
                     let info = tokio::time::timeout(
@@ -1577,7 +1614,7 @@ impl MasterHandle {
                         Some(p) if p > offset => Ok(()),
                         Some(p) => Err(unknown(format!(
                             "acknowledged by {} at offset {offset}, but {} was promoted at offset {p}",
-                            c.master.addr, n.master.addr
+                            addr, n.master.addr
                         ))),
                         None => Err(unknown(format!(
                             "promotion offset of {} not read",
@@ -1585,7 +1622,7 @@ impl MasterHandle {
                         ))),
                     };
                 }
-                Some(n) if !held && n.master.addr == c.master.addr => return Ok(()),
+                Some(n) if !held && n.master.addr == addr => return Ok(()),
                 _ => {}
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1604,18 +1641,19 @@ impl MasterHandle {
     /// write of that connection, so ours too).
     async fn wait_durable(
         &self,
-        c: &Conn,
+        addr: SocketAddr,
+        conn: &MultiplexedConnection,
         needed: usize,
         timeout: Duration,
         deadline: Instant,
     ) -> Result<(), ExecError> {
-        let mut conn = c.conn.clone();
+        let mut conn = conn.clone();
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(needed).arg(timeout.as_millis() as u64);
         let bound = (Instant::now() + timeout + Duration::from_millis(200)).min(deadline);
         let unknown = |source: ha_core::BoxError| {
             ExecError::Ha(HaError::OutcomeUnknown {
-                endpoint: Some(c.master.addr),
+                endpoint: Some(addr),
                 source,
             })
         };

@@ -182,6 +182,7 @@ impl<C> Gate<C> {
 
     /// [`Gate::acquire`], also returning [`State::holds`] as it was when the connection was
     /// handed out (read in the same step as the connection and the hold).
+    #[cfg(test)]
     pub(crate) async fn acquire_counted(
         &self,
         write: bool,
@@ -189,14 +190,24 @@ impl<C> Gate<C> {
         max_hold: Duration,
         usable: impl Fn(&C) -> bool,
     ) -> Result<(Arc<C>, u64), Refused> {
-        // The common case, without a lock or a subscription: a usable connection and no hold.
-        {
-            let s = self.fast.load();
-            if !(write && s.held)
-                && let Some(c) = s.conn.as_ref().filter(|c| usable(c))
-            {
-                return Ok((c.clone(), s.holds));
-            }
+        self.acquire_with(write, deadline, max_hold, usable, Arc::clone, || {})
+            .await
+    }
+
+    /// [`Gate::acquire_counted`], handing out `take` of the connection instead of the
+    /// connection (what a command needs of it, without a reference count of its own), and
+    /// calling `on_held` each time a write finds the gate held, before it waits.
+    pub(crate) async fn acquire_with<T>(
+        &self,
+        write: bool,
+        deadline: Instant,
+        max_hold: Duration,
+        usable: impl Fn(&C) -> bool,
+        take: impl Fn(&Arc<C>) -> T,
+        mut on_held: impl FnMut(),
+    ) -> Result<(T, u64), Refused> {
+        if let Some(got) = self.try_take(write, &usable, &take) {
+            return Ok(got);
         }
         // Subscribed only now: the loop's first look is a fresh borrow, so a change between
         // the look above and the subscription is not missed.
@@ -205,15 +216,21 @@ impl<C> Gate<C> {
         loop {
             let (conn, held, holds) = {
                 let s = rx.borrow_and_update();
-                (s.conn.clone(), s.hold.is_some(), s.holds)
+                let held = write && s.hold.is_some();
+                let conn = if held {
+                    None
+                } else {
+                    s.conn.as_ref().filter(|c| usable(c)).map(&take)
+                };
+                (conn, held, s.holds)
             };
-            let held = write && held;
-            if !held && let Some(c) = conn.filter(|c| usable(c)) {
+            if let Some(c) = conn {
                 return Ok((c, holds));
             }
             let mut bound = deadline;
             let mut by_hold = false;
             if held {
+                on_held();
                 let since = *held_since.get_or_insert_with(Instant::now);
                 if since + max_hold < bound {
                     bound = since + max_hold;
@@ -227,6 +244,29 @@ impl<C> Gate<C> {
                 Err(_) => return Err(Refused::Deadline { held }),
             }
         }
+    }
+
+    /// The common case of [`Gate::acquire_with`], synchronous: a usable connection and, for a
+    /// write, no hold; without a lock or a subscription. `None`: take the waiting path.
+    pub(crate) fn try_take<T>(
+        &self,
+        write: bool,
+        usable: impl Fn(&C) -> bool,
+        take: impl Fn(&Arc<C>) -> T,
+    ) -> Option<(T, u64)> {
+        let s = self.fast.load();
+        if write && s.held {
+            return None;
+        }
+        s.conn
+            .as_ref()
+            .filter(|c| usable(c))
+            .map(|c| (take(c), s.holds))
+    }
+
+    /// The connection now, if any (for a rare path: marking it broken).
+    pub(crate) fn current(&self) -> Option<Arc<C>> {
+        self.fast.load().conn.clone()
     }
 }
 

@@ -69,7 +69,7 @@ impl Service<Cmd> for ReplicaConn {
         let me = self.clone();
         Box::pin(async move {
             let mut conn = me.connection().await?;
-            let r = conn.req_packed_command(&cmd).await;
+            let r = conn.send_packed_command(&cmd).await;
             match &r {
                 Err(e) if is_transport(e) => me.conn.store(None),
                 Err(_) => {}
@@ -103,7 +103,7 @@ impl Service<ReplicaPipeline> for ReplicaConn {
         Box::pin(async move {
             let mut conn = me.connection().await?;
             let r = conn
-                .req_packed_commands(&req.pipeline, req.offset, req.count)
+                .send_packed_commands(&req.pipeline, req.offset, req.count)
                 .await;
             match &r {
                 Err(e) if is_transport(e) => me.conn.store(None),
