@@ -133,6 +133,79 @@ pub(crate) async fn connect_primary(
     }
 }
 
+/// [`connect_primary`], on the node's warm standby connection when there is one: only the role
+/// check's round trips. A standby connection that breaks is closed and a fresh connect
+/// decides; one that times out is the answer (a frozen node); one that shows a replica or a
+/// read-only node is kept warm.
+pub(crate) async fn probe_primary(shared: &Shared, addr: SocketAddr) -> Result<Conn, MysqlError> {
+    let warm = shared.standby.lock().remove(&addr);
+    if let Some(mut conn) = warm {
+        let settings = &shared.conn;
+        match role(&mut conn, addr, settings.check_timeout, true).await {
+            Ok(NodeRole::Primary) => return Ok(conn),
+            Ok(other) => {
+                shared.put_standby(addr, conn);
+                return Err(match other {
+                    NodeRole::Replica => MysqlError::Replica { addr },
+                    _ => MysqlError::ReadOnly { addr },
+                });
+            }
+            // A node that does not answer in time would not answer a connect either (the
+            // kernel completes the TCP handshake of a frozen server; the greeting never
+            // comes): do not wait a second timeout.
+            Err(e @ MysqlError::ConnectTimeout { .. }) => {
+                close_later(conn);
+                return Err(e);
+            }
+            Err(_) => close_later(conn),
+        }
+    }
+    connect_primary(&shared.conn, addr).await
+}
+
+/// Keeps one warm connection to each of `addrs` in [`Shared::standby`]: every `every`, a
+/// missing one is connected and a present one pinged (a failed ping closes it). Returns when
+/// the client is gone.
+pub(crate) async fn keep_standby(
+    shared: std::sync::Weak<Shared>,
+    addrs: Vec<SocketAddr>,
+    every: Duration,
+) {
+    if addrs.is_empty() || every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let rounds = addrs.iter().map(|&addr| {
+            let shared = shared.clone();
+            async move {
+                let warm = shared.standby.lock().remove(&addr);
+                let conn = match warm {
+                    Some(mut conn) => {
+                        match tokio::time::timeout(shared.conn.check_timeout, conn.ping()).await {
+                            Ok(Ok(())) => Some(conn),
+                            _ => {
+                                close_later(conn);
+                                None
+                            }
+                        }
+                    }
+                    None => connect(&shared.conn, addr).await.ok(),
+                };
+                if let Some(conn) = conn {
+                    shared.put_standby(addr, conn);
+                }
+            }
+        });
+        futures::future::join_all(rounds).await;
+    }
+}
+
 /// Resolves once the master watch no longer publishes `generation` (a switch or a loss).
 pub(crate) async fn moved_on(master: &MasterWatch, generation: ha_core::Generation) {
     let mut rx = master.subscribe();
@@ -158,6 +231,12 @@ pub(crate) struct Shared {
     /// The follower's verified probe connection to a new primary, handed to the first
     /// `create` of that generation (it saves the first writer a connect and a role check).
     pub spare: parking_lot::Mutex<Option<(Arc<Master>, Conn)>>,
+    /// Warm connections, at most one per node (the configured replicas and the primary), that
+    /// the follower's probes check the role on instead of connecting: a promoted replica is
+    /// verified in the round trips of its role check, without a TCP connect, a handshake and
+    /// an authentication first. Kept by [`keep_standby`]; a probe takes one out, and puts it
+    /// back unless it becomes the new primary's first pooled connection.
+    pub standby: parking_lot::Mutex<std::collections::HashMap<SocketAddr, Conn>>,
     /// Bumped every `role_check_interval` by the ticker task ([`tick_roles`]): a pooled
     /// connection whose last role check saw an older tick is checked again on its next
     /// checkout (at most once per tick per connection; a used connection is never more than
@@ -179,6 +258,13 @@ impl Shared {
         self.suspect
             .store(generation, std::sync::atomic::Ordering::Relaxed);
         self.nudge();
+    }
+
+    /// Keeps `conn` as `addr`'s standby connection (closing one it replaces).
+    pub(crate) fn put_standby(&self, addr: SocketAddr, conn: Conn) {
+        if let Some(old) = self.standby.lock().insert(addr, conn) {
+            close_later(old);
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -422,6 +508,7 @@ mod tests {
             },
             nudge: Notify::new(),
             spare: parking_lot::Mutex::new(None),
+            standby: parking_lot::Mutex::new(std::collections::HashMap::new()),
             role_tick: std::sync::atomic::AtomicU64::new(0),
             suspect: std::sync::atomic::AtomicU64::new(0),
         })

@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// 2 s (the default deadline of a write), `startup_timeout` 5 s, `role_check_interval` 1 s,
 /// `verify_interval` 1 s, no `replicas`, `max_lag` 1 s (compared with
 /// `Seconds_Behind_Master`, whole seconds), `lag_check_interval` 500 ms,
-/// `replica_connections` 8 (per replica), `read_your_writes_timeout` 100 ms.
+/// `replica_connections` 8 (per replica), `read_your_writes_timeout` 100 ms, `standby` true.
 ///
 /// In a topology file:
 ///
@@ -62,6 +62,12 @@ pub struct MysqlSettings {
     /// How long a read-your-writes read waits on a replica for the write's GTID before it
     /// goes to the primary.
     pub read_your_writes_timeout: Duration,
+    /// Keep one warm connection to each replica (and, with fixed addresses, to each
+    /// candidate), pinged every `verify_interval`, for the follower's probes: a promoted
+    /// replica is then verified in its role check's round trips, without a connect, a
+    /// handshake and an authentication first (a few round trips, each one cross-IDC after a
+    /// failover to another IDC). Costs one idle connection per node.
+    pub standby: bool,
 }
 
 impl Default for MysqlSettings {
@@ -81,6 +87,7 @@ impl Default for MysqlSettings {
             lag_check_interval: Duration::from_millis(500),
             replica_connections: 8,
             read_your_writes_timeout: Duration::from_millis(100),
+            standby: true,
         }
     }
 }
@@ -103,6 +110,7 @@ pub(crate) struct RawSettings {
     lag_check_interval: Option<String>,
     replica_connections: Option<usize>,
     read_your_writes_timeout: Option<String>,
+    standby: Option<bool>,
 }
 
 const MAX: Duration = Duration::from_secs(3600);
@@ -155,6 +163,7 @@ impl RawSettings {
                 d.lag_check_interval,
             )?,
             replica_connections: self.replica_connections.unwrap_or(d.replica_connections),
+            standby: self.standby.unwrap_or(d.standby),
             read_your_writes_timeout: dur(
                 "read_your_writes_timeout",
                 self.read_your_writes_timeout,
@@ -200,6 +209,13 @@ mod tests {
         assert_eq!(s.user, "app");
         assert_eq!(s.timeout, Duration::from_millis(250));
         assert_eq!(s.max_connections, 4);
+        assert!(s.standby, "standby connections are on by default");
+        let s = raw("standby = false")
+            .unwrap()
+            .validate(Path::new("t.toml"), "db")
+            .unwrap();
+        assert!(!s.standby);
+        assert!(raw("standby = \"no\"").is_err(), "a string is not a bool");
     }
 
     #[test]

@@ -104,7 +104,24 @@ startup_timeout = "3s"
 }
 
 async fn client(lab: &MariaDbLab) -> HaMysql {
-    let toml = lab.topology_toml("bj-a", "db", &settings());
+    client_with(lab, "").await
+}
+
+/// The replicas' addresses as a `replicas = [...]` settings line: reads may go to them, and
+/// the follower keeps a warm connection to each for its probes.
+fn replicas_line(lab: &MariaDbLab) -> String {
+    let primary = lab.primary();
+    let addrs: Vec<String> = lab
+        .nodes()
+        .iter()
+        .filter(|n| n.name != primary.name)
+        .map(|n| format!("\"{}\"", n.addr))
+        .collect();
+    format!("replicas = [{}]\n", addrs.join(", "))
+}
+
+async fn client_with(lab: &MariaDbLab, extra: &str) -> HaMysql {
+    let toml = lab.topology_toml("bj-a", "db", &format!("{}{extra}", settings()));
     let ctx = HaContext::new(Topology::from_toml_str(&toml, "lab.toml").unwrap());
     // The client's view of the switch, printed with its time for the outage break-down.
     let mut rx = ctx.events().subscribe();
@@ -298,7 +315,9 @@ fn ip(addr: SocketAddr) -> String {
 async fn kill_primary_under_load_follows_the_repoint() {
     let _serial = serial().await;
     let lab = lab().await;
-    let db = client(&lab).await;
+    // With the replicas configured, as a service reading from them has: the promoted one is
+    // verified on a warm connection.
+    let db = client_with(&lab, &replicas_line(&lab)).await;
     lab.start_ha();
     let old = lab.primary();
     let (stop_tx, stop_rx) = watch::channel(false);
