@@ -9,6 +9,8 @@
 //! {"op":"fault","target":"dns-north","action":"freeze"}
 //! {"op":"stack","fault":"kill_redis_master"}
 //! {"op":"stack","fault":{"restart_broker":{"idc":"bj-a"}}}
+//! {"op":"stack","fault":{"partition":{"idc":"sh-a"}}}
+//! {"op":"stack","fault":{"place":{"idc":"bj-a","pid":4242}}}
 //! {"op":"shutdown"}
 //! -> {"ok":true} | {"ok":false,"error":"unknown server \"x\" (known: ...)"}
 //! -> {"ok":true,"detail":"redis master redis-bj-a 127.0.1.10:20000 -> redis-bj-b ..."}
@@ -89,6 +91,28 @@ pub enum StackFault {
         /// Server name or role.
         server: String,
     },
+    /// Cut `idc` off from the other IDCs across the stack (`ha_lab::stack::Stack::partition`:
+    /// the servers by address, the processes placed in IDC cgroups by cgroup); the daemon
+    /// keeps the partition until [`StackFault::Heal`] or its own shutdown.
+    Partition {
+        /// The IDC.
+        idc: String,
+    },
+    /// Heal the partition of `idc` (and fence its old MariaDB primary, if the HA simulator
+    /// promoted another meanwhile).
+    Heal {
+        /// The IDC.
+        idc: String,
+    },
+    /// Move process `pid` into `idc`'s cgroup, so that a partition of the IDC cuts it as it
+    /// cuts the IDC's servers (only sockets it opens afterwards). `ha-lab run --idc` places
+    /// itself this way and then runs the command.
+    Place {
+        /// The IDC.
+        idc: String,
+        /// The process.
+        pid: u32,
+    },
 }
 
 impl std::fmt::Display for StackFault {
@@ -103,6 +127,9 @@ impl std::fmt::Display for StackFault {
             StackFault::Kill { server } => write!(f, "kill {server}"),
             StackFault::Freeze { server } => write!(f, "freeze {server}"),
             StackFault::Thaw { server } => write!(f, "thaw {server}"),
+            StackFault::Partition { idc } => write!(f, "partition {idc}"),
+            StackFault::Heal { idc } => write!(f, "heal {idc}"),
+            StackFault::Place { idc, pid } => write!(f, "place pid {pid} in {idc}"),
         }
     }
 }

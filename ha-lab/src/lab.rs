@@ -278,6 +278,11 @@ pub struct Manifest {
     /// before it was recorded.
     #[serde(default)]
     pub port_offset: u16,
+    /// True when a stack daemon (`ha-lab up --stack`, [`crate::stack`]) runs the lab: it also
+    /// serves partitions by IDC cgroup and the placing of processes into an IDC
+    /// ([`crate::control::StackFault::Partition`], [`crate::control::StackFault::Place`]).
+    #[serde(default)]
+    pub stack: bool,
 }
 
 /// What became of the daemon recorded in a [`Manifest`] ([`Manifest::daemon_state`]).
@@ -347,7 +352,7 @@ impl Manifest {
     /// let m = Manifest {
     ///     servers: vec![entry("redis-bj-b", "bj-b"), entry("sentinel-bj-b", "bj-b"), entry("mariadb-bj-b", "bj-b")],
     ///     control: "/tmp/x.sock".into(), daemon_pid: 1, daemon_start: None, zone: "lab.".into(),
-    ///     service: "s".into(), idcs: vec![], port_offset: 0,
+    ///     service: "s".into(), idcs: vec![], port_offset: 0, stack: true,
     /// };
     /// assert_eq!(m.by_idc("redis@bj-b").unwrap().name, "redis-bj-b");
     /// assert_eq!(m.by_idc("sentinel@bj-b").unwrap().name, "sentinel-bj-b");
@@ -541,6 +546,7 @@ impl Lab {
             service: options.service.clone(),
             idcs: options.idcs.clone(),
             port_offset: options.port_offset,
+            stack: false,
         };
         let inner = Arc::new(Inner {
             dir: dir.clone(),

@@ -91,7 +91,9 @@ enum Cmd {
     /// failover redis, kill mysql-primary, switchover mysql, kill|restart mq-broker@<idc>,
     /// kill|freeze|thaw redis-master|mysql-primary|mq-broker@<idc>|mq-namesrv@<idc>, and by IDC
     /// kill|freeze|thaw|restart redis@<idc>|sentinel@<idc> (a Redis node restarts as a replica
-    /// of the current master), kill|freeze|thaw mysql@<idc>.
+    /// of the current master), kill|freeze|thaw mysql@<idc>; there, partition|heal <idc> cut
+    /// the IDC across Redis, MariaDB (the HA simulator promotes outside it) and RocketMQ, the
+    /// processes placed in its cgroup (`place`, `run`) included, held by the daemon.
     Fault {
         /// Lab directory.
         #[arg(long)]
@@ -99,6 +101,33 @@ enum Cmd {
         /// The fault and its arguments.
         #[arg(required = true, num_args = 1..)]
         args: Vec<String>,
+    },
+    /// On a stack (`up --stack`): move a running process into an IDC's cgroup, so that
+    /// `fault partition <idc>` cuts its new connections as it cuts the IDC's servers.
+    Place {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The IDC (bj-a, bj-b, sh-a).
+        #[arg(long)]
+        idc: String,
+        /// The process.
+        #[arg(long)]
+        pid: u32,
+    },
+    /// On a stack (`up --stack`): run a command placed in an IDC's cgroup (this process moves
+    /// in, then executes the command in its place), e.g. `ha-lab run --dir lab --idc bj-a --
+    /// membership-service serve --config lab/membership-service.toml`.
+    Run {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The IDC (bj-a, bj-b, sh-a).
+        #[arg(long)]
+        idc: String,
+        /// The command and its arguments.
+        #[arg(required = true, last = true, num_args = 1..)]
+        command: Vec<String>,
     },
 }
 
@@ -159,6 +188,20 @@ async fn run(cmd: Cmd) -> Result<ExitCode, LabError> {
         Cmd::Status { dir } => status(&dir).await,
         Cmd::Down { dir } => down(&dir).await,
         Cmd::Fault { dir, args } => fault(&dir, &args).await,
+        Cmd::Place { dir, idc, pid } => {
+            println!("{}", place(&dir, &idc, pid).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { dir, idc, command } => {
+            place(&dir, &idc, std::process::id()).await?;
+            let (prog, args) = command
+                .split_first()
+                .ok_or_else(|| LabError::Control("run: no command given".into()))?;
+            use std::os::unix::process::CommandExt;
+            // Returns only when the command could not be executed.
+            let e = std::process::Command::new(prog).args(args).exec();
+            Err(LabError::io(format!("run {prog}"), e))
+        }
     }
 }
 
@@ -166,6 +209,49 @@ fn absolute(dir: &Path) -> Result<PathBuf, LabError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| LabError::io(format!("create {}", dir.display()), e))?;
     std::fs::canonicalize(dir).map_err(|e| LabError::io(format!("resolve {}", dir.display()), e))
+}
+
+/// Asks the stack daemon of `dir` to move `pid` into `idc`'s cgroup.
+async fn place(dir: &Path, idc: &str, pid: u32) -> Result<String, LabError> {
+    let m = Manifest::read(dir)?;
+    if !m.stack {
+        return Err(LabError::Control(format!(
+            "the lab in {} is not a stack: placing a process into an IDC needs `ha-lab up --stack`",
+            dir.display()
+        )));
+    }
+    if !m.idcs.iter().any(|i| i.name == idc) {
+        return Err(LabError::Control(format!(
+            "unknown idc {idc:?} (known: {})",
+            m.idcs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let fault = StackFault::Place {
+        idc: idc.to_owned(),
+        pid,
+    };
+    stack_request(&m, fault, Duration::from_secs(10)).await
+}
+
+/// Sends `fault` to the stack daemon of `m`; what happened, in one line.
+async fn stack_request(
+    m: &Manifest,
+    fault: StackFault,
+    bound: Duration,
+) -> Result<String, LabError> {
+    let resp = request(
+        &m.control,
+        &ControlRequest::Stack {
+            fault: fault.clone(),
+        },
+        bound,
+    )
+    .await?;
+    Ok(resp.detail.unwrap_or_else(|| format!("{fault} applied")))
 }
 
 /// The two service configurations a stack daemon writes into its directory.
@@ -541,17 +627,9 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
         && m.server(target).is_err()
         && let Some(fault) = StackFault::parse(verb, target)
     {
-        let resp = request(
-            &m.control,
-            &ControlRequest::Stack {
-                fault: fault.clone(),
-            },
-            Duration::from_secs(90),
-        )
-        .await?;
         println!(
             "{}",
-            resp.detail.unwrap_or_else(|| format!("{fault} applied"))
+            stack_request(&m, fault, Duration::from_secs(90)).await?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -562,6 +640,24 @@ async fn fault(dir: &Path, args: &[String]) -> Result<ExitCode, LabError> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // A stack partitions by IDC across its labs, its cgroups included, and holds the
+    // partition in its daemon until the heal.
+    if m.stack
+        && let [verb, idc] = args
+        && (verb == "partition" || verb == "heal")
+        && m.idcs.iter().any(|i| i.name == *idc)
+    {
+        let fault = if verb == "partition" {
+            StackFault::Partition { idc: idc.clone() }
+        } else {
+            StackFault::Heal { idc: idc.clone() }
+        };
+        println!(
+            "{}",
+            stack_request(&m, fault, Duration::from_secs(90)).await?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let (action, target) = match args {
         [verb, idc] if verb == "partition" => {
             let me = m.idcs.iter().find(|i| i.name == *idc).ok_or_else(|| {

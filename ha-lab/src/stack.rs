@@ -915,6 +915,17 @@ impl Stack {
             StackFault::Kill { server } => format!("killed {}", self.kill(server).await?),
             StackFault::Freeze { server } => format!("froze {}", self.freeze(server).await?),
             StackFault::Thaw { server } => format!("thawed {}", self.thaw(server).await?),
+            StackFault::Place { idc, pid } => {
+                self.place(idc, *pid)?;
+                format!("pid {pid} placed in {idc}")
+            }
+            // A partition lives in its guard: the control socket's daemon holds it between
+            // requests; a program holds the one [`Stack::partition`] returns.
+            StackFault::Partition { .. } | StackFault::Heal { .. } => {
+                return Err(LabError::Control(format!(
+                    "{fault}: a partition is held by its guard; call Stack::partition (or send it to a stack daemon)"
+                )));
+            }
         })
     }
 
@@ -1388,6 +1399,9 @@ struct ControlShared {
     shutdown: Notify,
     /// One fault at a time.
     faults: Mutex<()>,
+    /// The partitions the daemon holds, by IDC ([`StackFault::Partition`]); dropped (healed)
+    /// with the daemon.
+    partitions: Mutex<std::collections::HashMap<String, StackPartition>>,
 }
 
 impl ControlShared {
@@ -1410,11 +1424,52 @@ impl ControlShared {
                 })
                 .collect(),
             port_offset: 0,
+            stack: true,
         }
     }
 
     async fn write_manifest(&self) -> Result<(), LabError> {
         self.manifest().await.write(&self.dir)
+    }
+
+    /// A stack fault; partitions and heals keep their guard here, between requests.
+    async fn apply(&self, fault: &StackFault) -> Result<String, LabError> {
+        match fault {
+            StackFault::Partition { idc } => {
+                let mut held = self.partitions.lock().await;
+                if held.contains_key(idc) {
+                    return Ok(format!("{idc} is already partitioned"));
+                }
+                let p = self.stack.partition(idc)?;
+                held.insert(idc.clone(), p);
+                Ok(format!(
+                    "partitioned {idc} from the other IDCs (its servers, and the processes placed in its cgroup)"
+                ))
+            }
+            StackFault::Heal { idc } => {
+                let p = self.partitions.lock().await.remove(idc);
+                match p {
+                    None => Ok(format!("{idc} was not partitioned")),
+                    Some(p) => {
+                        let h = p.heal().await?;
+                        Ok(format!(
+                            "healed {idc} after {:.1} s; MariaDB fenced: {}",
+                            h.lasted.as_secs_f64(),
+                            if h.mysql_fenced.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                h.mysql_fenced.join(", ")
+                            }
+                        ))
+                    }
+                }
+            }
+            StackFault::Place { idc, pid } => {
+                self.stack.place(idc, *pid)?;
+                Ok(format!("pid {pid} placed in {idc}"))
+            }
+            other => self.stack.apply(other).await,
+        }
     }
 }
 
@@ -1433,6 +1488,7 @@ impl StackControl {
             dir: dir.to_owned(),
             shutdown: Notify::new(),
             faults: Mutex::new(()),
+            partitions: Mutex::new(std::collections::HashMap::new()),
         });
         shared.write_manifest().await?;
         let task = tokio::spawn(control_loop(listener, shared.clone()));
@@ -1444,10 +1500,23 @@ impl StackControl {
         self.shared.shutdown.notified().await;
     }
 
-    /// Stops serving and removes the socket and `lab.json`.
+    /// Stops serving, heals the partitions it holds, and removes the socket and `lab.json`.
     pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
+        let held: Vec<StackPartition> = self
+            .shared
+            .partitions
+            .lock()
+            .await
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for p in held {
+            if let Err(e) = p.heal().await {
+                tracing::warn!(error = %e, "healing a partition at shutdown");
+            }
+        }
         let _ = std::fs::remove_file(self.shared.dir.join("control.sock"));
         let _ = std::fs::remove_file(Manifest::path(&self.shared.dir));
     }
@@ -1483,7 +1552,7 @@ async fn control_conn(stream: UnixStream, shared: Arc<ControlShared>) {
             }
             Ok(ControlRequest::Stack { fault }) => {
                 let _one = shared.faults.lock().await;
-                let r = shared.stack.apply(&fault).await;
+                let r = shared.apply(&fault).await;
                 let _ = shared.write_manifest().await;
                 ControlResponse::from_detail(r.map(Some))
             }

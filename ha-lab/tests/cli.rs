@@ -246,6 +246,7 @@ fn down_does_not_signal_a_pid_that_is_no_longer_the_daemon() {
         idcs: Vec::new(),
         // A table no real lab uses, so that down's heal touches nothing of anyone's.
         port_offset: 65000,
+        stack: false,
     };
     manifest.write(dir).unwrap();
     let (ok, out, err) = ha_lab(dir, &["down"]);

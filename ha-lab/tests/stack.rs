@@ -511,6 +511,53 @@ fn the_cli_runs_the_stack_writes_configs_applies_faults_and_takes_it_down() {
     let (ok, out) = ha_lab(d, &["fault", "kill", "no-such-server"]);
     assert!(!ok && out.contains("unknown server"), "{out}");
 
+    // `run --idc` moves itself into the IDC's cgroup, then executes the command.
+    let (ok, out) = ha_lab(
+        d,
+        &["run", "--idc", "sh-a", "--", "cat", "/proc/self/cgroup"],
+    );
+    assert!(
+        ok && out.contains("halab/") && out.contains("-sh-a"),
+        "{out}"
+    );
+    let (ok, out) = ha_lab(d, &["run", "--idc", "nowhere", "--", "true"]);
+    assert!(!ok && out.contains("unknown idc"), "{out}");
+    let (ok, out) = ha_lab(d, &["place", "--idc", "bj-b", "--pid", "999999999"]);
+    assert!(!ok && out.contains("999999999"), "{out}");
+    // A partition of sh-a held by the daemon cuts a process placed in sh-a from bj-a's Redis
+    // node (a TCP connect, bounded by `timeout`); the heal restores it.
+    let redis_bj_a = ha_lab::lab::Manifest::read(d)
+        .unwrap()
+        .servers
+        .iter()
+        .find(|s| s.name == "redis-bj-a")
+        .unwrap()
+        .address;
+    let connect = format!("exec 3<>/dev/tcp/{}/{}", redis_bj_a.ip(), redis_bj_a.port());
+    let reach = || {
+        ha_lab(
+            d,
+            &[
+                "run", "--idc", "sh-a", "--", "timeout", "3", "bash", "-c", &connect,
+            ],
+        )
+    };
+    let (ok, out) = reach();
+    assert!(ok, "before the partition: {out}");
+    let (ok, out) = ha_lab(d, &["fault", "partition", "sh-a"]);
+    assert!(ok && out.contains("partitioned sh-a"), "{out}");
+    let (ok, out) = ha_lab(d, &["fault", "partition", "sh-a"]);
+    assert!(ok && out.contains("already partitioned"), "{out}");
+    let (ok, out) = reach();
+    assert!(
+        !ok,
+        "a process placed in sh-a reached bj-a's Redis during the partition: {out}"
+    );
+    let (ok, out) = ha_lab(d, &["fault", "heal", "sh-a"]);
+    assert!(ok && out.contains("healed sh-a"), "{out}");
+    let (ok, out) = reach();
+    assert!(ok, "after the heal: {out}");
+
     let pids = stack_pids(d);
     guard.1 = pids.clone();
     let (ok, out) = ha_lab(d, &["down"]);
