@@ -4,7 +4,9 @@
 //! Read-your-writes across the whole service, not per session: every PUT, before its 200,
 //!
 //! 1. commits the member with `version = version + 1` on the verified primary and reads the
-//!    transaction's GTID (`@@last_gtid`);
+//!    transaction's GTID (`@@last_gtid`); a commit that a semi-synchronous primary made without
+//!    a replica's acknowledgement (it had fallen back to asynchronous: cut off from its
+//!    replicas) is not acknowledged (503, the outcome unknown);
 //! 2. writes `"<version>|<json>"` to Redis with a script that never replaces a newer version,
 //!    and raises the watermark `ms:gtid` (the highest acknowledged GTID) in the same script, with
 //!    a durable acknowledgement (`WAIT 1`): a Sentinel failover promotes the replica with the
@@ -132,22 +134,38 @@ impl StoreError {
 /// only costs a retry of the idempotent write). Nothing is checked where semi-synchronous
 /// replication is not configured.
 async fn replicated(c: &mut mysql_async::Conn) -> mysql_async::Result<()> {
+    if replicated_now(c).await? {
+        return Ok(());
+    }
+    Err(mysql_async::Error::Other(NOT_REPLICATED.into()))
+}
+
+/// Why a commit made without a replica's acknowledgement is not acknowledged.
+const NOT_REPLICATED: &str = "committed without a semi-synchronous replica's acknowledgement (rpl_semi_sync_master_status OFF): not durable, to be written again";
+
+/// False when the node runs semi-synchronous replication and has fallen back to asynchronous
+/// ([`replicated`]).
+async fn replicated_now(c: &mut mysql_async::Conn) -> mysql_async::Result<bool> {
     let enabled: Option<(String, String)> = c
         .query_first("SHOW GLOBAL VARIABLES LIKE 'rpl_semi_sync_master_enabled'")
         .await?;
     if !enabled.is_some_and(|(_, v)| v.eq_ignore_ascii_case("ON")) {
-        return Ok(());
+        return Ok(true);
     }
     let status: Option<(String, String)> = c
         .query_first("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_status'")
         .await?;
-    if status.is_some_and(|(_, v)| v.eq_ignore_ascii_case("OFF")) {
-        return Err(mysql_async::Error::Other(
-            "committed without a semi-synchronous replica's acknowledgement (rpl_semi_sync_master_status OFF): not durable, to be written again"
-                .into(),
-        ));
-    }
-    Ok(())
+    Ok(!status.is_some_and(|(_, v)| v.eq_ignore_ascii_case("OFF")))
+}
+
+/// A member change committed by a primary that had fallen back to asynchronous replication
+/// (a cut-off primary after `rpl_semi_sync_master_timeout`): it may exist on that node alone,
+/// so it is not acknowledged; its outcome is unknown to the caller, who may write again.
+fn not_replicated() -> StoreError {
+    StoreError::mysql(HaError::OutcomeUnknown {
+        endpoint: None,
+        source: NOT_REPLICATED.into(),
+    })
 }
 
 /// A member event, as published on the topic.
@@ -281,35 +299,7 @@ impl Store {
     /// Creates or replaces member `id`; returns it with its new version.
     pub async fn put(&self, id: u64, input: &MemberInput) -> Result<Member, StoreError> {
         let deadline = Instant::now() + self.write_timeout;
-        let name = input.name.clone();
-        let level = input.level.as_str();
-        let expires = input.expires_at_sql.clone();
-        let (version, gtid) = self
-            .db
-            .write(left(deadline), |c| {
-                let name = name.clone();
-                let expires = expires.clone();
-                Box::pin(async move {
-                    let mut tx = c.start_transaction(TxOpts::default()).await?;
-                    tx.exec_drop(
-                        "INSERT INTO members (id, name, level, expires_at, version) \
-                         VALUES (?, ?, ?, ?, 1) ON DUPLICATE KEY UPDATE \
-                         name = VALUES(name), level = VALUES(level), \
-                         expires_at = VALUES(expires_at), version = version + 1, \
-                         deleted = 0, expired = 0",
-                        (id, &name, level, &expires),
-                    )
-                    .await?;
-                    let version: Option<u64> = tx
-                        .exec_first("SELECT version FROM members WHERE id = ?", (id,))
-                        .await?;
-                    tx.commit().await?;
-                    let gtid = ha_mysql::last_gtid(c).await?;
-                    Ok((version.unwrap_or(0), gtid))
-                })
-            })
-            .await
-            .map_err(StoreError::mysql)?;
+        let (version, gtid) = Store::commit_put(&self.db, id, input, left(deadline)).await?;
         let member = Member {
             id,
             name: input.name.clone(),
@@ -330,6 +320,52 @@ impl Store {
         self.publish("member.updated", id, version, deadline)
             .await?;
         Ok(member)
+    }
+
+    /// The MySQL step of [`Store::put`]: commits member `id` with `version = version + 1`
+    /// on the verified primary, within `timeout`; its version and the transaction's GTID. A
+    /// commit that a semi-synchronous primary made without a replica's acknowledgement is
+    /// refused as [`HaError::OutcomeUnknown`] (in a [`StoreError::Unavailable`]): it may exist
+    /// on that node alone.
+    pub async fn commit_put(
+        db: &HaMysql,
+        id: u64,
+        input: &MemberInput,
+        timeout: Duration,
+    ) -> Result<(u64, String), StoreError> {
+        let name = input.name.clone();
+        let level = input.level.as_str();
+        let expires = input.expires_at_sql.clone();
+        let (version, gtid, replicated) = db
+            .write(timeout, |c| {
+                let name = name.clone();
+                let expires = expires.clone();
+                Box::pin(async move {
+                    let mut tx = c.start_transaction(TxOpts::default()).await?;
+                    tx.exec_drop(
+                        "INSERT INTO members (id, name, level, expires_at, version) \
+                         VALUES (?, ?, ?, ?, 1) ON DUPLICATE KEY UPDATE \
+                         name = VALUES(name), level = VALUES(level), \
+                         expires_at = VALUES(expires_at), version = version + 1, \
+                         deleted = 0, expired = 0",
+                        (id, &name, level, &expires),
+                    )
+                    .await?;
+                    let version: Option<u64> = tx
+                        .exec_first("SELECT version FROM members WHERE id = ?", (id,))
+                        .await?;
+                    tx.commit().await?;
+                    let gtid = ha_mysql::last_gtid(c).await?;
+                    let replicated = replicated_now(c).await?;
+                    Ok((version.unwrap_or(0), gtid, replicated))
+                })
+            })
+            .await
+            .map_err(StoreError::mysql)?;
+        if !replicated {
+            return Err(not_replicated());
+        }
+        Ok((version, gtid))
     }
 
     /// Marks member `id` deleted (a tombstone keeps its version, so versions are never
@@ -361,14 +397,18 @@ impl Store {
                     };
                     tx.commit().await?;
                     let gtid = ha_mysql::last_gtid(c).await?;
-                    Ok(out.map(|(v, changed)| (v, changed, gtid)))
+                    let replicated = out.is_none() || replicated_now(c).await?;
+                    Ok(out.map(|(v, changed)| (v, changed, gtid, replicated)))
                 })
             })
             .await
             .map_err(StoreError::mysql)?;
-        let Some((version, changed, gtid)) = got else {
+        let Some((version, changed, gtid, replicated)) = got else {
             return Ok(false);
         };
+        if !replicated {
+            return Err(not_replicated());
+        }
         // Also when it was already deleted: the tombstone may be what a failover lost.
         self.cache_set(id, version, &Cached::Deleted, &gtid, true, deadline)
             .await?;

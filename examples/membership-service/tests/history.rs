@@ -2,7 +2,8 @@
 //! primary cut off from its replicas: MariaDB commits after `rpl_semi_sync_master_timeout`
 //! without any replica, and the row would exist only on the old primary that the HA replaces
 //! and fences. The demo's `partition-bj-a` lost history rows that way; `Store::record` must
-//! report such a write as failed (the consumer then runs it again), never as done. Needs root,
+//! report such a write as failed (the consumer then runs it again), never as done; a PUT's
+//! commit likewise (`Store::commit_put`). Needs root,
 //! nft, cgroup v2 and mariadbd (`scripts/setup`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -12,7 +13,8 @@ use ha_core::{HaContext, Topology};
 use ha_lab::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDbLab, MariaDbLabOptions};
 use ha_mysql::HaMysql;
 use ha_mysql::mysql_async::prelude::Queryable;
-use membership_service::store::{MemberEvent, Store};
+use membership_service::model::MemberInput;
+use membership_service::store::{MemberEvent, Store, StoreError};
 
 /// Bound on the whole test.
 const TEST_BOUND: Duration = Duration::from_secs(120);
@@ -22,6 +24,15 @@ async fn rows_on(lab: &MariaDbLab, node: &str, id: u64) -> Vec<u64> {
     let mut c = lab.admin_conn(&n).await.unwrap();
     let q = format!("SELECT version FROM {DATABASE}.member_history WHERE id = {id}");
     let v: Vec<u64> = c.query(q).await.unwrap();
+    let _ = c.disconnect().await;
+    v
+}
+
+async fn member_version_on(lab: &MariaDbLab, node: &str, id: u64) -> Option<u64> {
+    let n = lab.node(node).unwrap().clone();
+    let mut c = lab.admin_conn(&n).await.unwrap();
+    let q = format!("SELECT version FROM {DATABASE}.members WHERE id = {id}");
+    let v: Option<u64> = c.query_first(q).await.unwrap();
     let _ = c.disconnect().await;
     v
 }
@@ -68,6 +79,14 @@ async fn a_history_row_committed_without_a_semi_sync_ack_is_not_reported_written
         Store::record(&db, &event(1), Duration::from_secs(5))
             .await
             .unwrap();
+        let whole = MemberInput::parse(
+            br#"{"name":"Ann","level":"basic","expires_at":"2027-01-31T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let (v, _) = Store::commit_put(&db, 8, &whole, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(v, 1, "a replicated PUT is acknowledged");
 
         // bj-a cut off: the commit waits 1 s for a replica, then happens on bj-a alone.
         let cut = lab.partition("bj-a").unwrap();
@@ -82,6 +101,23 @@ async fn a_history_row_committed_without_a_semi_sync_ack_is_not_reported_written
         // lab's cut drops the replicas' packets to the primary (their acknowledgements), and
         // a promoted replica stops taking the old primary's binlog.
         assert_eq!(rows_on(&lab, "mariadb-bj-a", 42).await, vec![1, 2]);
+
+        // A PUT's commit likewise: made on bj-a alone, it is not acknowledged (outcome
+        // unknown, a 503), and it is there on the cut-off primary.
+        let input = MemberInput::parse(
+            br#"{"name":"Zo\u00eb","level":"gold","expires_at":"2027-01-31T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let put = Store::commit_put(&db, 7, &input, Duration::from_secs(3)).await;
+        println!("put during the cut: {put:?}");
+        match &put {
+            Err(StoreError::Unavailable { source, .. }) => assert!(
+                source.to_string().contains("outcome") || source.to_string().contains("semi-sync"),
+                "{source}"
+            ),
+            other => panic!("a PUT committed without any replica was acknowledged: {other:?}"),
+        }
+        assert_eq!(member_version_on(&lab, "mariadb-bj-a", 7).await, Some(1));
         drop(cut);
         lab.stop_ha();
     };
