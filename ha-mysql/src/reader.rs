@@ -213,62 +213,50 @@ pub(crate) async fn watch_lag(
     every: Duration,
 ) {
     let mut conns: Vec<Option<Conn>> = replicas.iter().map(|_| None).collect();
-    // When each replica left the set, and whether that was told (`None`: in it).
-    let mut out: Vec<Option<(tokio::time::Instant, bool)>> =
-        replicas.iter().map(|_| None).collect();
+    let mut judges: Vec<Judge> = replicas.iter().map(|_| Judge::default()).collect();
     let mut first = true;
     loop {
+        // All at once: a frozen replica (its check waits the check timeout) does not delay
+        // the verdict on the others.
+        let lags = futures::future::join_all(
+            conns
+                .iter_mut()
+                .zip(&replicas)
+                .map(|(slot, addr)| check_lag(slot, *addr, &settings)),
+        )
+        .await;
+        let now = tokio::time::Instant::now();
         let mut ok = Vec::new();
-        for (i, addr) in replicas.iter().enumerate() {
-            let lag = check_lag(&mut conns[i], *addr, &settings).await;
-            let within = lag.is_some_and(|l| l <= max_lag);
-            tracing::trace!(endpoint = %addr, ?lag, within, "replica lag");
+        for ((addr, lag), judge) in replicas.iter().zip(lags).zip(&mut judges) {
             let ep = classifier.endpoint(*addr).with_role(Role::Replica);
             if let Some(l) = lag {
                 metrics::gauge!("ha_mysql_replica_lag_seconds", "replica" => addr.to_string())
                     .set(l.as_secs_f64());
             }
-            match (within, out[i]) {
-                (true, Some((since, told))) => {
-                    out[i] = None;
-                    if told {
-                        report
-                            .events
-                            .publish(ha_core::TopologyEvent::replica_caught_up(
-                                report.dependency.clone(),
-                                *addr,
-                                ep.idc_name(),
-                                since.elapsed(),
-                            ));
-                    }
+            let (within, change) = judge.observe(lag, max_lag, first, now);
+            tracing::trace!(endpoint = %addr, ?lag, within, "replica lag");
+            match change {
+                Some(Change::Lagging(reason)) => {
+                    report
+                        .events
+                        .publish(ha_core::TopologyEvent::replica_lagging(
+                            report.dependency.clone(),
+                            *addr,
+                            ep.idc_name(),
+                            reason,
+                        ));
                 }
-                (false, None) => {
-                    // At start a replica that is not usable (a promoted one, one not yet
-                    // replicating) is simply not in the set; only a change is told.
-                    out[i] = Some((tokio::time::Instant::now(), !first));
-                    if !first {
-                        let reason = match lag {
-                            Some(l) => format!(
-                                "Seconds_Behind_Master {} s > bound {:?}",
-                                l.as_secs(),
-                                max_lag
-                            ),
-                            None => {
-                                "not replicating (SQL thread stopped, no replication, or no answer)"
-                                    .to_owned()
-                            }
-                        };
-                        report
-                            .events
-                            .publish(ha_core::TopologyEvent::replica_lagging(
-                                report.dependency.clone(),
-                                *addr,
-                                ep.idc_name(),
-                                reason,
-                            ));
-                    }
+                Some(Change::CaughtUp(after)) => {
+                    report
+                        .events
+                        .publish(ha_core::TopologyEvent::replica_caught_up(
+                            report.dependency.clone(),
+                            *addr,
+                            ep.idc_name(),
+                            after,
+                        ));
                 }
-                _ => {}
+                None => {}
             }
             if within {
                 ok.push(ep);
@@ -280,6 +268,63 @@ pub(crate) async fn watch_lag(
             return;
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// A replica leaving or rejoining the read set ([`Judge::observe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    /// It left: why.
+    Lagging(String),
+    /// It is back, after this long out.
+    CaughtUp(Duration),
+}
+
+/// One replica's place in the read set, as the lag watcher judges it round by round.
+#[derive(Debug, Default)]
+struct Judge {
+    /// When it left the set, and whether that was told (`None`: in it).
+    out: Option<(tokio::time::Instant, bool)>,
+}
+
+impl Judge {
+    /// The round's verdict on a replica whose lag read `lag` (`None`: not replicating, SQL
+    /// thread stopped, no answer): whether it is in the read set (`lag <= max_lag`), and the
+    /// change to tell. In the watcher's `first` round a replica that is not usable (a promoted
+    /// one, one not yet replicating) is simply left out, untold; only changes are told, and a
+    /// return only of a leaving that was told.
+    fn observe(
+        &mut self,
+        lag: Option<Duration>,
+        max_lag: Duration,
+        first: bool,
+        now: tokio::time::Instant,
+    ) -> (bool, Option<Change>) {
+        let within = lag.is_some_and(|l| l <= max_lag);
+        let change = match (within, self.out) {
+            (true, Some((since, told))) => {
+                self.out = None;
+                told.then(|| Change::CaughtUp(now.saturating_duration_since(since)))
+            }
+            (false, None) => {
+                self.out = Some((now, !first));
+                (!first).then(|| {
+                    Change::Lagging(match lag {
+                        Some(l) => format!(
+                            "Seconds_Behind_Master {} s > bound {:?}",
+                            l.as_secs(),
+                            max_lag
+                        ),
+                        None => {
+                            "not replicating (SQL thread stopped, no replication, or no answer)"
+                                .to_owned()
+                        }
+                    })
+                })
+            }
+            _ => None,
+        };
+        (within, change)
     }
 }
 
@@ -318,4 +363,89 @@ async fn check_lag(
     }
     let secs: u64 = text("Seconds_Behind_Master")?.parse().ok()?;
     Some(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BOUND: Duration = Duration::from_secs(1);
+
+    fn secs(n: u64) -> Option<Duration> {
+        Some(Duration::from_secs(n))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_leaves_past_the_bound_once_and_returns_with_how_long_it_was_out() {
+        let mut j = Judge::default();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(j.observe(secs(0), BOUND, true, t0), (true, None));
+        // At the bound is within it.
+        assert_eq!(j.observe(secs(1), BOUND, false, t0), (true, None));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let left = tokio::time::Instant::now();
+        let (within, change) = j.observe(secs(3), BOUND, false, left);
+        assert!(!within);
+        let Some(Change::Lagging(why)) = change else {
+            panic!("{change:?}")
+        };
+        assert!(why.contains("3 s") && why.contains("1s"), "{why}");
+        // Still behind: nothing new to tell.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(
+            j.observe(secs(2), BOUND, false, tokio::time::Instant::now()),
+            (false, None)
+        );
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert_eq!(
+            j.observe(secs(0), BOUND, false, tokio::time::Instant::now()),
+            (true, Some(Change::CaughtUp(Duration::from_millis(1200))))
+        );
+        assert_eq!(
+            j.observe(secs(0), BOUND, false, tokio::time::Instant::now()),
+            (true, None)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_replicating_is_out_and_says_so() {
+        let mut j = Judge::default();
+        let now = tokio::time::Instant::now();
+        assert_eq!(j.observe(secs(0), BOUND, true, now), (true, None));
+        let (within, change) = j.observe(None, BOUND, false, now);
+        assert!(!within);
+        assert!(
+            matches!(&change, Some(Change::Lagging(why)) if why.contains("not replicating")),
+            "{change:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unusable_at_start_is_left_out_untold_and_its_joining_is_not_told_either() {
+        let mut j = Judge::default();
+        let now = tokio::time::Instant::now();
+        // A promoted replica, or one not replicating yet, at start.
+        assert_eq!(j.observe(None, BOUND, true, now), (false, None));
+        assert_eq!(j.observe(None, BOUND, false, now), (false, None));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            j.observe(secs(0), BOUND, false, tokio::time::Instant::now()),
+            (true, None),
+            "joining was never preceded by a told leaving"
+        );
+        // From then on changes are told.
+        assert!(matches!(
+            j.observe(secs(5), BOUND, false, tokio::time::Instant::now()),
+            (false, Some(Change::Lagging(_)))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_bound_admits_only_a_replica_with_no_lag() {
+        let mut j = Judge::default();
+        let now = tokio::time::Instant::now();
+        assert_eq!(j.observe(secs(0), Duration::ZERO, true, now), (true, None));
+        assert!(!j.observe(secs(1), Duration::ZERO, false, now).0);
+    }
 }
