@@ -1405,8 +1405,9 @@ impl MasterHandle {
         let mut failed: Option<u64> = None;
         let mut counted_hold = false;
         loop {
-            // What a command needs of the connection, taken without a reference count of
-            // the connection's own (one contended atomic pair less per command).
+            // What a command needs of the gate's connection (its id, address and a clone of
+            // the multiplexed connection), taken without an `Arc` count on it: one contended
+            // atomic pair less per command.
             let usable = |c: &Conn| {
                 Some(c.id) != failed
                     && !c.broken.load(Ordering::Relaxed)
