@@ -247,8 +247,8 @@ impl MariaPartition {
     /// primary (`read_only = 1`, bounded): returns the nodes fenced. A node that does not
     /// answer (killed earlier) is skipped.
     pub async fn heal(self) -> Result<Vec<String>, MariaDbLabError> {
-        self.scope.heal_all()?;
-        *self.shared.partitioned.lock() = None;
+        // Fenced while still cut off (the admin connection is a Unix socket, never cut): once
+        // the rules are gone the old primary must already refuse writes.
         let primary = *self.shared.primary.lock();
         let mut fenced = Vec::new();
         for (i, n) in self.shared.nodes.iter().enumerate() {
@@ -261,18 +261,67 @@ impl MariaPartition {
                         continue;
                     }
                 };
-                if self.shared.semi_sync {
-                    // Commits waiting for a replica's acknowledgement hold `read_only` back:
-                    // they are let through first (locally; their clients were told nothing).
-                    sql(&mut c, n, "SET GLOBAL rpl_semi_sync_master_enabled = OFF").await?;
-                }
-                sql(&mut c, n, "SET GLOBAL read_only = 1").await?;
+                fence(&mut c, n, self.shared.semi_sync).await?;
                 fenced.push(n.name.clone());
             }
         }
+        self.scope.heal_all()?;
+        *self.shared.partitioned.lock() = None;
         tracing::info!(idc = self.idc, ?fenced, "mariadb lab: partition healed");
         Ok(fenced)
     }
+}
+
+/// Fences a cut-off old primary without acknowledging anything to a client: commits waiting
+/// for a semi-synchronous acknowledgement hold `read_only` back, and releasing them (semi-sync
+/// off) would answer OK to clients still waiting for them, acknowledging rows that exist on
+/// this node alone. So: new application sessions are refused (`ACCOUNT LOCK`), the existing
+/// ones killed (a waiting client sees its connection lost: an unknown outcome, never an OK),
+/// then `read_only`, semi-sync off, and the account unlocked (refused writes from now on by
+/// `read_only`). The account changes are kept out of the binlog (no errant transaction).
+async fn fence(c: &mut Conn, n: &MariaNode, semi_sync: bool) -> Result<(), MariaDbLabError> {
+    sql(c, n, "SET SESSION sql_log_bin = 0").await?;
+    sql(
+        c,
+        n,
+        &format!("ALTER USER '{APP_USER}'@'127.%' ACCOUNT LOCK"),
+    )
+    .await?;
+    let ids: Vec<u64> = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.query(format!(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{APP_USER}'"
+        )),
+    )
+    .await
+    .map_err(|_| {
+        timeout_err(
+            &format!("app sessions on {}", n.name),
+            Duration::from_secs(10),
+        )
+    })?
+    .map_err(|source| MariaDbLabError::Sql {
+        node: n.name.clone(),
+        context: "list the application's sessions".into(),
+        source,
+    })?;
+    for id in ids {
+        // A session that ended meanwhile is not an error.
+        let _ = sql(c, n, &format!("KILL CONNECTION {id}")).await;
+    }
+    if semi_sync {
+        // Nothing is waiting any more; a commit that still were would only be released
+        // locally (its client is gone).
+        sql(c, n, "SET GLOBAL rpl_semi_sync_master_enabled = OFF").await?;
+    }
+    sql(c, n, "SET GLOBAL read_only = 1").await?;
+    sql(
+        c,
+        n,
+        &format!("ALTER USER '{APP_USER}'@'127.%' ACCOUNT UNLOCK"),
+    )
+    .await?;
+    Ok(())
 }
 
 impl Drop for MariaPartition {
