@@ -287,24 +287,12 @@ async fn fence(c: &mut Conn, n: &MariaNode, semi_sync: bool) -> Result<(), Maria
         &format!("ALTER USER '{APP_USER}'@'127.%' ACCOUNT LOCK"),
     )
     .await?;
-    let ids: Vec<u64> = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.query(format!(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{APP_USER}'"
-        )),
+    let ids: Vec<u64> = rows(
+        c,
+        n,
+        &format!("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{APP_USER}'"),
     )
-    .await
-    .map_err(|_| {
-        timeout_err(
-            &format!("app sessions on {}", n.name),
-            Duration::from_secs(10),
-        )
-    })?
-    .map_err(|source| MariaDbLabError::Sql {
-        node: n.name.clone(),
-        context: "list the application's sessions".into(),
-        source,
-    })?;
+    .await?;
     for id in ids {
         // A session that ended meanwhile is not an error.
         let _ = sql(c, n, &format!("KILL CONNECTION {id}")).await;
@@ -1233,6 +1221,21 @@ async fn admin(node: &MariaNode) -> Result<Conn, MariaDbLabError> {
 async fn sql(c: &mut Conn, node: &MariaNode, q: &str) -> Result<(), MariaDbLabError> {
     let bound = Duration::from_secs(10);
     tokio::time::timeout(bound, c.query_drop(q))
+        .await
+        .map_err(|_| timeout_err(&format!("{q} on {}", node.name), bound))?
+        .map_err(|source| MariaDbLabError::Sql {
+            node: node.name.clone(),
+            context: q.to_owned(),
+            source,
+        })
+}
+
+async fn rows<T>(c: &mut Conn, node: &MariaNode, q: &str) -> Result<Vec<T>, MariaDbLabError>
+where
+    T: mysql_async::prelude::FromRow + Send + 'static,
+{
+    let bound = Duration::from_secs(10);
+    tokio::time::timeout(bound, c.query(q))
         .await
         .map_err(|_| timeout_err(&format!("{q} on {}", node.name), bound))?
         .map_err(|source| MariaDbLabError::Sql {

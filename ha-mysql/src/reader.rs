@@ -235,28 +235,22 @@ pub(crate) async fn watch_lag(
             }
             let (within, change) = judge.observe(lag, max_lag, first, now);
             tracing::trace!(endpoint = %addr, ?lag, within, "replica lag");
-            match change {
-                Some(Change::Lagging(reason)) => {
-                    report
-                        .events
-                        .publish(ha_core::TopologyEvent::replica_lagging(
-                            report.dependency.clone(),
-                            *addr,
-                            ep.idc_name(),
-                            reason,
-                        ));
-                }
-                Some(Change::CaughtUp(after)) => {
-                    report
-                        .events
-                        .publish(ha_core::TopologyEvent::replica_caught_up(
-                            report.dependency.clone(),
-                            *addr,
-                            ep.idc_name(),
-                            after,
-                        ));
-                }
-                None => {}
+            let event = change.map(|c| match c {
+                Change::Lagging(reason) => ha_core::TopologyEvent::replica_lagging(
+                    report.dependency.clone(),
+                    *addr,
+                    ep.idc_name(),
+                    reason,
+                ),
+                Change::CaughtUp(after) => ha_core::TopologyEvent::replica_caught_up(
+                    report.dependency.clone(),
+                    *addr,
+                    ep.idc_name(),
+                    after,
+                ),
+            });
+            if let Some(event) = event {
+                report.events.publish(event);
             }
             if within {
                 ok.push(ep);

@@ -786,21 +786,28 @@ struct PartitionOutcome {
     fenced: Vec<String>,
 }
 
-/// Partitions `bj-a` (the primary's IDC) for 4 s under 200 writes/s, with this test process
-/// (the client) placed in `client_idc`, and semi-synchronous replication on or off. The HA
-/// simulator decides from outside `bj-a` and promotes; the heal fences the old primary.
-async fn partition_of_the_primary_idc(client_idc: &str, semi_sync: bool) -> PartitionOutcome {
+/// A lab for a partition of the primary's IDC, semi-synchronous replication on or off, its
+/// HA simulator running, and a client in `client_idc` (this test process joins that IDC's
+/// cgroup before it opens any connection).
+async fn lab_for_a_partition(client_idc: &str, semi_sync: bool) -> (MariaDbLab, HaMysql) {
     let mut opts = MariaDbLabOptions::default();
     // A wait timeout far longer than the test: the primary never falls back to asynchronous.
     opts.semi_sync = semi_sync.then_some(Duration::from_secs(120));
     let lab = lab_with(opts).await;
-    // The client joins its IDC before it opens any connection.
     lab.cgroup(client_idc)
         .expect("an IDC cgroup (root, cgroup v2)")
         .add(std::process::id())
         .unwrap();
     let db = client(&lab).await;
     lab.start_ha();
+    (lab, db)
+}
+
+/// Partitions `bj-a` (the primary's IDC) for 4 s under 200 writes/s, with this test process
+/// (the client) placed in `client_idc`, and semi-synchronous replication on or off. The HA
+/// simulator decides from outside `bj-a` and promotes; the heal fences the old primary.
+async fn partition_of_the_primary_idc(client_idc: &str, semi_sync: bool) -> PartitionOutcome {
+    let (lab, db) = lab_for_a_partition(client_idc, semi_sync).await;
     let old = lab.primary();
     let (stop_tx, stop_rx) = watch::channel(false);
     let load = tokio::spawn(load(db.clone(), stop_rx));
@@ -858,15 +865,7 @@ async fn partition_of_the_primary_idc(client_idc: &str, semi_sync: bool) -> Part
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_waiting_on_the_cut_off_primary_at_the_heal_is_not_acknowledged() {
     let _serial = serial().await;
-    let mut opts = MariaDbLabOptions::default();
-    opts.semi_sync = Some(Duration::from_secs(120));
-    let lab = lab_with(opts).await;
-    lab.cgroup("bj-a")
-        .expect("an IDC cgroup (root, cgroup v2)")
-        .add(std::process::id())
-        .unwrap();
-    let db = client(&lab).await;
-    lab.start_ha();
+    let (lab, db) = lab_for_a_partition("bj-a", true).await;
     let old = lab.primary();
     let cut = lab.partition("bj-a").unwrap();
     // Sent to the old primary right after the cut, with a deadline past the HA's switch and

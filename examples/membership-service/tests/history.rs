@@ -12,29 +12,40 @@ use std::time::Duration;
 use ha_core::{HaContext, Topology};
 use ha_lab::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDbLab, MariaDbLabOptions};
 use ha_mysql::HaMysql;
-use ha_mysql::mysql_async::prelude::Queryable;
+use ha_mysql::mysql_async::prelude::{FromRow, Queryable};
 use membership_service::model::MemberInput;
 use membership_service::store::{MemberEvent, Store, StoreError};
 
 /// Bound on the whole test.
 const TEST_BOUND: Duration = Duration::from_secs(120);
 
-async fn rows_on(lab: &MariaDbLab, node: &str, id: u64) -> Vec<u64> {
+/// The rows `q` finds on `node` (as the lab's admin).
+async fn on_node<T: FromRow + Send + 'static>(lab: &MariaDbLab, node: &str, q: String) -> Vec<T> {
     let n = lab.node(node).unwrap().clone();
     let mut c = lab.admin_conn(&n).await.unwrap();
-    let q = format!("SELECT version FROM {DATABASE}.member_history WHERE id = {id}");
-    let v: Vec<u64> = c.query(q).await.unwrap();
+    let v: Vec<T> = c.query(q).await.unwrap();
     let _ = c.disconnect().await;
     v
 }
 
+async fn rows_on(lab: &MariaDbLab, node: &str, id: u64) -> Vec<u64> {
+    on_node(
+        lab,
+        node,
+        format!("SELECT version FROM {DATABASE}.member_history WHERE id = {id}"),
+    )
+    .await
+}
+
 async fn member_version_on(lab: &MariaDbLab, node: &str, id: u64) -> Option<u64> {
-    let n = lab.node(node).unwrap().clone();
-    let mut c = lab.admin_conn(&n).await.unwrap();
-    let q = format!("SELECT version FROM {DATABASE}.members WHERE id = {id}");
-    let v: Option<u64> = c.query_first(q).await.unwrap();
-    let _ = c.disconnect().await;
-    v
+    on_node(
+        lab,
+        node,
+        format!("SELECT version FROM {DATABASE}.members WHERE id = {id}"),
+    )
+    .await
+    .first()
+    .copied()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
