@@ -249,6 +249,16 @@ fn toml_str(s: &str) -> String {
     out
 }
 
+/// The address a service instance in `idc` makes its Redis connections from:
+/// `127.0.<idc>.100`, the address the written configurations listen on (`None` for an IDC the
+/// lab does not have).
+pub fn service_source_address(idc: &str) -> Option<IpAddr> {
+    REDIS_IDCS
+        .iter()
+        .find(|(name, _, _)| *name == idc)
+        .map(|&(_, _, third)| IpAddr::V4(Ipv4Addr::new(127, 0, third, 100)))
+}
+
 fn toml_list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let items: Vec<String> = items
         .into_iter()
@@ -540,6 +550,14 @@ impl Stack {
             toml_list(self.redis.sentinel_addrs()),
             toml_str(&ro.master_name)
         );
+        if let Some(ip) = service_source_address(idc) {
+            let _ = writeln!(
+                t,
+                "# Connections from an address of {idc}: a partition of {idc} cuts them.\n\
+                 source_address = {}",
+                toml_str(&ip.to_string())
+            );
+        }
         if let Some(p) = &ro.redis_password {
             let _ = writeln!(t, "password = {}", toml_str(p));
         }

@@ -30,6 +30,17 @@ fn check_topology(text: &str, idc: &str, stack: &Stack, with_mq: bool) -> ha_cor
         Source::Static(stack.redis().sentinel_addrs()),
         "the sentinels"
     );
+    let redis: serde_json::Value = cache.settings().unwrap();
+    let third = match idc {
+        "bj-a" => 1,
+        "bj-b" => 2,
+        _ => 3,
+    };
+    assert_eq!(
+        redis["source_address"],
+        format!("127.0.{third}.100"),
+        "Redis connections from an address of the instance's IDC"
+    );
     let db = topo.dependency("db").unwrap();
     assert_eq!(db.kind.as_deref(), Some("mysql"));
     let Source::Dns { names, port } = &db.source else {

@@ -409,8 +409,11 @@ impl Builder {
             warm,
             s.verify_interval,
         ));
+        // As `fast_within(s.timeout)`, computed once: `writer()` reads it on every checkout.
+        let fast_writer = s.timeout >= shared.conn.check_timeout.saturating_mul(2);
         Ok(HaMysql {
             inner: Arc::new(Inner {
+                fast_writer,
                 shared,
                 pool,
                 follower,
@@ -619,6 +622,8 @@ struct Inner {
     ticker: JoinHandle<()>,
     standby: JoinHandle<()>,
     timeout: Duration,
+    /// `timeout` covers a role check and a connect: `writer()` may take a free slot without a timer.
+    fast_writer: bool,
     readers: Option<Readers>,
 }
 
@@ -810,26 +815,32 @@ impl HaMysql {
 
     /// A pooled connection to the verified primary, waiting (within the default timeout) for
     /// one while the primary is being switched.
-    pub async fn writer(&self) -> Result<Writer, HaError> {
-        self.checkout(None, self.inner.timeout).await
+    ///
+    /// (An `async fn` in effect; written as the checkout's own future so that no wrapper
+    /// future moves its result once more.)
+    pub fn writer(&self) -> impl Future<Output = Result<Writer, HaError>> + Send + '_ {
+        self.checkout(None, self.inner.timeout, self.inner.fast_writer)
     }
 
-    /// A checkout within `budget` from `start` (`None`: from now). The fast path first: a free
-    /// slot taken without arming a timer (deadpool's non-blocking wait). It needs no timer of
-    /// its own when the budget covers the most a checkout can take by itself: one failing role
-    /// check in `recycle` (after one fails, the other idle connections of that generation are
-    /// dropped without one) and one `create`, each bounded by the connect timeout. Otherwise,
-    /// or with no free slot, the bounded wait of [`HaMysql::writer_until`], boxed so that the
-    /// fast path's future stays small.
+    /// A checkout within `budget` from `start` (`None`: from now). With `fast`, the fast path
+    /// first: a free slot taken without arming a timer (deadpool's non-blocking wait). `fast`
+    /// must be true only when the budget covers the most a checkout can take by itself (see
+    /// [`HaMysql::fast_within`]). Otherwise, or with no free slot, the bounded wait of
+    /// [`HaMysql::writer_until`], boxed so that the fast path's future stays small.
     ///
     /// Without a `start`, the clock is read only when the fast path does not finish in its
     /// first poll (a role check or a connect began: I/O, microseconds at least), so the common
     /// checkout reads no clock (measured: a clock read first made it 1.5× bare deadpool, this
     /// 1.4×); the deadline then counts from that first poll, which is the start but for the
     /// synchronous part of one poll.
-    async fn checkout(&self, start: Option<Instant>, budget: Duration) -> Result<Writer, HaError> {
+    async fn checkout(
+        &self,
+        start: Option<Instant>,
+        budget: Duration,
+        fast: bool,
+    ) -> Result<Writer, HaError> {
         let mut start = start;
-        if budget >= self.inner.shared.conn.check_timeout.saturating_mul(2) {
+        if fast {
             let mut fast = std::pin::pin!(self.inner.pool.timeout_get(&NON_BLOCKING));
             let got = std::future::poll_fn(|cx| {
                 let polled = fast.as_mut().poll(cx);
@@ -848,6 +859,23 @@ impl HaMysql {
                 Err(_) => {}
             }
         }
+        self.slow_checkout(start, budget).await
+    }
+
+    /// True when `budget` covers the most a checkout can take by itself: one failing role
+    /// check in `recycle` (after one fails, the other idle connections of that generation are
+    /// dropped without one) and one `create`, each bounded by the connect timeout. Then the
+    /// checkout needs no timer of its own.
+    fn fast_within(&self, budget: Duration) -> bool {
+        budget >= self.inner.shared.conn.check_timeout.saturating_mul(2)
+    }
+
+    #[cold]
+    async fn slow_checkout(
+        &self,
+        start: Option<Instant>,
+        budget: Duration,
+    ) -> Result<Writer, HaError> {
         let deadline = start.unwrap_or_else(Instant::now) + budget;
         metrics::counter!("ha_mysql_pool_waits_total", "dependency" => self.inner.shared.dependency.to_string())
             .increment(1);
@@ -937,7 +965,9 @@ impl HaMysql {
         let deadline = start + opts.timeout;
         let shared = &self.inner.shared;
         loop {
-            let mut w = self.checkout(Some(start), opts.timeout).await?;
+            let mut w = self
+                .checkout(Some(start), opts.timeout, self.fast_within(opts.timeout))
+                .await?;
             let endpoint = w.addr();
             let generation = w.stamp().generation;
             w.begin_statement();
@@ -1064,10 +1094,12 @@ impl HaMysql {
     }
 }
 
-fn pool_error(e: PoolError<MysqlError>) -> HaError {
+fn pool_error(e: PoolError<Box<MysqlError>>) -> HaError {
     match e {
-        PoolError::Backend(MysqlError::Fenced(h)) => h,
-        PoolError::Backend(m) => HaError::backend(m),
+        PoolError::Backend(m) => match *m {
+            MysqlError::Fenced(h) => h,
+            m => HaError::backend(m),
+        },
         other => HaError::backend(std::io::Error::other(other.to_string())),
     }
 }

@@ -378,69 +378,15 @@ impl MysqlManager {
 
 impl Manager for MysqlManager {
     type Type = HaConn;
-    type Error = MysqlError;
+    /// Boxed: deadpool moves `Result<Object, PoolError<Error>>` around on every checkout, and
+    /// a [`MysqlError`] is 120 bytes (measured: the checkout's instructions grew with it).
+    type Error = Box<MysqlError>;
 
-    async fn create(&self) -> Result<HaConn, MysqlError> {
-        let shared = &self.shared;
-        // One snapshot: the address connected to and the generation stamped come together.
-        let stamp = shared
-            .master
-            .current()
-            .ok_or_else(|| MysqlError::NoPrimary {
-                dependency: shared.dependency.to_string(),
-            })?;
-        let spare = shared.spare.lock().take();
-        if let Some((spare_stamp, conn)) = spare {
-            if spare_stamp.generation == stamp.generation {
-                return Ok(HaConn {
-                    conn,
-                    stamp,
-                    checked_tick: shared.tick(),
-                    in_flight: false,
-                    broken: false,
-                });
-            }
-            close_later(conn);
-        }
-        // A connect to a frozen node waits its full timeout; when the primary moves on
-        // meanwhile, give the pool slot back at once instead.
-        let connected = tokio::select! {
-            r = connect_primary(&shared.conn, stamp.addr) => r,
-            () = moved_on(&shared.master, stamp.generation) => {
-                return Err(MysqlError::Fenced(ha_core::HaError::Fenced {
-                    connection: stamp.generation,
-                    current: shared.master.generation(),
-                }));
-            }
-        };
-        let conn = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(dependency = %shared.dependency, endpoint = %stamp.addr, generation = stamp.generation, error = %e, "writer connect refused");
-                shared.nudge();
-                return Err(e);
-            }
-        };
-        // The primary may have switched while we connected.
-        shared.master.check(&stamp).map_err(MysqlError::Fenced)?;
-        metrics::counter!("ha_mysql_connections_created_total", "dependency" => shared.dependency.to_string()).increment(1);
-        // Verified writable just now: the primary is no longer in doubt.
-        let _ = shared.suspect.compare_exchange(
-            stamp.generation,
-            0,
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok(HaConn {
-            conn,
-            stamp,
-            checked_tick: shared.tick(),
-            in_flight: false,
-            broken: false,
-        })
+    async fn create(&self) -> Result<HaConn, Box<MysqlError>> {
+        Ok(create(&self.shared).await?)
     }
 
-    async fn recycle(&self, c: &mut HaConn, _: &Metrics) -> RecycleResult<MysqlError> {
+    async fn recycle(&self, c: &mut HaConn, _: &Metrics) -> RecycleResult<Box<MysqlError>> {
         let shared = &self.shared;
         if c.in_flight || c.broken || c.conn.is_disconnected() {
             return Err(RecycleError::message("broken or abandoned mid-statement"));
@@ -448,7 +394,7 @@ impl Manager for MysqlManager {
         shared
             .master
             .check(&c.stamp)
-            .map_err(|e| RecycleError::Backend(MysqlError::Fenced(e)))?;
+            .map_err(|e| RecycleError::Backend(Box::new(MysqlError::Fenced(e))))?;
         if shared.role_check_due(c.checked_tick) {
             if shared.suspect.load(std::sync::atomic::Ordering::Relaxed) == c.stamp.generation {
                 return Err(RecycleError::message(
@@ -462,8 +408,68 @@ impl Manager for MysqlManager {
     }
 }
 
+/// `create` of [`MysqlManager`]: a connection to the current primary, verified, stamped.
+async fn create(shared: &Arc<Shared>) -> Result<HaConn, MysqlError> {
+    // One snapshot: the address connected to and the generation stamped come together.
+    let stamp = shared
+        .master
+        .current()
+        .ok_or_else(|| MysqlError::NoPrimary {
+            dependency: shared.dependency.to_string(),
+        })?;
+    let spare = shared.spare.lock().take();
+    if let Some((spare_stamp, conn)) = spare {
+        if spare_stamp.generation == stamp.generation {
+            return Ok(HaConn {
+                conn,
+                stamp,
+                checked_tick: shared.tick(),
+                in_flight: false,
+                broken: false,
+            });
+        }
+        close_later(conn);
+    }
+    // A connect to a frozen node waits its full timeout; when the primary moves on
+    // meanwhile, give the pool slot back at once instead.
+    let connected = tokio::select! {
+        r = connect_primary(&shared.conn, stamp.addr) => r,
+        () = moved_on(&shared.master, stamp.generation) => {
+            return Err(MysqlError::Fenced(ha_core::HaError::Fenced {
+                connection: stamp.generation,
+                current: shared.master.generation(),
+            }));
+        }
+    };
+    let conn = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(dependency = %shared.dependency, endpoint = %stamp.addr, generation = stamp.generation, error = %e, "writer connect refused");
+            shared.nudge();
+            return Err(e);
+        }
+    };
+    // The primary may have switched while we connected.
+    shared.master.check(&stamp).map_err(MysqlError::Fenced)?;
+    metrics::counter!("ha_mysql_connections_created_total", "dependency" => shared.dependency.to_string()).increment(1);
+    // Verified writable just now: the primary is no longer in doubt.
+    let _ = shared.suspect.compare_exchange(
+        stamp.generation,
+        0,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(HaConn {
+        conn,
+        stamp,
+        checked_tick: shared.tick(),
+        in_flight: false,
+        broken: false,
+    })
+}
+
 /// `recycle`'s rate-limited role check of a connection to the primary.
-async fn recheck_role(shared: &Arc<Shared>, c: &mut HaConn) -> RecycleResult<MysqlError> {
+async fn recheck_role(shared: &Arc<Shared>, c: &mut HaConn) -> RecycleResult<Box<MysqlError>> {
     let checked = tokio::select! {
         r = role(&mut c.conn, c.stamp.addr, shared.conn.check_timeout, false) => r,
         () = moved_on(&shared.master, c.stamp.generation) => {
@@ -478,13 +484,13 @@ async fn recheck_role(shared: &Arc<Shared>, c: &mut HaConn) -> RecycleResult<Mys
         }
         Ok(_) => {
             shared.suspect_now(c.stamp.generation);
-            Err(RecycleError::Backend(MysqlError::ReadOnly {
+            Err(RecycleError::Backend(Box::new(MysqlError::ReadOnly {
                 addr: c.stamp.addr,
-            }))
+            })))
         }
         Err(e) => {
             shared.suspect_now(c.stamp.generation);
-            Err(RecycleError::Backend(e))
+            Err(RecycleError::Backend(Box::new(e)))
         }
     }
 }

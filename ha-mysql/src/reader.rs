@@ -61,9 +61,10 @@ pub struct ReplicaManager {
 
 impl Manager for ReplicaManager {
     type Type = ReplicaConn;
-    type Error = MysqlError;
+    /// Boxed, as [`crate::MysqlManager`]'s: the checkout's results stay small.
+    type Error = Box<MysqlError>;
 
-    async fn create(&self) -> Result<ReplicaConn, MysqlError> {
+    async fn create(&self) -> Result<ReplicaConn, Box<MysqlError>> {
         let conn = connect(&self.settings, self.addr).await?;
         Ok(ReplicaConn {
             conn,
@@ -72,7 +73,7 @@ impl Manager for ReplicaManager {
         })
     }
 
-    async fn recycle(&self, c: &mut ReplicaConn, _: &Metrics) -> RecycleResult<MysqlError> {
+    async fn recycle(&self, c: &mut ReplicaConn, _: &Metrics) -> RecycleResult<Box<MysqlError>> {
         if c.broken || c.conn.is_disconnected() {
             return Err(RecycleError::message("broken"));
         }
@@ -181,7 +182,7 @@ impl tower_service::Service<()> for ReplicaService {
             };
             let conn = pool.get().await.map_err(|e| -> BoxError {
                 match e {
-                    deadpool::managed::PoolError::Backend(m) => Box::new(m),
+                    deadpool::managed::PoolError::Backend(m) => m,
                     other => Box::new(std::io::Error::other(other.to_string())),
                 }
             })?;

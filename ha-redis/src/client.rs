@@ -1,6 +1,6 @@
 //! [`HaRedis`]: start-up, the follower task, the Sentinel subscriptions, and the master handle.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,6 +38,7 @@ pub struct Builder {
     connect_timeout: Duration,
     startup_timeout: Duration,
     replica_max_lag: u64,
+    source: Option<IpAddr>,
     context: Option<HaContext>,
     events: Option<EventBus>,
     classifier: Option<Arc<IdcClassifier>>,
@@ -59,10 +60,20 @@ impl Builder {
             connect_timeout: Duration::from_millis(500),
             startup_timeout: Duration::from_secs(5),
             replica_max_lag: 1 << 20,
+            source: None,
             context: None,
             events: None,
             classifier: None,
         }
+    }
+
+    /// Makes every outgoing connection (to the master, the replicas and the sentinels) from
+    /// `ip`, a local address (default: none, the kernel picks). A service in an IDC binds to an
+    /// address of that IDC so that firewall rules and partitions written per IDC address apply
+    /// to it. `build` fails with [`StartupError::Config`] when `ip` cannot be bound here.
+    pub fn source_address(mut self, ip: IpAddr) -> Builder {
+        self.source = Some(ip);
+        self
     }
 
     /// The dependency name used for the [`MasterWatch`], events and metrics (default: the
@@ -179,6 +190,14 @@ impl Builder {
                 return Err(StartupError::Config(format!("{name} must be more than 0")));
             }
         }
+        if let Some(ip) = self.source {
+            if let Some(s) = self.sentinels.iter().find(|s| s.is_ipv4() != ip.is_ipv4()) {
+                return Err(StartupError::Config(format!(
+                    "source_address {ip} and sentinel {s} are of different IP families"
+                )));
+            }
+            node::check_source(ip).map_err(StartupError::Config)?;
+        }
         let dependency: Arc<str> = self
             .dependency
             .clone()
@@ -241,11 +260,12 @@ impl Builder {
             (Some(ctx), Some((publisher, _))) => {
                 let creds = Arc::new(core.cfg.redis.clone());
                 let connect = core.cfg.connect_timeout;
+                let source = core.cfg.source;
                 Some(
                     ctx.balancer_over(publisher.watch())
                         .classifier(crate::error::RedisClassifier)
                         .build(move |ep: &ha_core::Endpoint| {
-                            crate::replica::ReplicaConn::new(ep, creds.clone(), connect)
+                            crate::replica::ReplicaConn::new(ep, creds.clone(), source, connect)
                         }),
                 )
             }
@@ -305,6 +325,10 @@ pub struct RedisSettings {
     /// (default 1 MiB; [`Builder::replica_max_lag`]).
     #[serde(default)]
     pub replica_max_lag_bytes: Option<u64>,
+    /// The local address every connection is made from (default none;
+    /// [`Builder::source_address`]).
+    #[serde(default)]
+    pub source_address: Option<IpAddr>,
 }
 
 // === HaRedis ===
@@ -419,6 +443,9 @@ impl HaRedis {
         }
         if let Some(bytes) = s.replica_max_lag_bytes {
             b = b.replica_max_lag(bytes);
+        }
+        if let Some(ip) = s.source_address {
+            b = b.source_address(ip);
         }
         Ok(b)
     }
@@ -569,6 +596,7 @@ impl Core {
         let c = node::connect(
             self.cfg.sentinels[i],
             &self.cfg.sentinel,
+            self.cfg.source,
             self.cfg.connect_timeout,
         )
         .await?;
@@ -681,7 +709,13 @@ impl Core {
         &self,
         addr: SocketAddr,
     ) -> Result<MultiplexedConnection, RedisError> {
-        let mut conn = node::connect(addr, &self.cfg.redis, self.cfg.connect_timeout).await?;
+        let mut conn = node::connect(
+            addr,
+            &self.cfg.redis,
+            self.cfg.source,
+            self.cfg.connect_timeout,
+        )
+        .await?;
         let role = node::role(&mut conn, self.cfg.sentinel_timeout).await?;
         if role != "master" {
             return Err(RedisError::from((
@@ -926,6 +960,7 @@ impl Core {
         }
         let tx = self.tx.clone();
         let creds = self.cfg.redis.clone();
+        let source = self.cfg.source;
         let connect = self.cfg.connect_timeout;
         let answer = self.cfg.sentinel_timeout;
         let bound = self.cfg.max_hold.max(Duration::from_secs(1));
@@ -934,7 +969,7 @@ impl Core {
             let mut conn = None;
             while Instant::now() < until {
                 if conn.is_none() {
-                    conn = node::connect(replica, &creds, connect).await.ok();
+                    conn = node::connect(replica, &creds, source, connect).await.ok();
                 }
                 if let Some(c) = conn.as_mut() {
                     match node::role(c, answer).await {
@@ -1034,6 +1069,7 @@ impl Core {
             .infos(
                 &listed,
                 &self.cfg.redis,
+                self.cfg.source,
                 self.cfg.connect_timeout,
                 self.cfg.sentinel_timeout,
             )
@@ -1178,8 +1214,7 @@ impl Core {
         let mut degraded = false;
         loop {
             let sub = async {
-                let client = node::client(sentinel, &self.cfg.sentinel)?;
-                let mut ps = client.get_async_pubsub().await?;
+                let mut ps = node::pubsub(sentinel, &self.cfg.sentinel, self.cfg.source).await?;
                 ps.subscribe(event::CHANNELS).await?;
                 ps.psubscribe(event::ABORT_PATTERN).await?;
                 Ok::<_, RedisError>(ps)

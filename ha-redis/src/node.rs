@@ -1,10 +1,10 @@
 //! Talking to one node: connections with credentials and bounded connects, `ROLE`, and the
 //! two questions asked of a sentinel.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
     RedisConnectionInfo, RedisError, Value,
@@ -30,7 +30,7 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-pub(crate) fn client(addr: SocketAddr, creds: &Credentials) -> Result<Client, RedisError> {
+fn settings(creds: &Credentials) -> RedisConnectionInfo {
     let mut redis = RedisConnectionInfo::default();
     if let Some(u) = &creds.username {
         redis = redis.set_username(u);
@@ -38,34 +38,99 @@ pub(crate) fn client(addr: SocketAddr, creds: &Credentials) -> Result<Client, Re
     if let Some(p) = &creds.password {
         redis = redis.set_password(p);
     }
+    redis
+}
+
+fn client(addr: SocketAddr, creds: &Credentials) -> Result<Client, RedisError> {
     let info: ConnectionInfo = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())
         .into_connection_info()?
-        .set_redis_settings(redis);
+        .set_redis_settings(settings(creds));
     Client::open(info)
 }
 
-/// A multiplexed connection to `addr`, connected and authenticated within `timeout`. Responses
-/// have no timeout of redis's own: every caller bounds its own wait.
+/// Checks that `source` can be bound (an address of this host), for the start-up error.
+pub(crate) fn check_source(source: IpAddr) -> Result<(), String> {
+    let socket = match source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("source_address {source}: cannot make a socket: {e}"))?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        format!("source_address {source} cannot be bound (not an address of this host?): {e}")
+    })
+}
+
+/// A TCP connection to `addr` from `source` (port chosen by the kernel).
+async fn dial(addr: SocketAddr, source: IpAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match (source, addr) {
+        (IpAddr::V4(_), SocketAddr::V4(_)) => tokio::net::TcpSocket::new_v4()?,
+        (IpAddr::V6(_), SocketAddr::V6(_)) => tokio::net::TcpSocket::new_v6()?,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("source address {source} and {addr} are of different IP families"),
+            ));
+        }
+    };
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("bind to source address {source}: {e}"))
+    })?;
+    socket.connect(addr).await
+}
+
+fn connect_timed_out(addr: SocketAddr, timeout: Duration) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("connect to {addr} not done within {timeout:?}"),
+    ))
+}
+
+/// A multiplexed connection to `addr` (from `source` when given), connected and authenticated
+/// within `timeout`. Responses have no timeout of redis's own: every caller bounds its own wait.
 pub(crate) async fn connect(
     addr: SocketAddr,
     creds: &Credentials,
+    source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<MultiplexedConnection, RedisError> {
-    let client = client(addr, creds)?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None);
-    match tokio::time::timeout(
-        timeout,
-        client.get_multiplexed_async_connection_with_config(&config),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("connect to {addr} not done within {timeout:?}"),
-        ))),
+    let Some(source) = source else {
+        let client = client(addr, creds)?;
+        return tokio::time::timeout(
+            timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .unwrap_or_else(|_| Err(connect_timed_out(addr, timeout)));
+    };
+    let bound = async {
+        let stream = dial(addr, source).await?;
+        let (conn, driver) =
+            MultiplexedConnection::new_with_config(&settings(creds), stream, config).await?;
+        // The driver ends when the last clone of `conn` is dropped (its request channel closes).
+        tokio::spawn(driver);
+        Ok(conn)
+    };
+    tokio::time::timeout(timeout, bound)
+        .await
+        .unwrap_or_else(|_| Err(connect_timed_out(addr, timeout)))
+}
+
+/// A RESP2 pub/sub connection to `addr` (from `source` when given), unbounded: the caller
+/// bounds it.
+pub(crate) async fn pubsub(
+    addr: SocketAddr,
+    creds: &Credentials,
+    source: Option<IpAddr>,
+) -> Result<PubSub, RedisError> {
+    match source {
+        None => client(addr, creds)?.get_async_pubsub().await,
+        Some(source) => {
+            let stream = dial(addr, source).await?;
+            PubSub::new(&settings(creds), stream).await
+        }
     }
 }
 

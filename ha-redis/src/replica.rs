@@ -13,7 +13,7 @@
 //! ([`TopologyEvent::ReplicaCaughtUp`](ha_core::TopologyEvent::ReplicaCaughtUp)).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +36,7 @@ pub(crate) struct ReplicaConn {
     /// `same_idc`, `same_region` or `remote`: the label of `ha_redis_reads_total`.
     locality: &'static str,
     creds: Arc<Credentials>,
+    source: Option<IpAddr>,
     connect_timeout: Duration,
     conn: Arc<ArcSwapOption<MultiplexedConnection>>,
 }
@@ -44,12 +45,14 @@ impl ReplicaConn {
     pub(crate) fn new(
         ep: &ha_core::Endpoint,
         creds: Arc<Credentials>,
+        source: Option<IpAddr>,
         connect_timeout: Duration,
     ) -> ReplicaConn {
         ReplicaConn {
             addr: ep.addr,
             locality: ep.locality.as_str(),
             creds,
+            source,
             connect_timeout,
             conn: Arc::new(ArcSwapOption::empty()),
         }
@@ -122,7 +125,8 @@ impl ReplicaConn {
         match self.conn.load_full() {
             Some(c) => Ok((*c).clone()),
             None => {
-                let c = node::connect(self.addr, &self.creds, self.connect_timeout).await?;
+                let c = node::connect(self.addr, &self.creds, self.source, self.connect_timeout)
+                    .await?;
                 self.conn.store(Some(Arc::new(c.clone())));
                 Ok(c)
             }
@@ -355,6 +359,7 @@ impl Prober {
         &mut self,
         addrs: &[SocketAddr],
         creds: &Credentials,
+        source: Option<IpAddr>,
         connect: Duration,
         answer: Duration,
     ) -> Vec<(SocketAddr, Result<String, String>)> {
@@ -364,7 +369,7 @@ impl Prober {
             async move {
                 let mut conn = match cached {
                     Some(c) => c,
-                    None => match node::connect(addr, creds, connect).await {
+                    None => match node::connect(addr, creds, source, connect).await {
                         Ok(c) => c,
                         Err(e) => return (addr, None, Err(format!("connect failed: {e}"))),
                     },

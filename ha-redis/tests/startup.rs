@@ -164,3 +164,98 @@ async fn from_a_topology_dependency() {
     assert_eq!(m.idc_name(), "bj-a");
     let _: () = client.master().set("topo:k", 1).await.unwrap();
 }
+
+/// How many clients of `reply` (a `CLIENT LIST`) connect from `ip`.
+fn clients_from(reply: &ha_lab::redis::Resp, ip: &str) -> usize {
+    let prefix = format!("addr={ip}:");
+    reply
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f.starts_with(&prefix)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_comes_from_the_source_address() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let source = "127.0.2.77";
+    let ctx = ha_core::HaContext::new(common::topology(
+        &lab,
+        "bj-b",
+        &format!("source_address = \"{source}\""),
+    ));
+    let client = HaRedis::builder_from_context(&ctx, "cache")
+        .await
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let _: () = client.master().set("src:k", 1).await.unwrap();
+    let replicas = client.replicas().unwrap();
+    let deadline = Instant::now() + BOUND;
+    // The replica reads go to bj-b's replica once the replica set is published.
+    loop {
+        let r: Result<Option<i64>, _> = replicas.clone().get("src:k").await;
+        if r.is_ok() || Instant::now() >= deadline {
+            r.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let master = lab.nodes[0].addr;
+    let list = lab.redis_cmd(master, &["CLIENT", "LIST"]).await.unwrap();
+    assert!(clients_from(&list, source) >= 1, "master: {list:?}");
+    for r in &lab.nodes[1..] {
+        let list = lab.redis_cmd(r.addr, &["CLIENT", "LIST"]).await.unwrap();
+        assert!(
+            clients_from(&list, source) >= 1,
+            "replica {}: {list:?}",
+            r.addr
+        );
+    }
+    // Each sentinel: the command connection and the event subscription (made by a task of
+    // its own, so waited for).
+    for s in lab.sentinel_addrs() {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let list = lab.sentinel_cmd(s, &["CLIENT", "LIST"]).await.unwrap();
+            if clients_from(&list, source) >= 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sentinel {s}: {list:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Nothing of ours from anywhere else: every client of the master is ours (from the
+    // source), a replica's link (from its own address) or a sentinel's.
+    let list = lab.redis_cmd(master, &["CLIENT", "LIST"]).await.unwrap();
+    let ours_elsewhere = list
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains(&format!("addr={source}:")))
+        .filter(|l| l.contains("cmd=set") || l.contains("cmd=role"))
+        .count();
+    assert_eq!(ours_elsewhere, 0, "{list:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_address_of_another_host_is_a_typed_error() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    for (ip, why) in [
+        ("192.0.2.1", "cannot be bound"),
+        ("::1", "different IP families"),
+    ] {
+        let start = Instant::now();
+        let err = common::build(&lab)
+            .source_address(ip.parse().unwrap())
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ha_redis::StartupError::Config(_)), "{err}");
+        assert!(err.to_string().contains(ip), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+        assert!(start.elapsed() <= BOUND);
+    }
+}
