@@ -307,6 +307,7 @@ impl Builder {
             conn,
             nudge: tokio::sync::Notify::new(),
             spare: parking_lot::Mutex::new(None),
+            connecting: tokio::sync::Semaphore::new(crate::manager::MAX_CONNECTING),
             standby: parking_lot::Mutex::new(std::collections::HashMap::new()),
             role_tick: std::sync::atomic::AtomicU64::new(0),
             suspect: std::sync::atomic::AtomicU64::new(0),
@@ -316,6 +317,7 @@ impl Builder {
         let mut last: Option<MysqlError> = None;
         loop {
             let candidates = source.candidates().await;
+
             if candidates.is_empty() {
                 last = Some(MysqlError::Unresolvable {
                     dependency: self.dependency.clone(),
@@ -473,17 +475,23 @@ async fn find_primary(
 
 /// Re-checks the primary on a nudge (a classified error, a refused connect, a read-only
 /// answer), on a change of the DNS answer, and every `verify_interval`; while no primary is
-/// known it asks DNS again every 5 ms (only for as long as the outage lasts). A new primary
+/// known it asks DNS again every few milliseconds ([`lost_poll`]: 2 ms for the first second of
+/// the outage, when an HA's repoint is most likely, then less often). A new primary
 /// bumps the generation and drops the idle connections of the old one (the others are refused
 /// at their next checkout). A probe round that a DNS change overtakes is abandoned, so a
 /// frozen candidate (whose probe waits its full connect timeout) never delays the new one.
 async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, verify: Duration) {
-    const LOST_POLL: Duration = Duration::from_millis(5);
     let mut dns = source.watch();
     let mut pending: Option<&'static str> = None;
+    let mut lost_since: Option<Instant> = None;
     loop {
         let lost = shared.master.current().is_none();
-        let wait = if lost { LOST_POLL } else { verify };
+        let wait = if lost {
+            lost_poll(lost_since.get_or_insert_with(Instant::now).elapsed())
+        } else {
+            lost_since = None;
+            verify
+        };
         let cause = match pending.take() {
             Some(c) => c,
             None => tokio::select! {
@@ -512,8 +520,9 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
         // name meanwhile, and the change abandons the round.
         let keep_asking = async {
             if lost || cause == "error" {
+                let since = lost_since.unwrap_or_else(Instant::now);
                 loop {
-                    tokio::time::sleep(LOST_POLL).await;
+                    tokio::time::sleep(lost_poll(since.elapsed())).await;
                     source.refresh();
                 }
             } else {
@@ -564,6 +573,21 @@ async fn follow(shared: Arc<Shared>, source: Source, pool: Pool<MysqlManager>, v
                 source.refresh();
             }
         }
+    }
+}
+
+/// How often DNS is asked while no primary is known, `lost_for` into the outage: every 2 ms
+/// for the first second (an HA repoints within about a second of its decision; the first
+/// write after the repoint waits for this poll), every 5 ms up to 5 s, then every 25 ms (a
+/// long outage is the HA's, and every client asking 500 times a second would load the DNS
+/// servers for nothing).
+fn lost_poll(lost_for: Duration) -> Duration {
+    if lost_for < Duration::from_secs(1) {
+        Duration::from_millis(2)
+    } else if lost_for < Duration::from_secs(5) {
+        Duration::from_millis(5)
+    } else {
+        Duration::from_millis(25)
     }
 }
 
@@ -1101,5 +1125,21 @@ fn pool_error(e: PoolError<Box<MysqlError>>) -> HaError {
             m => HaError::backend(m),
         },
         other => HaError::backend(std::io::Error::other(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_is_asked_most_often_early_in_an_outage() {
+        let ms = |m| Duration::from_millis(m);
+        assert_eq!(lost_poll(Duration::ZERO), ms(2));
+        assert_eq!(lost_poll(ms(999)), ms(2));
+        assert_eq!(lost_poll(ms(1000)), ms(5));
+        assert_eq!(lost_poll(ms(4999)), ms(5));
+        assert_eq!(lost_poll(ms(5000)), ms(25));
+        assert_eq!(lost_poll(Duration::MAX), ms(25));
     }
 }
