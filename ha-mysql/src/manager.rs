@@ -439,12 +439,15 @@ async fn create(shared: &Arc<Shared>) -> Result<HaConn, MysqlError> {
         close_later(conn);
     }
     // A connect to a frozen node waits its full timeout; when the primary moves on
-    // meanwhile, give the pool slot back at once instead. At most MAX_CONNECTING at once.
+    // meanwhile, give the pool slot back at once instead. At most MAX_CONNECTING at once; the
+    // wait for a turn, the connect and its role check together within the connect timeout
+    // (what the checkout's timer-free fast path counts on).
+    let bound = shared.conn.connect_timeout;
     let connected = tokio::select! {
-        r = async {
+        r = tokio::time::timeout(bound, async {
             let _permit = shared.connecting.acquire().await;
             connect_primary(&shared.conn, stamp.addr).await
-        } => r,
+        }) => r.unwrap_or(Err(MysqlError::ConnectTimeout { addr: stamp.addr, after: bound })),
         () = moved_on(&shared.master, stamp.generation) => {
             return Err(MysqlError::Fenced(ha_core::HaError::Fenced {
                 connection: stamp.generation,
