@@ -48,31 +48,32 @@ fn client(addr: SocketAddr, creds: &Credentials) -> Result<Client, RedisError> {
     Client::open(info)
 }
 
+/// A TCP socket of `source`'s family bound to `source` (port chosen by the kernel).
+fn bound_socket(source: IpAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
+}
+
 /// Checks that `source` can be bound (an address of this host), for the start-up error.
 pub(crate) fn check_source(source: IpAddr) -> Result<(), String> {
-    let socket = match source {
-        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }
-    .map_err(|e| format!("source_address {source}: cannot make a socket: {e}"))?;
-    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+    bound_socket(source).map(drop).map_err(|e| {
         format!("source_address {source} cannot be bound (not an address of this host?): {e}")
     })
 }
 
-/// A TCP connection to `addr` from `source` (port chosen by the kernel).
+/// A TCP connection to `addr` from `source`.
 async fn dial(addr: SocketAddr, source: IpAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = match (source, addr) {
-        (IpAddr::V4(_), SocketAddr::V4(_)) => tokio::net::TcpSocket::new_v4()?,
-        (IpAddr::V6(_), SocketAddr::V6(_)) => tokio::net::TcpSocket::new_v6()?,
-        _ => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("source address {source} and {addr} are of different IP families"),
-            ));
-        }
-    };
-    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+    if source.is_ipv4() != addr.is_ipv4() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("source address {source} and {addr} are of different IP families"),
+        ));
+    }
+    let socket = bound_socket(source).map_err(|e| {
         std::io::Error::new(e.kind(), format!("bind to source address {source}: {e}"))
     })?;
     socket.connect(addr).await

@@ -149,30 +149,41 @@ async fn lab_start_unknown_name_and_wrong_passwords() {
     assert!(start.elapsed() <= BOUND);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn from_a_topology_dependency() {
-    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
-    let ctx = ha_core::HaContext::new(common::topology(&lab, "bj-b", "timeout_ms = 800"));
+/// A client in bj-b built from the lab's topology with `settings` for the `cache` dependency.
+async fn client_from_topology(lab: &RedisLab, settings: &str) -> (ha_core::HaContext, HaRedis) {
+    let ctx = ha_core::HaContext::new(common::topology(lab, "bj-b", settings));
     let client = HaRedis::builder_from_context(&ctx, "cache")
         .await
         .unwrap()
         .build()
         .await
         .unwrap();
+    (ctx, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_a_topology_dependency() {
+    let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
+    let (ctx, client) = client_from_topology(&lab, "timeout_ms = 800").await;
     let m = ctx.master_watch("cache").current().unwrap();
     assert_eq!(m.addr, lab.nodes[0].addr);
     assert_eq!(m.idc_name(), "bj-a");
     let _: () = client.master().set("topo:k", 1).await.unwrap();
 }
 
+/// True when `line` of a `CLIENT LIST` is a client connected from `ip`.
+fn is_from(line: &str, ip: &str) -> bool {
+    let prefix = format!("addr={ip}:");
+    line.split(' ').any(|f| f.starts_with(&prefix))
+}
+
 /// How many clients of `reply` (a `CLIENT LIST`) connect from `ip`.
 fn clients_from(reply: &ha_lab::redis::Resp, ip: &str) -> usize {
-    let prefix = format!("addr={ip}:");
     reply
         .as_str()
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.split(' ').any(|f| f.starts_with(&prefix)))
+        .filter(|l| is_from(l, ip))
         .count()
 }
 
@@ -180,17 +191,8 @@ fn clients_from(reply: &ha_lab::redis::Resp, ip: &str) -> usize {
 async fn every_connection_comes_from_the_source_address() {
     let lab = RedisLab::start(RedisLabOptions::default()).await.unwrap();
     let source = "127.0.2.77";
-    let ctx = ha_core::HaContext::new(common::topology(
-        &lab,
-        "bj-b",
-        &format!("source_address = \"{source}\""),
-    ));
-    let client = HaRedis::builder_from_context(&ctx, "cache")
-        .await
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let (_ctx, client) =
+        client_from_topology(&lab, &format!("source_address = \"{source}\"")).await;
     let _: () = client.master().set("src:k", 1).await.unwrap();
     let replicas = client.replicas().unwrap();
     let deadline = Instant::now() + BOUND;
@@ -234,7 +236,7 @@ async fn every_connection_comes_from_the_source_address() {
         .as_str()
         .unwrap_or_default()
         .lines()
-        .filter(|l| !l.contains(&format!("addr={source}:")))
+        .filter(|l| !is_from(l, source))
         .filter(|l| l.contains("cmd=set") || l.contains("cmd=role"))
         .count();
     assert_eq!(ours_elsewhere, 0, "{list:?}");
